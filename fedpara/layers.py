@@ -1,0 +1,586 @@
+"""FedPara and low-rank layers: the weight is composed from small factors on every forward.
+
+FedPara (Hyeon-Woo et al., ICLR 2022) writes a layer's weight as the Hadamard product of two
+low-rank branches,
+
+    W = W1 ⊙ W2,   W_i = X_i Y_iᵀ                      (fully connected, Prop. 1)
+    W = W1 ⊙ W2,   W_i = T_i ×1 X_i ×2 Y_i             (convolution, Prop. 3, Tucker-2)
+
+with X_i: (out, R), Y_i: (in, R) and a core T_i: (R, R, kh, kw). The product reaches rank R²
+with only 2R(out + in) (or 2R(out + in + R·kh·kw)) parameters, where a conventional low-rank
+factorization with the same budget stops at rank 2R. Variants:
+
+- personalized (pFedPara): W = W1 ⊙ (W2 + 1); the W1 factors are global (sent to the server),
+  the W2 factors stay on the client.
+- nonlinear: W = tanh(W1) ⊙ tanh(W2) (tanh(W1) ⊙ (tanh(W2) + 1) when also personalized).
+
+`compose_weight()` is the paper's math written with plain autograd ops; it is the reference.
+The forward pass instead calls `_FedParaWeight`, an autograd Function that saves only the
+factors and rebuilds W1 and W2 in backward, so the dense-sized branches are not kept alive
+between forward and backward. The tests check it against the reference with gradcheck.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "FactorizedLayer",
+    "FedParaConv2d",
+    "FedParaLinear",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "rank_from_gamma",
+    "rank_from_param_fraction",
+]
+
+# ----------------------------------------------------------------------------------------------
+# helpers: validation and parameter counts
+
+
+def _pair(kernel_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(kernel_size, int):
+        kernel_size = (kernel_size, kernel_size)
+    if len(kernel_size) != 2 or not all(isinstance(k, int) and k >= 1 for k in kernel_size):
+        raise ValueError(f"kernel_size must be a positive int or a pair of them, got {kernel_size!r}")
+    return tuple(kernel_size)
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_gamma(gamma: float) -> None:
+    if not isinstance(gamma, Real) or isinstance(gamma, bool) or not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+
+
+def _check_rank_or_gamma(rank: int | None, gamma: float | None) -> None:
+    if (rank is None) == (gamma is None):
+        raise ValueError(f"pass exactly one of rank= or gamma=, got rank={rank!r}, gamma={gamma!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if gamma is not None:
+        _check_gamma(gamma)
+
+
+def _ceil_sqrt(n: int) -> int:
+    root = math.isqrt(n)
+    return root if root * root == n else root + 1
+
+
+def _fedpara_weight_params(out_features: int, in_features: int, taps: int, rank: int) -> int:
+    """Parameters of a FedPara weight with `taps` = kh·kw kernel positions (1: matrix form)."""
+    per_branch = rank * (out_features + in_features) + (rank * rank * taps if taps > 1 else 0)
+    return 2 * per_branch
+
+
+def _largest_rank_within(out_features: int, in_features: int, taps: int) -> int:
+    """The largest R whose FedPara weight has no more parameters than the dense one (0 if none)."""
+    dense = out_features * in_features * taps
+    s = out_features + in_features
+    if taps == 1:  # 2R(O + I) <= O·I
+        return dense // (2 * s)
+    # 2·taps·R² + 2·s·R <= dense: start from the float root, then fix it with exact integers
+    r = int((-s + math.sqrt(s * s + 2 * taps * dense)) / (2 * taps))
+    while _fedpara_weight_params(out_features, in_features, taps, r + 1) <= dense:
+        r += 1
+    while r > 0 and _fedpara_weight_params(out_features, in_features, taps, r) > dense:
+        r -= 1
+    return r
+
+
+def rank_from_gamma(
+    out_features: int, in_features: int, kernel_size: int | tuple[int, int], gamma: float
+) -> int:
+    """FedPara's inner rank R for a layer, by the rule that reproduces the paper's model sizes.
+
+    This is the Flower baseline's rule: with r_min = ⌈√min(out, in)⌉ (the smallest R whose
+    R² can reach full rank) and r_max = the largest R whose FedPara weight has no more
+    parameters than the dense weight, R = ⌈(1 − γ)·r_min + γ·r_max⌉. γ interpolates between
+    those two ranks; it is *not* the fraction of parameters kept (for that, see
+    `rank_from_param_fraction`). The weight count is 2R(out + in) for a 1×1 kernel or a linear
+    layer (matrix form) and 2R(out + in + R·kh·kw) otherwise (Tucker-2 form).
+
+    Args:
+        out_features, in_features: output / input channels (or features).
+        kernel_size: kh, or (kh, kw); 1 for a linear layer.
+        gamma: in (0, 1].
+    Returns:
+        R >= 1.
+    """
+    _check_sizes(out_features=out_features, in_features=in_features)
+    kh, kw = _pair(kernel_size)
+    _check_gamma(gamma)
+    r_min = _ceil_sqrt(min(out_features, in_features))
+    r_max = _largest_rank_within(out_features, in_features, kh * kw)
+    # the baseline's exact float expression, so that the paper's model sizes come out exactly
+    return max(1, math.ceil((1 - gamma) * r_min + gamma * r_max))
+
+
+def rank_from_param_fraction(
+    out_features: int, in_features: int, kernel_size: int | tuple[int, int], fraction: float
+) -> int:
+    """FedPara's inner rank R that keeps about `fraction` of the dense layer's weight parameters.
+
+    The authors' notebook rule: the smallest R with 2R(out + in + R·kh·kw) >= fraction·out·in·kh·kw
+    (2R(out + in) for the matrix form), but at least max(⌈√out⌉, ⌈√in⌉). It gives model sizes
+    different from the paper's tables (which follow `rank_from_gamma`); use one rule or the other,
+    and say which.
+    """
+    _check_sizes(out_features=out_features, in_features=in_features)
+    kh, kw = _pair(kernel_size)
+    if not isinstance(fraction, Real) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+    taps = kh * kw
+    target = fraction * out_features * in_features * taps
+    s = out_features + in_features
+    if taps == 1:
+        r = math.ceil(target / (2 * s))
+    else:  # positive root of taps·R² + s·R = target/2
+        r = math.ceil((-s + math.sqrt(s * s + 2 * taps * target)) / (2 * taps))
+    return max(r, _ceil_sqrt(out_features), _ceil_sqrt(in_features))
+
+
+# ----------------------------------------------------------------------------------------------
+# the composition: branches, the Hadamard combination, and their gradients
+
+
+def _tucker_inner(y: Tensor, t: Tensor) -> Tensor:
+    """Z = T ×2 Y: (R, in, kh, kw) from y (in, R) and core t (R, R, kh, kw)."""
+    return torch.einsum("is,rskl->rikl", y, t)
+
+
+def _branch(x: Tensor, y: Tensor, t: Tensor | None = None) -> Tensor:
+    """One dense branch: x yᵀ (out, in), or the Tucker-2 tensor t ×1 x ×2 y (out, in, kh, kw).
+
+    Contraction order matters: the core is first merged with the small input factor
+    (R²·in·kh·kw multiply-adds), leaving one GEMM of out·R·in·kh·kw for the dense tensor.
+    """
+    if t is None:
+        return x @ y.T
+    z = _tucker_inner(y, t)  # (R, in, kh, kw)
+    return (x @ z.reshape(z.shape[0], -1)).view(x.shape[0], *z.shape[1:])
+
+
+def _branch_grads(g: Tensor, x: Tensor, y: Tensor, t: Tensor | None = None) -> tuple:
+    """Gradients of one branch's factors given g = dL/dbranch (same shape as the branch)."""
+    if t is None:
+        return g @ y, g.T @ x, None  # (out, R), (in, R)
+    z = _tucker_inner(y, t)  # (R, in, kh, kw)
+    g2 = g.reshape(g.shape[0], -1)  # (out, in·kh·kw)
+    gx = g2 @ z.reshape(z.shape[0], -1).T  # (out, R)
+    gz = (x.T @ g2).view_as(z)  # (R, in, kh, kw)
+    gy = torch.einsum("rikl,rskl->is", gz, t)  # (in, R)
+    gt = torch.einsum("rikl,is->rskl", gz, y)  # (R, R, kh, kw)
+    return gx, gy, gt
+
+
+def _combine(w1: Tensor, w2: Tensor, personalized: bool, nonlinear: bool) -> Tensor:
+    """W = f(W1) ⊙ g(W2): f = tanh or identity, g = f, plus 1 when personalized."""
+    if nonlinear:
+        w1, w2 = torch.tanh(w1), torch.tanh(w2)
+    return w1 * (w2 + 1) if personalized else w1 * w2
+
+
+def _combine_grads(g: Tensor, w1: Tensor, w2: Tensor, personalized: bool, nonlinear: bool):
+    """dL/dW1 and dL/dW2 from g = dL/dW; w1 and w2 are the branches before any tanh."""
+    a = torch.tanh(w1) if nonlinear else w1
+    b = torch.tanh(w2) if nonlinear else w2
+    g1 = g * (b + 1) if personalized else g * b
+    g2 = g * a
+    if nonlinear:  # tanh' = 1 - tanh²
+        g1 = g1.mul_(1 - a * a)
+        g2 = g2.mul_(1 - b * b)
+    return g1, g2
+
+
+def _no_autocast(device_type: str):
+    """Compose in the factors' dtype: autocast, if on, applies to the F.linear/F.conv2d after."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
+class _FedParaWeight(torch.autograd.Function):
+    """Memory-saving composition of a FedPara weight; saves only the factors for backward.
+
+    apply(personalized, nonlinear, x1, y1, x2, y2) for the matrix form, or
+    apply(personalized, nonlinear, x1, y1, t1, x2, y2, t2) for the Tucker-2 form.
+    Plain autograd would keep both dense branches (and the Tucker intermediates) until
+    backward; here backward rebuilds W1 and W2 from the factors: one extra GEMM per branch.
+    """
+
+    @staticmethod
+    def forward(ctx, personalized: bool, nonlinear: bool, *factors: Tensor) -> Tensor:
+        ctx.personalized, ctx.nonlinear = personalized, nonlinear
+        ctx.save_for_backward(*factors)
+        half = len(factors) // 2
+        with _no_autocast(factors[0].device.type):
+            w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
+            if nonlinear:
+                w1, w2 = w1.tanh_(), w2.tanh_()
+            if personalized:
+                w2 = w2.add_(1)
+            return w1.mul_(w2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        factors = ctx.saved_tensors
+        half = len(factors) // 2
+        with _no_autocast(grad.device.type):
+            grad = grad.to(factors[0].dtype)
+            w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
+            g1, g2 = _combine_grads(grad, w1, w2, ctx.personalized, ctx.nonlinear)
+            del w1, w2
+            grads1 = _branch_grads(g1, *factors[:half])[:half]
+            grads2 = _branch_grads(g2, *factors[half:])[:half]
+        return (None, None, *grads1, *grads2)
+
+
+# ----------------------------------------------------------------------------------------------
+# initialization
+
+
+def _kaiming_variance(fan_in: int) -> float:
+    """Var of a Kaiming-normal dense weight (ReLU gain, fan-in mode): 2 / fan_in."""
+    return 2.0 / fan_in
+
+
+def _factor_std(branch_variance: float, terms: int, factors_per_term: int) -> float:
+    """Std σ of i.i.d. zero-mean factors so that a branch has the given variance.
+
+    A branch entry is a sum of `terms` products of `factors_per_term` independent factors
+    (x·y: R terms of 2; Tucker-2 x·y·t: R² terms of 3), so Var = terms · σ^(2·factors_per_term).
+    """
+    return (branch_variance / terms) ** (1.0 / (2 * factors_per_term))
+
+
+# ----------------------------------------------------------------------------------------------
+# layers
+
+
+class FactorizedLayer(nn.Module):
+    """Common interface of the factorized layers.
+
+    Attributes:
+        rank: FedPara's inner rank R per branch, or a low-rank layer's inner dimension.
+        personalized: True for pFedPara layers (W2's factors are client-local).
+    """
+
+    rank: int
+    personalized: bool = False
+    _local_names: tuple[str, ...] = ()
+
+    def compose_weight(self) -> Tensor:
+        """The dense weight, shaped like nn.Linear.weight / nn.Conv2d.weight, with plain autograd."""
+        raise NotImplementedError
+
+    def local_parameter_names(self) -> list[str]:
+        """Relative names of the parameters that never leave the client (pFedPara's W2 factors)."""
+        return [n for n, _ in self.named_parameters(recurse=False) if n in self._local_names]
+
+    def global_parameter_names(self) -> list[str]:
+        """Relative names of the parameters that are sent to and averaged by the server."""
+        local = set(self.local_parameter_names())
+        return [n for n, _ in self.named_parameters(recurse=False) if n not in local]
+
+    def _new(self, *shape: int, factory: dict) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, **factory))
+
+
+class _FedParaMixin(FactorizedLayer):
+    """Factors x1, y1[, t1] (branch 1, global) and x2, y2[, t2] (branch 2, local if personalized)."""
+
+    def _make_factors(self, out_f: int, in_f: int, kh: int, kw: int, factory: dict) -> None:
+        r, taps = self.rank, kh * kw
+        self.tucker = taps > 1
+        for i in (1, 2):
+            setattr(self, f"x{i}", self._new(out_f, r, factory=factory))
+            setattr(self, f"y{i}", self._new(in_f, r, factory=factory))
+            if self.tucker:
+                setattr(self, f"t{i}", self._new(r, r, kh, kw, factory=factory))
+        self._local_names = ("x2", "y2", "t2") if self.personalized else ()
+        self._init_factors(in_f * taps)
+
+    def _factors(self, i: int) -> tuple[Tensor, ...]:
+        names = ("x", "y", "t") if self.tucker else ("x", "y")
+        return tuple(getattr(self, f"{n}{i}") for n in names)
+
+    @torch.no_grad()
+    def _init_factors(self, fan_in: int) -> None:
+        """Match the composed weight's variance to Kaiming's 2 / fan_in for the dense layer.
+
+        Independent zero-mean branches give Var(W1 ⊙ W2) = Var(W1)·Var(W2), so each branch gets
+        variance √v for the target v. For pFedPara, Var(W1 ⊙ (W2 + 1)) = Var(W1)·(Var(W2) + 1);
+        both branches get u with u(1 + u) = v, so W starts as W1 times (1 + a small personal
+        modulation of std √u). tanh is close to the identity at these scales (it shrinks the std
+        by at most ~20% for fan_in >= 9), so the nonlinear variant uses the same stds.
+        Never zero-init a factor (as adapter libraries do): W ≡ 0 would also kill the
+        gradient of the other branch.
+        """
+        v = _kaiming_variance(fan_in)
+        branch_var = (math.sqrt(1 + 4 * v) - 1) / 2 if self.personalized else math.sqrt(v)
+        terms, per_term = (self.rank**2, 3) if self.tucker else (self.rank, 2)
+        std = _factor_std(branch_var, terms, per_term)
+        for i in (1, 2):
+            for f in self._factors(i):
+                f.normal_(0.0, std)
+
+    def _compose(self) -> Tensor:
+        return _combine(
+            _branch(*self._factors(1)), _branch(*self._factors(2)), self.personalized, self.nonlinear
+        )
+
+    def _compose_for_forward(self) -> Tensor:
+        if not self.recompute:
+            return self._compose()
+        return _FedParaWeight.apply(
+            self.personalized, self.nonlinear, *self._factors(1), *self._factors(2)
+        )
+
+
+class FedParaLinear(_FedParaMixin):
+    """Fully connected layer with W = (X1 Y1ᵀ) ⊙ (X2 Y2ᵀ), X_i: (out, R), Y_i: (in, R).
+
+    Input (..., in_features) -> output (..., out_features). Exactly one of `rank` (R) or
+    `gamma` (R from `rank_from_gamma`). Weight parameters: 2R(in + out), rank up to R².
+    Set `layer.recompute = False` to compose with plain autograd (more memory, same result).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int | None = None,
+        gamma: float | None = None,
+        bias: bool = True,
+        personalized: bool = False,
+        nonlinear: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_sizes(in_features=in_features, out_features=out_features)
+        _check_rank_or_gamma(rank, gamma)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.gamma = gamma
+        self.rank = rank if rank is not None else rank_from_gamma(out_features, in_features, 1, gamma)
+        self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
+        self._make_factors(out_features, in_features, 1, 1, factory)
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+
+    def compose_weight(self) -> Tensor:
+        return self._compose()  # (out, in)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self._compose_for_forward(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, personalized={self.personalized}, "
+            f"nonlinear={self.nonlinear}"
+        )
+
+
+class _ConvMixin:
+    """Shared convolution arguments and forward for the factorized Conv2d layers."""
+
+    def _set_conv_args(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+        _check_sizes(in_channels=in_channels, out_channels=out_channels)
+        if groups != 1:
+            raise ValueError(f"groups must be 1 (grouped convolutions are not supported), got {groups!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def _conv(self, input: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(input, weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def _conv_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, rank={self.rank}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class FedParaConv2d(_ConvMixin, _FedParaMixin):
+    """Convolution whose kernel is W = W1 ⊙ W2 with Tucker-2 branches (Prop. 3).
+
+    W_i[o, c, h, w] = Σ_{r,s} X_i[o, r] · Y_i[c, s] · T_i[r, s, h, w], with X_i: (out, R),
+    Y_i: (in, R), T_i: (R, R, kh, kw); weight parameters 2R(out + in + R·kh·kw), and each
+    unfolding of W has rank up to R². A 1×1 kernel uses the matrix form (no core).
+    Input (N, in, H, W) -> output (N, out, H', W') as nn.Conv2d. Exactly one of rank / gamma.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride=1,
+        padding=0,
+        dilation=1,
+        *,
+        rank: int | None = None,
+        gamma: float | None = None,
+        bias: bool = True,
+        personalized: bool = False,
+        nonlinear: bool = False,
+        groups: int = 1,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self._set_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        _check_rank_or_gamma(rank, gamma)
+        factory = {"device": device, "dtype": dtype}
+        kh, kw = self.kernel_size
+        self.gamma = gamma
+        self.rank = (
+            rank if rank is not None else rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
+        )
+        self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
+        self._make_factors(out_channels, in_channels, kh, kw, factory)
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+
+    def _shape(self, w: Tensor) -> Tensor:
+        return w if self.tucker else w.view(self.out_channels, self.in_channels, 1, 1)
+
+    def compose_weight(self) -> Tensor:
+        return self._shape(self._compose())  # (out, in, kh, kw)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv(input, self._shape(self._compose_for_forward()))
+
+    def extra_repr(self) -> str:
+        return f"{self._conv_repr()}, personalized={self.personalized}, nonlinear={self.nonlinear}"
+
+
+class LowRankLinear(FactorizedLayer):
+    """Conventional low-rank baseline: W = X Yᵀ with X: (out, rank), Y: (in, rank).
+
+    `rank` is the inner dimension, hence the maximal rank; weight parameters rank·(in + out).
+    Given `gamma`, rank = 2·rank_from_gamma(...), the budget of a FedParaLinear at that γ
+    (the fair comparison of the paper's Figure 3).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int | None = None,
+        gamma: float | None = None,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        _check_sizes(in_features=in_features, out_features=out_features)
+        _check_rank_or_gamma(rank, gamma)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.gamma = in_features, out_features, gamma
+        self.rank = rank if rank is not None else 2 * rank_from_gamma(out_features, in_features, 1, gamma)
+        self.x = self._new(out_features, self.rank, factory=factory)
+        self.y = self._new(in_features, self.rank, factory=factory)
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        std = _factor_std(_kaiming_variance(in_features), self.rank, 2)
+        with torch.no_grad():
+            self.x.normal_(0.0, std), self.y.normal_(0.0, std)
+
+    def compose_weight(self) -> Tensor:
+        return self.x @ self.y.T  # (out, in)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.linear(input, self.compose_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class LowRankConv2d(_ConvMixin, FactorizedLayer):
+    """Conventional low-rank convolution with the same budget as FedParaConv2d.
+
+    The additive twin of FedPara: W = W1 + W2, two Tucker-2 branches with inner ranks
+    ⌈rank/2⌉ and ⌊rank/2⌋ (equivalently one Tucker-2 tensor of inner dimension `rank` with a
+    block-diagonal core). With rank = 2R this has FedParaConv2d's 2R(out + in + R·kh·kw)
+    parameters (Table 1: 20,992 for 256→256, 3×3, R = 16), but the unfoldings of a sum have
+    rank ≤ rank = 2R instead of R². A 1×1 kernel uses one matrix W = X Yᵀ of inner dimension
+    `rank`. Given `gamma`, rank = 2·rank_from_gamma(...).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride=1,
+        padding=0,
+        dilation=1,
+        *,
+        rank: int | None = None,
+        gamma: float | None = None,
+        bias: bool = True,
+        groups: int = 1,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self._set_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        _check_rank_or_gamma(rank, gamma)
+        factory = {"device": device, "dtype": dtype}
+        kh, kw = self.kernel_size
+        self.gamma = gamma
+        self.rank = (
+            rank
+            if rank is not None
+            else 2 * rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
+        )
+        self.tucker = kh * kw > 1
+        ranks = ((self.rank + 1) // 2, self.rank // 2) if self.tucker else (self.rank,)
+        self.branches = [i for i, r in enumerate(ranks, start=1) if r > 0]
+        for i, r in zip(self.branches, ranks):
+            setattr(self, f"x{i}", self._new(out_channels, r, factory=factory))
+            setattr(self, f"y{i}", self._new(in_channels, r, factory=factory))
+            if self.tucker:
+                setattr(self, f"t{i}", self._new(r, r, kh, kw, factory=factory))
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+        # Var(W1 + W2) = (a² + b²)·σ⁶ for Tucker branches of ranks a, b; r·σ⁴ for the matrix form
+        v = _kaiming_variance(in_channels * kh * kw)
+        if self.tucker:
+            std = _factor_std(v, sum(r * r for r in ranks), 3)
+        else:
+            std = _factor_std(v, self.rank, 2)
+        with torch.no_grad():
+            for p in self.parameters(recurse=False):
+                if p is not self.bias:
+                    p.normal_(0.0, std)
+
+    def compose_weight(self) -> Tensor:
+        names = ("x", "y", "t") if self.tucker else ("x", "y")
+        w = sum(_branch(*(getattr(self, f"{n}{i}") for n in names)) for i in self.branches)
+        return w if self.tucker else w.view(self.out_channels, self.in_channels, 1, 1)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv(input, self.compose_weight())
+
+    def extra_repr(self) -> str:
+        return self._conv_repr()
