@@ -1,0 +1,207 @@
+"""The paper's models, each in three parameterizations: original (dense), lowrank and fedpara.
+
+- `vgg16`: VGG16 with GroupNorm for 32×32 images, as in the paper and the Flower baseline;
+  only the 13 convolutions are factorized, the classifier stays dense.
+- `mlp`: a fully connected net for the personalization experiments; every layer is factorized.
+- `cnn`: a small VGG-style net with GroupNorm for 28×28 grayscale images that trains in
+  minutes on a laptop CPU (the book's CPU presets on Fashion-MNIST).
+
+Every model is a `Net`: `features` -> flatten -> `classifier` -> `head`, and `head` is always
+the last layer (FedPer keeps it on the client). Dense layers start from Kaiming-normal weights
+(fan-in, ReLU gain) and zero biases; factorized layers match that variance (see layers.py), so
+every parameterization starts at the same weight scale.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .layers import FedParaConv2d, FedParaLinear, LowRankConv2d, LowRankLinear
+
+__all__ = ["MODELS", "PARAMETERIZATIONS", "Net", "build_model", "cnn", "mlp", "vgg16"]
+
+MODELS = ("vgg16", "mlp", "cnn")
+PARAMETERIZATIONS = ("original", "lowrank", "fedpara")
+
+# VGG16's 13 convolutions (output channels) and 5 max-pools ("M")
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+GROUPS = 2  # GroupNorm groups, as in the paper's VGG16-GN
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check(parameterization: str, gamma: float, personalized: bool, nonlinear: bool) -> None:
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+    if (personalized or nonlinear) and parameterization != "fedpara":
+        raise ValueError(
+            "personalized=True and nonlinear=True require parameterization='fedpara', "
+            f"got parameterization={parameterization!r}"
+        )
+    if parameterization != "original" and not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
+        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+
+
+def _dense_init(layer: nn.Conv2d | nn.Linear) -> nn.Module:
+    nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _conv(in_c: int, out_c: int, p: str, gamma: float, personalized: bool, nonlinear: bool):
+    """A 3×3, padding-1 convolution with bias in parameterization `p`."""
+    if p == "original":
+        return _dense_init(nn.Conv2d(in_c, out_c, 3, padding=1))
+    if p == "lowrank":
+        return LowRankConv2d(in_c, out_c, 3, padding=1, gamma=gamma)
+    return FedParaConv2d(
+        in_c, out_c, 3, padding=1, gamma=gamma, personalized=personalized, nonlinear=nonlinear
+    )
+
+
+def _linear(in_f: int, out_f: int, p: str, gamma: float, personalized: bool, nonlinear: bool):
+    if p == "original":
+        return _dense_init(nn.Linear(in_f, out_f))
+    if p == "lowrank":
+        return LowRankLinear(in_f, out_f, gamma=gamma)
+    return FedParaLinear(in_f, out_f, gamma=gamma, personalized=personalized, nonlinear=nonlinear)
+
+
+def _conv_block(in_c: int, out_c: int, *conv_args) -> list[nn.Module]:
+    return [_conv(in_c, out_c, *conv_args), nn.GroupNorm(GROUPS, out_c), nn.ReLU(inplace=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+class Net(nn.Module):
+    """features -> flatten -> classifier -> head. Input (N, C, H, W); output logits (N, classes)."""
+
+    def __init__(self, features: nn.Module, classifier: nn.Module, head: nn.Module):
+        super().__init__()
+        self.features, self.classifier, self.head = features, classifier, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.classifier(self.features(x).flatten(1)))
+
+
+def vgg16(
+    num_classes: int = 10,
+    *,
+    parameterization: str = "original",
+    gamma: float = 0.1,
+    in_channels: int = 3,
+    personalized: bool = False,
+    nonlinear: bool = False,
+) -> Net:
+    """VGG16 with GroupNorm for 32×32 inputs (the paper's CIFAR model; facts.md §5).
+
+    13 conv 3×3 (padding 1, bias) each followed by GroupNorm(2 groups) and ReLU, 5 max-pools,
+    classifier Dropout–Linear(512, 512)–ReLU–Dropout–Linear(512, 512)–ReLU, head
+    Linear(512, num_classes). Only the convolutions are factorized (rank from `rank_from_gamma`).
+    Parameters: CIFAR-10 original 15,253,578, fedpara γ=0.1 1,546,844; CIFAR-100 original
+    15,299,748, fedpara γ=0.4 4,531,856 (the paper's 15.25M / 1.55M / 4.53M).
+    Needs 32×32 inputs: the five pools take the map to 1×1 before the 512-wide classifier.
+    """
+    _check(parameterization, gamma, personalized, nonlinear)
+    conv_args = (parameterization, gamma, personalized, nonlinear)
+    layers, c = [], in_channels
+    for v in VGG16_LAYERS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += _conv_block(c, v, *conv_args)
+            c = v
+    classifier = nn.Sequential(
+        nn.Dropout(),
+        _dense_init(nn.Linear(512, 512)),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        _dense_init(nn.Linear(512, 512)),
+        nn.ReLU(inplace=True),
+    )
+    return Net(nn.Sequential(*layers), classifier, _dense_init(nn.Linear(512, num_classes)))
+
+
+def mlp(
+    in_features: int = 784,
+    hidden: tuple[int, ...] = (200, 200),
+    num_classes: int = 10,
+    *,
+    parameterization: str = "original",
+    gamma: float = 0.5,
+    personalized: bool = False,
+    nonlinear: bool = False,
+) -> Net:
+    """Fully connected ReLU net in_features -> *hidden -> num_classes; all layers factorized.
+
+    The default (200, 200) is McMahan et al.'s "2NN" for MNIST, which the Flower baseline
+    cites for its personalization model; the baseline itself used 784-200-256-10, which is
+    `mlp(hidden=(200, 256))`. Input (N, ...) is flattened to (N, in_features). With
+    parameterization="fedpara", every layer including the head is a FedParaLinear (the baseline's
+    pFedPara model at γ=0.5), so with personalized=True each layer has a local W2.
+    """
+    _check(parameterization, gamma, personalized, nonlinear)
+    if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):
+        raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
+    args = (parameterization, gamma, personalized, nonlinear)
+    layers, f = [], in_features
+    for h in hidden:
+        layers += [_linear(f, h, *args), nn.ReLU(inplace=True)]
+        f = h
+    return Net(nn.Flatten(), nn.Sequential(*layers), _linear(f, num_classes, *args))
+
+
+def cnn(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    *,
+    parameterization: str = "original",
+    gamma: float = 0.1,
+    personalized: bool = False,
+    nonlinear: bool = False,
+) -> Net:
+    """A small VGG-style CNN with GroupNorm for 28×28 grayscale images, fast on a CPU.
+
+    Three stages conv–GN–ReLU–max-pool with 32, 64 and 128 channels (28 -> 14 -> 7 -> 4), one
+    more 128-channel conv–GN–ReLU on the 4×4 map, global average pooling, head
+    Linear(128, num_classes). 242,250 parameters (original, 10 classes), 99% of them in the
+    convolution kernels, which are the factorized layers (as in VGG16); about 10 M
+    multiply-adds per 28×28 image.
+    Works for any input size ≥ 8×8 (the pooling is global).
+    """
+    _check(parameterization, gamma, personalized, nonlinear)
+    args = (parameterization, gamma, personalized, nonlinear)
+    layers, c = [], in_channels
+    for v in (32, 64, 128):
+        layers += [*_conv_block(c, v, *args), nn.MaxPool2d(2, ceil_mode=True)]
+        c = v
+    layers += [*_conv_block(128, 128, *args), nn.AdaptiveAvgPool2d(1)]
+    return Net(nn.Sequential(*layers), nn.Sequential(), _dense_init(nn.Linear(128, num_classes)))
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    parameterization: str = "original",
+    gamma: float = 0.1,
+    personalized: bool = False,
+    nonlinear: bool = False,
+) -> Net:
+    """One of MODELS by name. For "mlp", in_features = in_channels·28·28 (28×28 images)."""
+    if name not in MODELS:
+        raise ValueError(f"name must be one of {MODELS}, got {name!r}")
+    kwargs = dict(
+        parameterization=parameterization, gamma=gamma, personalized=personalized, nonlinear=nonlinear
+    )
+    if name == "vgg16":
+        return vgg16(num_classes, in_channels=in_channels, **kwargs)
+    if name == "mlp":
+        return mlp(in_channels * 28 * 28, num_classes=num_classes, **kwargs)
+    return cnn(in_channels, num_classes, **kwargs)
