@@ -18,3 +18,27 @@ $(STAMP): requirements.txt pyproject.toml
 
 test: $(STAMP)
 	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python -m pytest -q tests
+
+# The book. `make book` builds the HTML into _build/html: explanatory chapters are executed
+# (and cached) by the build; experiment chapters are rendered from book/generated/ (never re-run).
+# `make execute` reruns the experiment notebooks with papermill, then rebuilds the book:
+#   make execute [PROFILE=full|quick|smoke] [CHAPTER=fashion_mnist] [PARAMS="-p device cuda"]
+# `make colab` refreshes the committed .ipynb twin of every chapter (the Colab buttons open them).
+PROFILE ?= full
+CHAPTER ?=
+PARAMS  ?=
+NOTEBOOK_SOURCES = $(wildcard book/*.md book/experiments/*.md)
+
+.PHONY: book execute colab
+
+book: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python scripts/execute_notebooks.py --render
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/jupyter-book build --all -W --keep-going .
+
+execute: $(STAMP)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python scripts/execute_notebooks.py --profile $(PROFILE) \
+		$(if $(CHAPTER),--chapter $(CHAPTER)) $(PARAMS)
+	$(MAKE) book
+
+colab: $(STAMP)
+	$(BIN)/jupytext --update --to ipynb $(NOTEBOOK_SOURCES)

@@ -1,0 +1,170 @@
+"""Run the book's experiment notebooks with papermill.
+
+    python scripts/execute_notebooks.py --profile full                      # make execute
+    python scripts/execute_notebooks.py --profile smoke --chapter fashion_mnist
+    python scripts/execute_notebooks.py --render                            # make book (never trains)
+
+Each experiment source `book/experiments/<name>.md` (a jupytext MyST notebook) is converted to a
+notebook in memory -- the same as `jupytext --to ipynb -o - SRC | papermill - OUT -p k v` -- and
+executed by papermill, which overrides the cell tagged `parameters`. The executed copy goes to
+`book/generated/<name>.ipynb`, which is what the book renders; the book build never re-executes it.
+
+Papermill first writes into `_build/papermill/<name>.ipynb`. The copy in `book/generated/` is
+replaced (atomically) only when every cell succeeded; after a failing cell the partial notebook
+stays in `_build/papermill/` for inspection, the last good copy is kept, and the exit code is 1.
+
+`--render` is what `make book` runs: for each experiment whose executed copy is missing, or was
+made from an older version of its source, it runs the notebook with `train=False` -- the notebook
+then shows the stored history of its preset and profile if there is one, else the command that
+produces it and its communication cost. It never trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import jupytext
+import papermill
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES_DIR = ROOT / "book" / "experiments"
+GENERATED_DIR = ROOT / "book" / "generated"
+WORK_DIR = ROOT / "_build" / "papermill"
+PROFILES = ("full", "quick", "smoke")
+METADATA_KEY = "fedpara_book"  # notebook metadata: which source (and which version of it) made a copy
+
+
+# helpers
+
+
+def experiment_names() -> list[str]:
+    """Names of the experiment notebooks, e.g. ["fashion_mnist"], from book/experiments/*.md."""
+    return sorted(path.stem for path in SOURCES_DIR.glob("*.md"))
+
+
+def source_digest(source: Path) -> str:
+    """SHA-256 of a source file's text: identifies the version of the source a copy was made from."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def stored_run(generated: Path) -> tuple[str | None, dict]:
+    """(source digest, papermill parameters) recorded in an executed copy; (None, {}) if unreadable."""
+    try:
+        metadata = jupytext.read(generated).metadata
+    except Exception:  # a truncated or hand-edited file: treat it as missing
+        return None, {}
+    digest = metadata.get(METADATA_KEY, {}).get("source_sha256")
+    return digest, dict(metadata.get("papermill", {}).get("parameters", {}))
+
+
+# running
+
+
+def run_notebook(
+    source: Path,
+    output: Path,
+    parameters: dict,
+    *,
+    work_dir: Path = WORK_DIR,
+    log_output: bool = True,
+) -> None:
+    """Execute the jupytext source `source` with papermill and write the result to `output`.
+
+    The notebook runs with its working directory set to `output`'s folder. `output` is written
+    only if every cell succeeds; otherwise papermill's `PapermillExecutionError` propagates and
+    the partial notebook is left at `work_dir / output.name`.
+    """
+    notebook = jupytext.read(source)
+    notebook.metadata[METADATA_KEY] = {
+        "source": source.resolve().relative_to(ROOT).as_posix()
+        if source.resolve().is_relative_to(ROOT)
+        else source.name,
+        "source_sha256": source_digest(source),
+    }
+    notebook.metadata.pop("jupytext", None)  # the executed copy is a plain notebook, not a pairing
+    work_dir.mkdir(parents=True, exist_ok=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = work_dir / output.name
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    papermill.execute_notebook(
+        notebook,
+        str(partial),
+        parameters=parameters,
+        kernel_name="python3",
+        cwd=str(output.parent),
+        progress_bar=False,
+        log_output=log_output,
+    )
+    os.replace(partial, output)  # same file system (both under the repository): atomic
+
+
+def render_parameters(name: str) -> dict | None:
+    """Parameters for a render-only run of experiment `name`, or None if its copy is current.
+
+    A missing copy is rendered for the full profile; a copy made from an older source is
+    rendered again with the parameters it was made with, except that it does not train.
+    """
+    generated = GENERATED_DIR / f"{name}.ipynb"
+    if not generated.exists():
+        return {"profile": "full", "train": False}
+    digest, parameters = stored_run(generated)
+    if digest == source_digest(SOURCES_DIR / f"{name}.md"):
+        return None
+    return {**parameters, "train": False}
+
+
+# command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="full", help=f"one of {', '.join(PROFILES)}")
+    parser.add_argument("--chapter", action="append", default=[], help="run only this experiment (repeatable)")
+    parser.add_argument(
+        "-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+        help="override a notebook parameter (VALUE is read as YAML, as papermill does)",
+    )
+    parser.add_argument("--render", action="store_true", help="render missing or stale copies without training")
+    args = parser.parse_args(argv)
+    if args.profile not in PROFILES:
+        parser.error(f"--profile must be one of {', '.join(PROFILES)}, got {args.profile!r}")
+    known = experiment_names()
+    for name in args.chapter:
+        if name not in known:
+            parser.error(f"--chapter must be one of {', '.join(known)}, got {name!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.chapter or experiment_names()
+    overrides = {key: yaml.safe_load(value) for key, value in args.parameter}
+    failed = []
+    for name in names:
+        if args.render:
+            parameters = render_parameters(name)
+            if parameters is None:
+                continue
+            parameters.update(overrides)
+        else:
+            parameters = {"profile": args.profile, "train": True, **overrides}
+        output = GENERATED_DIR / f"{name}.ipynb"
+        print(f"[execute] {name}: {parameters} -> {output.relative_to(ROOT)}", flush=True)
+        try:
+            run_notebook(SOURCES_DIR / f"{name}.md", output, parameters)
+        except papermill.PapermillExecutionError as error:
+            partial = (WORK_DIR / output.name).relative_to(ROOT)
+            print(f"[execute] {name} FAILED in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
+                  f"          partial notebook: {partial}; {output.relative_to(ROOT)} left unchanged",
+                  file=sys.stderr, flush=True)
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
