@@ -1,0 +1,572 @@
+"""Datasets, the paper's transforms, and fast on-device batches.
+
+    from fedpara.data import load_dataset, as_tensors, TensorBatches
+    train, test = load_dataset("cifar10")             # downloads into $FEDPARA_DATA or ./data
+    x, y = as_tensors(train, indices, device="cuda")  # one client's share, normalized, on the GPU
+    for xb, yb in TensorBatches(x, y, 64, augment=True): ...
+
+Every split is an `ImageDataset`: the images as one uint8 array, the labels as an int64 array
+(`.labels`) and, for FEMNIST, the writer of each image (`.writer_ids`), so that partitioning never
+touches an image. Indexing it gives `(normalized float tensor C×H×W, int label)` for the plain
+`DataLoader` path (`make_loader`); `as_tensors` + `TensorBatches` serve the same samples as whole
+tensors with the augmentation done per batch on the training device.
+
+Where the files come from (all under `data_dir`):
+- CIFAR-10/100: torchvision's archive (URL and MD5 from torchvision), extracted atomically into
+  `cifar-10-batches-py/` or `cifar-100-python/` (torchvision's pickled-batch format).
+- MNIST / Fashion-MNIST: torchvision's IDX files, decompressed atomically into `<Class>/raw/`.
+  Fashion-MNIST is taken from Debian's `dataset-fashion-mnist` package when it is installed.
+- FEMNIST: the Hugging Face dataset `flwrlabs/femnist`, saved with `save_to_disk` into `femnist/`;
+  each writer's samples are split into that writer's own train and test parts (10% test).
+
+A failed or impossible download raises `DataUnavailableError` saying what was expected where and
+how to place it by hand. An archive is used only if its MD5 matches torchvision's, and extracted
+folders appear only once complete, so an interrupted download is never mistaken for data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+import torchvision.transforms.v2 as T
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets.utils import download_url, extract_archive
+
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "femnist")
+
+# Debian's `dataset-fashion-mnist` package: the original data, recompressed (facts.md §8)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+FEMNIST_HUB_ID = "flwrlabs/femnist"
+FEMNIST_TEST_FRACTION = 0.1  # share of each writer's samples held out as that writer's test set
+FEMNIST_SPLIT_SEED = 0
+PAD = 4  # random-crop padding in pixels (paper: crop 32×32 from the image padded by 4)
+
+
+class DataUnavailableError(RuntimeError):
+    """The dataset's files are missing or incomplete and could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a training loop need to know about a dataset."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int  # height = width, pixels
+    mean: tuple[float, ...]  # per channel, of pixel values scaled to [0, 1]
+    std: tuple[float, ...]
+    augment: bool  # random crop (pad 4) + horizontal flip on the training split (CIFAR only)
+
+
+# Channel statistics of each training set. FEMNIST's are approximate (white background).
+_INFO = {
+    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "fashion-mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), False),
+    "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,), False),
+    "femnist": DatasetInfo(62, 1, 28, (0.9637,), (0.1597,), False),
+}
+
+_TORCHVISION = {
+    "cifar10": tvd.CIFAR10,
+    "cifar100": tvd.CIFAR100,
+    "fashion-mnist": tvd.FashionMNIST,
+    "mnist": tvd.MNIST,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Number of classes, input shape, normalization and augmentation of dataset `name`."""
+    _check_name(name)
+    return _INFO[name]
+
+
+def default_data_dir() -> Path:
+    """`$FEDPARA_DATA` if set, else `./data`."""
+    return Path(os.environ.get("FEDPARA_DATA", "data"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the dataset class
+
+
+class ImageDataset(Dataset):
+    """One split of a dataset, held in memory as uint8 images.
+
+    Attributes: `data` uint8 array (N, H, W, C); `labels` int64 array (N,); `writer_ids` array (N,)
+    of writer names for FEMNIST, else None; `info` the DatasetInfo; `augment` whether indexing
+    applies the random crop and flip (the training split of CIFAR).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data: np.ndarray,
+        labels: np.ndarray,
+        *,
+        train: bool,
+        writer_ids: np.ndarray | None = None,
+    ) -> None:
+        if data.ndim != 4 or data.dtype != np.uint8 or len(data) != len(labels):
+            raise ValueError("data must be a uint8 array (N, H, W, C) with one label per image")
+        self.name = name
+        self.info = dataset_info(name)
+        self.train = train
+        self.data = data
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.writer_ids = writer_ids
+        self.augment = train and self.info.augment
+        self._mean = torch.tensor(self.info.mean).view(-1, 1, 1)
+        self._std = torch.tensor(self.info.std).view(-1, 1, 1)
+        size = self.info.image_size
+        # normalize first, then pad with zeros (the mean colour), the same as TensorBatches
+        self._random_crop_flip = T.Compose(
+            [T.RandomCrop(size, padding=PAD), T.RandomHorizontalFlip()]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(self.data[index]).permute(2, 0, 1).float().div(255)  # (C, H, W)
+        x = (x - self._mean) / self._std
+        if self.augment:
+            x = self._random_crop_flip(x)
+        return x, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        split = "train" if self.train else "test"
+        return f"ImageDataset({self.name!r}, {split}, n={len(self)}, image={self.data.shape[1:]})"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, download: bool = True
+) -> tuple[ImageDataset, ImageDataset]:
+    """The train and test splits of dataset `name` (one of `DATASETS`).
+
+    `data_dir` defaults to `$FEDPARA_DATA`, else `./data`. With `download=False` only files
+    already under `data_dir` (or Debian's Fashion-MNIST package) are used.
+    Raises `DataUnavailableError` when the files are missing and cannot be fetched.
+    """
+    _check_name(name)
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if name in ("cifar10", "cifar100"):
+        return _load_cifar(name, root, download)
+    if name in ("mnist", "fashion-mnist"):
+        return _load_idx(name, root, download)
+    return _load_femnist(root, download)
+
+
+def _unavailable(title: str, folder: Path, reason: str, expected: Sequence[str], how: str):
+    files = ", ".join(expected)
+    return DataUnavailableError(
+        f"{title} is not available in {folder}: {reason}.\n"
+        f"Expected files there: {files}.\n"
+        f"To place them by hand: {how}"
+    )
+
+
+def _missing(folder: Path, names: Sequence[str]) -> list[str]:
+    return [n for n in names if not (folder / n).is_file()]
+
+
+# CIFAR: torchvision's archive and pickled batches
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, ImageDataset]:
+    tv = _TORCHVISION[name]
+    folder = root / tv.base_folder
+    train_files = [f for f, _ in tv.train_list]
+    test_files = [f for f, _ in tv.test_list]
+    expected = [*train_files, *test_files, tv.meta["filename"]]
+    title = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name]
+    how = (
+        f"download {tv.url} (MD5 {tv.tgz_md5}) and run `tar xzf {tv.filename} -C {root}`, "
+        f"or put the archive itself at {root / tv.filename} and call load_dataset again."
+    )
+
+    missing = _missing(folder, expected)
+    if missing and download and not folder.exists():
+        try:
+            _fetch_cifar(tv, root)
+        except (
+            OSError,
+            RuntimeError,
+        ) as err:  # URLError is an OSError; MD5 mismatch a RuntimeError
+            raise _unavailable(
+                title, folder, f"the download failed ({err})", expected, how
+            ) from err
+        missing = _missing(folder, expected)
+    if missing:
+        reason = f"missing {', '.join(missing)}"
+        if folder.exists():
+            reason += f" (an incomplete folder: delete {folder} and retry)"
+        raise _unavailable(title, folder, reason, expected, how)
+
+    splits = []
+    for train, files in ((True, train_files), (False, test_files)):
+        try:
+            data, labels = _read_cifar_batches(folder, files, _INFO[name].num_classes)
+        except (OSError, ValueError) as err:
+            reason = f"a file is incomplete or corrupted ({err}); delete {folder} and retry"
+            raise _unavailable(title, folder, reason, expected, how) from err
+        splits.append(ImageDataset(name, data, labels, train=train))
+    return splits[0], splits[1]
+
+
+def _fetch_cifar(tv: type, root: Path) -> None:
+    """Download torchvision's archive (skipped if present with the right MD5) and extract it.
+
+    The folder is extracted next to its final place and renamed into it, so it exists only
+    when complete; an archive whose MD5 does not match is downloaded again.
+    """
+    download_url(tv.url, str(root), tv.filename, tv.tgz_md5)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
+    try:
+        extract_archive(str(root / tv.filename), str(tmp))
+        os.replace(tmp / tv.base_folder, root / tv.base_folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_cifar_batches(folder: Path, files: Sequence[str], num_classes: int):
+    """Images (N, 32, 32, 3) uint8 and labels (N,) from CIFAR's pickled batches."""
+    images, labels = [], []
+    for file in files:
+        try:
+            with open(folder / file, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            batch_labels = entry["labels"] if "labels" in entry else entry["fine_labels"]
+            # stored as rows of 3072 bytes: the red plane, then green, then blue
+            batch = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        except (EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{file}: {err!r}") from err
+        if len(batch) != len(batch_labels):
+            raise ValueError(f"{file}: {len(batch)} images but {len(batch_labels)} labels")
+        images.append(batch.transpose(0, 2, 3, 1))  # (n, H, W, C)
+        labels.append(np.asarray(batch_labels, dtype=np.int64))
+    labels = np.concatenate(labels)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels outside 0..{num_classes - 1}")
+    return np.concatenate(images), labels
+
+
+# MNIST and Fashion-MNIST: torchvision's IDX files
+
+
+def _load_idx(name: str, root: Path, download: bool) -> tuple[ImageDataset, ImageDataset]:
+    tv = _TORCHVISION[name]
+    raw = root / tv.__name__ / "raw"
+    expected = [f.removesuffix(".gz") for f, _ in tv.resources]
+    title = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}[name]
+    how = (
+        f"download {', '.join(f for f, _ in tv.resources)} from {tv.mirrors[0]} "
+        f"and decompress them (gunzip) into {raw}"
+    )
+    if name == "fashion-mnist":
+        how += ", or install Debian's package: apt-get install dataset-fashion-mnist"
+
+    if _missing(raw, expected) and name == "fashion-mnist" and DEBIAN_FASHION_MNIST.is_dir():
+        for f in _missing(raw, expected):
+            _gunzip_atomic(DEBIAN_FASHION_MNIST / f"{f}.gz", raw / f)
+    if _missing(raw, expected) and download:
+        try:
+            _fetch_idx(tv, raw)
+        except (OSError, RuntimeError) as err:
+            raise _unavailable(title, raw, f"the download failed ({err})", expected, how) from err
+    if missing := _missing(raw, expected):
+        raise _unavailable(title, raw, f"missing {', '.join(missing)}", expected, how)
+
+    splits = []
+    for train in (True, False):
+        try:
+            tvset = tv(str(root), train=train, download=False)
+        except (RuntimeError, ValueError, AssertionError, KeyError) as err:
+            reason = f"a file is incomplete or corrupted ({err!r}); delete {raw} and retry"
+            raise _unavailable(title, raw, reason, expected, how) from err
+        data = tvset.data.numpy()[..., None]  # (N, 28, 28, 1)
+        splits.append(ImageDataset(name, data, tvset.targets.numpy(), train=train))
+    return splits[0], splits[1]
+
+
+def _fetch_idx(tv: type, raw: Path) -> None:
+    """Download each missing `.gz` (MD5-checked, first mirror that answers), then gunzip it."""
+    for gz_name, md5 in tv.resources:
+        target = raw / gz_name.removesuffix(".gz")
+        if target.is_file():
+            continue
+        errors = []
+        for mirror in tv.mirrors:
+            try:
+                download_url(f"{mirror}{gz_name}", str(raw), gz_name, md5)
+                break
+            except (OSError, RuntimeError) as err:
+                errors.append(f"{mirror}: {err}")
+        else:
+            raise OSError(f"could not download {gz_name} ({'; '.join(errors)})")
+        _gunzip_atomic(raw / gz_name, target)
+
+
+def _write_atomic(dst: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `dst` through a temporary file in the same folder, so it never exists half-written."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _gunzip_atomic(src: Path, dst: Path) -> None:
+    with gzip.open(src, "rb") as fin:
+        _write_atomic(dst, lambda fout: shutil.copyfileobj(fin, fout, 1 << 20))
+
+
+# FEMNIST: the Hugging Face dataset, split per writer
+
+
+def _load_femnist(root: Path, download: bool) -> tuple[ImageDataset, ImageDataset]:
+    import datasets  # only FEMNIST needs it; the GPU machine has no `datasets`
+
+    folder = root / "femnist"
+    expected = ["dataset_info.json", "state.json", "data-*.arrow"]
+    how = (
+        f"on a machine with internet run `datasets.load_dataset({FEMNIST_HUB_ID!r}, "
+        f"split='train').save_to_disk('femnist')` and copy that folder to {folder}"
+    )
+    if not (folder / "state.json").is_file():
+        if folder.exists():
+            reason = f"an incomplete copy (no state.json): delete {folder} and retry"
+            raise _unavailable("FEMNIST", folder, reason, expected, how)
+        if not download:
+            raise _unavailable("FEMNIST", folder, "no saved copy", expected, how)
+        try:
+            _fetch_femnist(root, folder)
+        except OSError as err:  # the Hub's ConnectionError and HTTP errors are OSErrors
+            reason = f"the download of {FEMNIST_HUB_ID} from the Hugging Face Hub failed ({err})"
+            raise _unavailable("FEMNIST", folder, reason, expected, how) from err
+
+    ds = datasets.load_from_disk(str(folder))
+    images, labels, writers = _femnist_arrays(ds, root)
+    test = femnist_test_mask(writers, FEMNIST_TEST_FRACTION, FEMNIST_SPLIT_SEED)
+    train_set = ImageDataset(
+        "femnist", images[~test], labels[~test], train=True, writer_ids=writers[~test]
+    )
+    test_set = ImageDataset(
+        "femnist", images[test], labels[test], train=False, writer_ids=writers[test]
+    )
+    return train_set, test_set
+
+
+def _fetch_femnist(root: Path, folder: Path) -> None:
+    """Download `flwrlabs/femnist` and save it to `folder`, renamed into place once complete."""
+    import datasets
+
+    work = Path(tempfile.mkdtemp(dir=root, prefix=".femnist-download-"))
+    try:
+        ds = datasets.load_dataset(FEMNIST_HUB_ID, split="train", cache_dir=str(work / "cache"))
+        ds.save_to_disk(str(work / "saved"))
+        os.replace(work / "saved", folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _femnist_arrays(ds, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N, 28, 28, 1) uint8, labels (N,) and writer ids (N,) of the saved dataset.
+
+    Decoding ~800k PNGs takes a while, so the arrays are cached in `femnist-arrays.npz`,
+    keyed by the saved dataset's fingerprint.
+    """
+    import datasets
+
+    cache = root / "femnist-arrays.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["fingerprint"]) == ds._fingerprint:
+                return z["images"], z["labels"], z["writer_ids"]
+
+    meta = ds.select_columns(["character", "writer_id"]).with_format("numpy")[:]
+    labels = meta["character"]
+    if labels.dtype.kind in "US":  # a plain string column: LEAF's order 0-9, A-Z, a-z
+        classes = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+        labels = np.array([classes.index(c) for c in labels])
+    pixels = ds.select_columns(["image"]).cast_column("image", datasets.Image(mode="L"))
+    pixels = pixels.with_format("numpy")
+    images = np.empty((len(ds), 28, 28, 1), dtype=np.uint8)
+    for start in range(0, len(ds), 10_000):
+        images[start : start + 10_000, ..., 0] = pixels[start : start + 10_000]["image"]
+    labels, writers = labels.astype(np.int64), meta["writer_id"].astype(str)
+
+    arrays = dict(images=images, labels=labels, writer_ids=writers, fingerprint=ds._fingerprint)
+    _write_atomic(cache, lambda f: np.savez(f, **arrays))
+    return images, labels, writers
+
+
+def femnist_test_mask(writer_ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask (N,) choosing round(test_fraction · n_w) random samples of each writer.
+
+    A writer with n_w samples keeps at least one for training. The draw depends only on the
+    order of the samples and on `seed`, so the split is the same on every machine.
+    """
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    _, writer, counts = np.unique(writer_ids, return_inverse=True, return_counts=True)
+    keys = np.random.default_rng(seed).random(len(writer_ids))
+    order = np.lexsort((keys, writer))  # grouped by writer, random order within each writer
+    rank = np.empty(len(order), dtype=np.int64)
+    start = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank[order] = np.arange(len(order)) - np.repeat(start, counts)
+    n_test = np.minimum(np.round(test_fraction * counts), counts - 1).astype(np.int64)
+    return rank < n_test[writer]
+
+
+# ---------------------------------------------------------------------------------------------
+# serving batches
+
+
+def as_tensors(
+    split: ImageDataset, indices: Sequence[int] | np.ndarray | None = None, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected samples as one normalized float32 tensor (N, C, H, W) and int64 labels (N,).
+
+    The uint8 images are moved to `device` first (4× less to copy) and converted there;
+    no augmentation (use `TensorBatches(..., augment=True)` for that).
+    """
+    if not isinstance(split, ImageDataset):
+        raise TypeError(f"split must be an ImageDataset from load_dataset, got {type(split)}")
+    idx = np.arange(len(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= len(split))):
+        raise ValueError(f"indices must be a 1-D array of positions in 0..{len(split) - 1}")
+    x = torch.from_numpy(split.data[idx]).to(device)  # (N, H, W, C) uint8
+    mean = torch.tensor(split.info.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(split.info.std, device=x.device).view(1, -1, 1, 1)
+    x = (x.permute(0, 3, 1, 2).float().div_(255) - mean).div_(std).contiguous()
+    y = torch.from_numpy(split.labels[idx]).to(device)
+    return x, y
+
+
+def random_crop_flip(
+    x: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random crop from the zero-padded image, then a horizontal flip with probability 1/2.
+
+    x: (B, C, H, W). Each image gets its own offset (dy, dx) in 0..2·pad and flip; done with two
+    gathers on x's device, no Python loop over images.
+    """
+    b, c, h, w = x.shape
+    dev = generator.device if generator is not None else x.device
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator).to(x.device)
+    flip = (torch.rand(b, device=dev, generator=generator) < 0.5).to(x.device)
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (B, W)
+    xp = xp.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * pad))  # (B, C, H, W+2p)
+    return xp.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))  # (B, C, H, W)
+
+
+class TensorBatches:
+    """Mini-batches `(xb, yb)` over tensors already on the training device.
+
+    One pass per `iter()`: a fresh permutation when `shuffle`, and when `augment` each batch is
+    randomly cropped (pad 4) and flipped on x's device. `generator` (on CPU or on x's device)
+    makes both reproducible. `len()` is the number of batches.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        augment: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if x.ndim != 4 or len(x) != len(y):
+            raise ValueError(
+                f"x must be (N, C, H, W) with len(y) == N; got {tuple(x.shape)}, {len(y)}"
+            )
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
+        self.generator = generator
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.x)
+        if self.shuffle:
+            dev = self.generator.device if self.generator is not None else self.x.device
+            order = torch.randperm(n, device=dev, generator=self.generator).to(self.x.device)
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            if self.shuffle:
+                xb, yb = self.x[order[sl]], self.y[order[sl]]
+            else:
+                xb, yb = self.x[sl], self.y[sl]
+            if self.augment:
+                xb = random_crop_flip(xb, generator=self.generator)
+            yield xb, yb
+
+
+def make_loader(
+    split: Dataset,
+    indices: Sequence[int] | np.ndarray | None,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """The plain path: a `DataLoader` over `Subset(split, indices)` (all samples if None).
+
+    The shuffling order comes from `seed`; the augmentation of a CIFAR training split from
+    torch's global random state (per worker).
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    subset = (
+        split if indices is None else Subset(split, np.asarray(indices, dtype=np.int64).tolist())
+    )
+    return DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,387 @@
+"""Datasets: real Fashion-MNIST, the CIFAR and FEMNIST formats, offline errors, fast batches."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets as tvd
+from fixtures_formats import write_fake_cifar, write_fake_femnist
+
+from fedpara import data
+from fedpara.data import (
+    DATASETS,
+    DataUnavailableError,
+    ImageDataset,
+    TensorBatches,
+    as_tensors,
+    dataset_info,
+    femnist_test_mask,
+    load_dataset,
+    make_loader,
+    random_crop_flip,
+)
+
+# helpers
+
+
+def crop_flip_of(out: torch.Tensor, x: torch.Tensor, pad: int = 4) -> tuple[int, int, bool] | None:
+    """The (dy, dx, flipped) with out == crop of zero-padded x (C, H, W), or None."""
+    _, h, w = x.shape
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = xp[:, dy : dy + h, dx : dx + w]
+            for flipped, candidate in ((False, crop), (True, crop.flip(-1))):
+                if torch.equal(out, candidate):
+                    return dy, dx, flipped
+    return None
+
+
+def normalized(images: np.ndarray, name: str) -> torch.Tensor:
+    """Reference normalization: (N, H, W, C) uint8 -> (N, C, H, W) float."""
+    info = dataset_info(name)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(info.mean).view(1, -1, 1, 1)) / torch.tensor(info.std).view(
+        1, -1, 1, 1
+    )
+
+
+# Fashion-MNIST, the real thing
+
+
+def test_fashion_mnist_from_the_debian_package_is_the_original(fmnist):
+    train, test = fmnist
+    assert (len(train), len(test)) == (60_000, 10_000)
+    assert train.labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert train.labels.dtype == np.int64 and set(np.unique(train.labels)) == set(range(10))
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+    x, y = test[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and isinstance(y, int)
+    assert train.writer_ids is None and not train.augment
+
+
+def test_fashion_mnist_statistics_normalize_the_training_set(fmnist):
+    x, _ = as_tensors(fmnist[0], np.arange(0, 60_000, 7))
+    assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01
+
+
+def test_fashion_mnist_raw_files_are_complete_and_no_temp_files_remain(fmnist_dir):
+    raw = fmnist_dir / "FashionMNIST" / "raw"
+    names = sorted(p.name for p in raw.iterdir())
+    assert names == [
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+    ]
+    assert (raw / "train-images-idx3-ubyte").stat().st_size == 16 + 60_000 * 28 * 28
+
+
+def test_truncated_idx_file_is_reported_not_loaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    header = struct.pack(">IIII", 0x803, 60_000, 28, 28)  # claims 60,000 images
+    for name, _ in tvd.FashionMNIST.resources:
+        (raw / name.removesuffix(".gz")).write_bytes(header + bytes(1000))
+    with pytest.raises(DataUnavailableError, match="incomplete or corrupted"):
+        load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+
+
+def test_mnist_offline_error_names_dataset_folder_files_and_remedy(tmp_path, offline):
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset("mnist", data_dir=tmp_path, download=True)
+    msg = str(err.value)
+    assert "MNIST is not available" in msg and str(tmp_path / "MNIST" / "raw") in msg
+    assert "download failed" in msg and "train-images-idx3-ubyte" in msg
+    assert "t10k-labels-idx1-ubyte" in msg and tvd.MNIST.mirrors[0] in msg
+    assert not list((tmp_path / "MNIST" / "raw").glob("*ubyte"))
+
+
+def test_fashion_mnist_without_the_debian_package_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    with pytest.raises(DataUnavailableError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+
+
+def test_data_dir_defaults_to_fedpara_data(fmnist_dir, monkeypatch):
+    monkeypatch.setenv("FEDPARA_DATA", str(fmnist_dir))
+    assert data.default_data_dir() == fmnist_dir
+    assert len(load_dataset("fashion-mnist", download=False)[1]) == 10_000
+
+
+# dataset table and bad names
+
+
+@pytest.mark.parametrize(
+    "name, classes, channels, size, augment",
+    [
+        ("cifar10", 10, 3, 32, True),
+        ("cifar100", 100, 3, 32, True),
+        ("fashion-mnist", 10, 1, 28, False),
+        ("mnist", 10, 1, 28, False),
+        ("femnist", 62, 1, 28, False),
+    ],
+)
+def test_dataset_info(name, classes, channels, size, augment):
+    info = dataset_info(name)
+    assert (info.num_classes, info.in_channels, info.image_size, info.augment) == (
+        classes,
+        channels,
+        size,
+        augment,
+    )
+    assert len(info.mean) == len(info.std) == channels
+    assert name in DATASETS
+
+
+@pytest.mark.parametrize(
+    "call", [lambda: dataset_info("svhn"), lambda: load_dataset("CIFAR10", data_dir="unused")]
+)
+def test_unknown_dataset_names_the_allowed_values(call):
+    with pytest.raises(ValueError, match=r"name must be one of .*'cifar10'.*'femnist'"):
+        call()
+
+
+# CIFAR: torchvision's on-disk format
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_format_round_trip(tmp_path, name):
+    written = write_fake_cifar(tmp_path, name, n_train=230, n_test=40, seed=1)
+    train, test = load_dataset(name, data_dir=tmp_path, download=False)
+    for split, (images, labels) in ((train, written["train"]), (test, written["test"])):
+        np.testing.assert_array_equal(split.data, images)
+        np.testing.assert_array_equal(split.labels, labels)
+    assert train.augment and not test.augment
+    x, y = test[3]
+    torch.testing.assert_close(x, normalized(written["test"][0][3:4], name)[0])
+    assert y == written["test"][1][3]
+
+
+def test_cifar_train_items_are_random_crops_and_flips(fake_cifar10_dir):
+    train, _ = load_dataset("cifar10", data_dir=fake_cifar10_dir, download=False)
+    plain = normalized(train.data[:20], "cifar10")
+    found = [crop_flip_of(train[i][0], plain[i]) for i in range(20)]
+    assert None not in found
+    assert len(set(found)) > 1  # not the same transform every time
+
+
+def test_cifar_archive_is_extracted_when_its_md5_matches(tmp_path, monkeypatch, offline):
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, archive=True)
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", written["archive_md5"])
+    train, test = load_dataset("cifar10", data_dir=tmp_path, download=True)
+    np.testing.assert_array_equal(train.data, written["train"][0])
+    assert len(test) == 10
+    assert not list(tmp_path.glob(".extract-*"))
+
+
+def test_partial_cifar_archive_is_never_treated_as_valid(tmp_path, monkeypatch, offline):
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, archive=True)
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", written["archive_md5"])
+    archive = tmp_path / tvd.CIFAR10.filename
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])  # a cut download
+    with pytest.raises(DataUnavailableError, match="download failed"):
+        load_dataset("cifar10", data_dir=tmp_path, download=True)
+    assert not (tmp_path / tvd.CIFAR10.base_folder).exists()
+    with pytest.raises(DataUnavailableError, match="missing data_batch_1"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def test_cifar_offline_error_names_dataset_folder_files_and_remedy(tmp_path, offline):
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset("cifar100", data_dir=tmp_path, download=True)
+    msg = str(err.value)
+    assert "CIFAR-100 is not available" in msg and str(tmp_path / "cifar-100-python") in msg
+    assert "download failed" in msg
+    for expected in ("train", "test", "meta", tvd.CIFAR100.url, tvd.CIFAR100.tgz_md5, "tar xzf"):
+        assert expected in msg
+    assert not (tmp_path / "cifar-100-python").exists()
+
+
+def test_truncated_cifar_batch_is_reported(tmp_path):
+    write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:-500])
+    with pytest.raises(
+        DataUnavailableError, match="data_batch_3.*incomplete|incomplete.*data_batch_3"
+    ):
+        load_dataset("cifar10", data_dir=tmp_path, download=True)
+
+
+def test_incomplete_cifar_folder_is_not_used_or_overwritten(tmp_path, offline):
+    write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataUnavailableError, match=r"missing test_batch \(an incomplete folder"):
+        load_dataset("cifar10", data_dir=tmp_path, download=True)
+    assert (tmp_path / "cifar-10-batches-py" / "data_batch_1").is_file()
+
+
+# FEMNIST: a local copy of flwrlabs/femnist, split per writer
+
+
+def test_femnist_local_copy_is_split_per_writer(tmp_path):
+    saved = write_fake_femnist(tmp_path, n_writers=9, per_writer=31, seed=2)
+    train, test = load_dataset("femnist", data_dir=tmp_path, download=False)
+    assert len(train) + len(test) == 9 * 31
+    assert train.data.shape[1:] == (28, 28, 1) and train.writer_ids.dtype.kind == "U"
+    for writer in np.unique(saved["writer_id"]):
+        n_train = (train.writer_ids == writer).sum()
+        n_test = (test.writer_ids == writer).sum()
+        assert (n_train, n_test) == (28, 3)  # round(0.1 · 31) held out
+    # every saved (writer, label, image) appears exactly once across the two splits
+    saved_rows = sorted(
+        (w, c, np.asarray(im).tobytes())
+        for w, c, im in zip(saved["writer_id"], saved["character"], saved["image"], strict=True)
+    )
+    loaded_rows = sorted(
+        (w, int(c), im.tobytes())
+        for split in (train, test)
+        for w, c, im in zip(split.writer_ids, split.labels, split.data[..., 0], strict=True)
+    )
+    assert saved_rows == loaded_rows
+
+
+def test_femnist_split_is_deterministic_and_cached(fake_femnist_dir):
+    a_train, a_test = load_dataset("femnist", data_dir=fake_femnist_dir, download=False)
+    assert (fake_femnist_dir / "femnist-arrays.npz").is_file()
+    b_train, b_test = load_dataset("femnist", data_dir=fake_femnist_dir, download=False)
+    np.testing.assert_array_equal(a_test.data, b_test.data)
+    np.testing.assert_array_equal(a_train.writer_ids, b_train.writer_ids)
+
+
+def test_femnist_test_mask_takes_a_tenth_of_each_writer():
+    writers = np.repeat(np.array(["a", "b", "c", "d"]), [1, 10, 25, 200])
+    mask = femnist_test_mask(writers, 0.1, seed=0)
+    assert [mask[writers == w].sum() for w in "abcd"] == [0, 1, 2, 20]
+    assert not np.array_equal(mask, femnist_test_mask(writers, 0.1, seed=1))
+    with pytest.raises(ValueError, match="test_fraction"):
+        femnist_test_mask(writers, 1.0, seed=0)
+
+
+def test_femnist_offline_error_names_dataset_folder_files_and_remedy(
+    tmp_path, offline, monkeypatch
+):
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(hf_http.time, "sleep", lambda seconds: None)  # skip the Hub's retry waits
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset("femnist", data_dir=tmp_path, download=True)
+    msg = str(err.value)
+    assert "FEMNIST is not available" in msg and str(tmp_path / "femnist") in msg
+    assert "flwrlabs/femnist" in msg and "state.json" in msg and "save_to_disk" in msg
+    assert not (tmp_path / "femnist").exists() and not list(tmp_path.glob(".femnist-*"))
+
+
+def test_femnist_without_download_or_with_an_incomplete_copy(tmp_path):
+    with pytest.raises(DataUnavailableError, match="no saved copy"):
+        load_dataset("femnist", data_dir=tmp_path, download=False)
+    (tmp_path / "femnist").mkdir()
+    with pytest.raises(DataUnavailableError, match="incomplete copy"):
+        load_dataset("femnist", data_dir=tmp_path, download=True)
+
+
+# fast batches
+
+
+def test_as_tensors_matches_the_dataset_items(fmnist):
+    test = fmnist[1]
+    idx = np.array([5, 0, 9999, 17])
+    x, y = as_tensors(test, idx)
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    torch.testing.assert_close(x, torch.stack([test[i][0] for i in idx]))
+    assert y.tolist() == test.labels[idx].tolist()
+    assert len(as_tensors(test)[0]) == 10_000
+
+
+@pytest.mark.parametrize("indices", [np.array([0, 10_000]), np.array([-1]), np.zeros((2, 2), int)])
+def test_as_tensors_rejects_bad_indices(fmnist, indices):
+    with pytest.raises(ValueError, match="indices"):
+        as_tensors(fmnist[1], indices)
+
+
+def test_as_tensors_needs_an_image_dataset():
+    with pytest.raises(TypeError, match="ImageDataset"):
+        as_tensors(torch.utils.data.TensorDataset(torch.zeros(2, 1)))
+
+
+def test_tensor_batches_without_shuffle_or_augment_yield_exactly_the_data():
+    x, y = torch.randn(10, 3, 4, 4), torch.arange(10)
+    batches = TensorBatches(x, y, 4, shuffle=False)
+    assert len(batches) == 3
+    xs, ys = zip(*batches, strict=True)
+    assert [len(b) for b in ys] == [4, 4, 2]
+    assert torch.equal(torch.cat(xs), x) and torch.equal(torch.cat(ys), y)
+    assert len(TensorBatches(x, y, 4, drop_last=True)) == 2
+    assert sum(len(b) for _, b in TensorBatches(x, y, 4, drop_last=True)) == 8
+
+
+def test_tensor_batches_shuffle_is_a_seeded_permutation():
+    x, y = torch.arange(50.0).view(50, 1, 1, 1), torch.arange(50)
+
+    def order(seed):
+        batches = TensorBatches(x, y, 8, generator=torch.Generator().manual_seed(seed))
+        ys = torch.cat([yb for xb, yb in batches if torch.equal(xb.view(-1), yb.float())])
+        return ys.tolist()
+
+    assert sorted(order(0)) == list(range(50))  # every sample once, pairs kept together
+    assert order(0) == order(0) and order(0) != order(1)
+
+
+def test_tensor_batches_augment_gives_shifted_flipped_crops():
+    x = torch.randn(64, 3, 8, 8)  # distinct values, so each crop is identified unambiguously
+    y = torch.arange(64)
+    batches = TensorBatches(
+        x, y, 16, shuffle=True, augment=True, generator=torch.Generator().manual_seed(0)
+    )
+    found = []
+    for xb, yb in batches:
+        assert xb.shape == (len(yb), 3, 8, 8)
+        found += [crop_flip_of(out, x[i]) for out, i in zip(xb, yb, strict=True)]
+    assert None not in found
+    offsets = {(dy, dx) for dy, dx, _ in found}
+    flips = sum(f for _, _, f in found)
+    assert len(offsets) > 10 and 10 < flips < 54  # offsets in 0..8, flip with probability 1/2
+
+
+def test_random_crop_flip_keeps_the_image_when_pad_is_zero_and_nothing_flips():
+    x = torch.randn(5, 2, 6, 6)
+    out = random_crop_flip(x, pad=0, generator=torch.Generator().manual_seed(3))
+    for o, xi in zip(out, x, strict=True):
+        assert torch.equal(o, xi) or torch.equal(o, xi.flip(-1))
+
+
+@pytest.mark.parametrize("batch_size", [0, -3, 2.5])
+def test_bad_batch_size(batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorBatches(torch.zeros(4, 1, 2, 2), torch.zeros(4), batch_size)
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(torch.utils.data.TensorDataset(torch.zeros(4)), None, batch_size, shuffle=False)
+
+
+def test_tensor_batches_rejects_mismatched_tensors():
+    with pytest.raises(ValueError, match="x must be"):
+        TensorBatches(torch.zeros(4, 2, 2), torch.zeros(4), 2)
+    with pytest.raises(ValueError, match="x must be"):
+        TensorBatches(torch.zeros(4, 1, 2, 2), torch.zeros(3), 2)
+
+
+def test_make_loader_agrees_with_as_tensors(fmnist):
+    idx = np.arange(100, 164)
+    loader = make_loader(fmnist[1], idx, 16, shuffle=False)
+    xs, ys = zip(*loader, strict=True)
+    x, y = as_tensors(fmnist[1], idx)
+    torch.testing.assert_close(torch.cat(xs), x)
+    assert torch.equal(torch.cat(ys), y)
+    shuffled = torch.cat([yb for _, yb in make_loader(fmnist[1], idx, 16, shuffle=True, seed=1)])
+    assert sorted(shuffled.tolist()) == sorted(y.tolist())
+
+
+def test_image_dataset_rejects_bad_arrays():
+    with pytest.raises(ValueError, match="uint8"):
+        ImageDataset("mnist", np.zeros((3, 28, 28), np.uint8), np.zeros(3), train=True)
+    with pytest.raises(ValueError, match="uint8"):
+        ImageDataset("mnist", np.zeros((3, 28, 28, 1), np.float32), np.zeros(3), train=True)

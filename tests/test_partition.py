@@ -1,0 +1,247 @@
+"""Federated splits: properties of each scheme, per-client held-out data, the label plot."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+
+from fedpara.partition import SCHEMES, holdout_indices, partition, plot_label_distribution
+
+matplotlib.use("Agg")
+
+# 10 classes × 600 samples in random order, like a small MNIST; writers of 20-60 samples each
+LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(10), 600))
+WRITERS = np.repeat(
+    [f"w{i:02d}" for i in range(40)],
+    np.random.default_rng(1).multinomial(6000 - 40 * 20, np.full(40, 1 / 40)) + 20,
+)
+
+
+def split(scheme, num_partitions=20, **kwargs):
+    if scheme == "natural":
+        kwargs.setdefault("ids", WRITERS)
+    return partition(LABELS, num_partitions, scheme, **kwargs)
+
+
+def label_mix(labels, idx, num_classes=10):
+    return np.bincount(labels[idx], minlength=num_classes) / max(1, len(idx))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_partitions_are_disjoint_int_arrays_and_reproducible(scheme):
+    parts = split(scheme, seed=3)
+    assert len(parts) == 20
+    assert all(p.dtype == np.int64 and p.ndim == 1 and len(p) > 0 for p in parts)
+    everything = np.concatenate(parts)
+    assert len(np.unique(everything)) == len(everything)  # disjoint
+    assert everything.min() >= 0 and everything.max() < len(LABELS)
+    again = split(scheme, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = split(scheme, seed=4)
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shard"])
+def test_label_schemes_cover_every_sample(scheme):
+    assert np.array_equal(np.sort(np.concatenate(split(scheme))), np.arange(len(LABELS)))
+
+
+def test_iid_sizes_differ_by_at_most_one_and_mix_all_labels():
+    parts = partition(LABELS[:5003], 7, "iid")
+    sizes = [len(p) for p in parts]
+    assert sum(sizes) == 5003 and max(sizes) - min(sizes) <= 1
+    for p in parts:
+        assert np.abs(label_mix(LABELS, p) - 0.1).max() < 0.05
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_dirichlet_alpha_controls_label_skew():
+    def mean_entropy(parts):
+        mixes = np.stack([label_mix(LABELS, p) for p in parts])
+        return -(mixes * np.log(np.where(mixes > 0, mixes, 1))).sum(1).mean()
+
+    skewed, mild = split("dirichlet", alpha=0.1), split("dirichlet", alpha=100.0)
+    assert mean_entropy(skewed) < 1.5 < 2.2 < mean_entropy(mild)  # log(10) = 2.30
+    assert all(len(p) >= 10 for p in skewed)
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_a_different_scheme_or_alpha_never_gives_the_same_split():
+    """The baseline's defect 2: its IID runs reused the cached non-IID split."""
+    iid, dir05, dir01 = split("iid"), split("dirichlet", alpha=0.5), split("dirichlet", alpha=0.1)
+    for a, b in ((iid, dir05), (dir05, dir01), (iid, dir01)):
+        assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_shards_follow_the_mnist_personalization_setting():
+    # 6000 samples, 10 clients × 2 shards of 300: each shard lies inside one class
+    parts = split("shard", num_partitions=10, shards_per_partition=2)
+    assert [len(p) for p in parts] == [600] * 10
+    assert all(len(np.unique(LABELS[p])) <= 2 for p in parts)
+    assert split("shard", num_partitions=5, shards_per_partition=4)[0].size == 1200
+
+
+def test_natural_split_gives_each_client_one_writer():
+    parts = split("natural", num_partitions=40)
+    writers = [np.unique(WRITERS[p]) for p in parts]
+    assert all(len(w) == 1 for w in writers)
+    assert [w[0] for w in writers] == sorted(np.unique(WRITERS))
+    assert all(len(p) == (WRITERS == w[0]).sum() for p, w in zip(parts, writers, strict=True))
+
+
+def test_natural_split_with_fewer_clients_takes_a_seeded_selection_of_writers():
+    chosen = [str(WRITERS[p[0]]) for p in split("natural", num_partitions=8, seed=0)]
+    assert len(set(chosen)) == 8 and chosen == sorted(chosen)
+    assert chosen == [str(WRITERS[p[0]]) for p in split("natural", num_partitions=8, seed=0)]
+    assert chosen != [str(WRITERS[p[0]]) for p in split("natural", num_partitions=8, seed=1)]
+
+
+def test_ids_are_ignored_by_label_schemes():
+    with_ids = partition(LABELS, 5, "iid", ids=WRITERS, seed=2)
+    without = partition(LABELS, 5, "iid", seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(with_ids, without, strict=True))
+
+
+def test_partition_of_real_fashion_mnist(fmnist):
+    train, test = fmnist
+    parts = partition(train.labels, 100, "dirichlet", alpha=0.5, seed=0)
+    assert sum(len(p) for p in parts) == 60_000
+    held = holdout_indices(train.labels, parts, test.labels, seed=0)
+    assert sum(len(h) for h in held) > 9_500  # all but rounding leftovers of the 10,000
+
+
+# bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            dict(scheme="pathological"),
+            r"scheme must be one of \('iid', 'dirichlet', 'shard', 'natural'\)",
+        ),
+        (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(alpha=-1.0), "alpha must be > 0"),
+        (dict(alpha=float("nan")), "alpha must be > 0"),
+        (dict(num_partitions=0), r"num_partitions must be an integer in 1\.\.6000"),
+        (dict(num_partitions=6001), r"num_partitions must be an integer in 1\.\.6000"),
+        (dict(num_partitions=2.5), "num_partitions must be an integer"),
+        (dict(shards_per_partition=0), "shards_per_partition must be an integer >= 1"),
+        (
+            dict(scheme="shard", num_partitions=3000, shards_per_partition=3),
+            "num_partitions · shards_per_partition must be <= 6000",
+        ),
+        (dict(scheme="natural"), "ids must give one id per sample"),
+        (dict(scheme="natural", ids=WRITERS[:10]), "ids must give one id per sample"),
+        (
+            dict(scheme="natural", ids=WRITERS, num_partitions=41),
+            r"num_partitions must be <= 40 \(the number of distinct ids\)",
+        ),
+    ],
+)
+def test_bad_partition_arguments_name_the_parameter(kwargs, match):
+    args = dict(labels=LABELS, num_partitions=10, scheme="iid") | kwargs
+    with pytest.raises(ValueError, match=match):
+        partition(**args)
+
+
+@pytest.mark.parametrize("labels", [[], [[0, 1], [1, 0]], [0.5, 1.5], ["a", "b"]])
+def test_bad_labels(labels):
+    with pytest.raises(ValueError, match="labels must be a non-empty 1-D array of integer"):
+        partition(labels, 1, "iid")
+
+
+# held-out data per client
+
+
+def test_holdout_is_disjoint_and_follows_each_clients_label_mix():
+    test_labels = np.random.default_rng(5).permutation(np.repeat(np.arange(10), 100))
+    parts = split("dirichlet", num_partitions=10, alpha=0.3)
+    held = holdout_indices(LABELS, parts, test_labels, seed=0)
+    everything = np.concatenate(held)
+    assert len(np.unique(everything)) == len(everything)
+    for p, h in zip(parts, held, strict=True):
+        # test : train is 1 : 6 here, up to rounding down in each class
+        assert len(p) / 6 - 10 <= len(h) <= len(p) / 6
+        assert np.abs(label_mix(test_labels, h) - label_mix(LABELS, p)).max() < 0.05
+
+
+def test_holdout_of_shard_clients_has_only_their_classes():
+    test_labels = np.repeat(np.arange(10), 100)
+    parts = split("shard", num_partitions=10, shards_per_partition=2)
+    held = holdout_indices(LABELS, parts, test_labels)
+    for p, h in zip(parts, held, strict=True):
+        assert set(test_labels[h]) == set(LABELS[p]) and len(h) == 100
+
+
+def test_holdout_is_reproducible_and_seeded():
+    test_labels = np.repeat(np.arange(10), 100)
+    parts = split("iid", num_partitions=4)
+    a, b = (
+        holdout_indices(LABELS, parts, test_labels, seed=0),
+        holdout_indices(LABELS, parts, test_labels, seed=0),
+    )
+    c = holdout_indices(LABELS, parts, test_labels, seed=1)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_holdout_by_writer_takes_the_same_writers_test_samples():
+    test_writers = np.array(["w01", "w02", "w02", "w07", "w39", "w01", "zz"])
+    test_labels = np.arange(7) % 10
+    parts = split("natural", num_partitions=40)  # client k holds writer w{k:02d}
+    held = holdout_indices(LABELS, parts, test_labels, ids=WRITERS, test_ids=test_writers)
+    assert held[1].tolist() == [0, 5] and held[2].tolist() == [1, 2]
+    assert held[7].tolist() == [3] and held[39].tolist() == [4] and len(held[0]) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ids=WRITERS), "ids and test_ids must be given together"),
+        (dict(test_ids=np.array(["w01"])), "ids and test_ids must be given together"),
+        (dict(ids=WRITERS[:5], test_ids=np.array(["w01"] * 100)), "ids must match"),
+        (
+            dict(partitions=[np.array([0, 6000])]),
+            r"partitions must be 1-D arrays of positions in 0\.\.5999",
+        ),
+        (dict(partitions=[]), "partitions must hold at least one client"),
+        (dict(test_labels=np.array([])), "test_labels must be a non-empty"),
+    ],
+)
+def test_bad_holdout_arguments(kwargs, match):
+    args = (
+        dict(
+            train_labels=LABELS,
+            partitions=[np.arange(10)],
+            test_labels=np.repeat(np.arange(10), 10),
+        )
+        | kwargs
+    )
+    with pytest.raises(ValueError, match=match):
+        holdout_indices(**args)
+
+
+# the plot
+
+
+def test_plot_label_distribution_stacks_class_counts_per_client():
+    parts = split("shard", num_partitions=6, shards_per_partition=2)
+    fig = plot_label_distribution(parts, LABELS, title="shards")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "client" and ax.get_ylabel() == "number of samples"
+    assert ax.get_title() == "shards"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [str(c) for c in range(10)]
+    heights = np.zeros(6)
+    for bar in ax.patches:
+        heights[round(bar.get_x() + bar.get_width() / 2)] += bar.get_height()
+    assert heights.tolist() == [len(p) for p in parts]
+
+
+def test_plot_label_distribution_many_classes_uses_a_colorbar():
+    labels = np.arange(620) % 62
+    fig = plot_label_distribution([np.arange(300), np.arange(300, 620)], labels)
+    assert fig.axes[0].get_legend() is None and len(fig.axes) == 2  # plot + colorbar
+    with pytest.raises(ValueError, match="num_classes"):
+        plot_label_distribution([np.arange(10)], labels, num_classes=10)
