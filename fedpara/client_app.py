@@ -1,0 +1,139 @@
+"""The Flower ClientApp: one client's local training and evaluation (Message API, flwr 1.42).
+
+Run through `fedpara.run_experiment` (simulation) or `flwr run .` (simulation or deployment).
+Each node reads which partition it holds from its node config (`partition-id`,
+`num-partitions`): the simulation sets them, a real SuperNode gets them from
+`--node-config "partition-id=0 num-partitions=2"`.
+
+A client keeps its personal part (FedPer's head, pFedPara's W2 factors, the whole model for
+local-only training) in `context.state`, which Flower keeps per node for the length of a run;
+only the global keys travel.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpara import task
+from fedpara.config import ExperimentConfig
+
+# record keys shared with the ServerApp
+ARRAYS = "arrays"  # the global keys' arrays, server <-> client
+LOCAL = "local"  # a client's personal arrays (context.state; checkpoint transfer only)
+EXPERIMENT = "experiment"  # ConfigRecord: the ExperimentConfig as Flower run config
+ROUND = "round"  # ConfigRecord: "server-round", "lr"
+METRICS = "metrics"  # MetricRecord of a reply
+NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+# query actions
+QUERY_PARTITION = "query.partition"  # which partition does this node hold?
+QUERY_GET_LOCAL = "query.get_local"  # hand the personal arrays to a checkpoint
+QUERY_SET_LOCAL = "query.set_local"  # restore them from a checkpoint
+
+app = ClientApp()
+
+
+# helpers ---------------------------------------------------------------------------------
+
+
+def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, int]:
+    """The experiment config sent by the server and this node's partition id."""
+    config = ExperimentConfig.from_run_config(dict(msg.content.config_records[EXPERIMENT]))
+    partition_id, num_partitions = _partition(context)
+    if num_partitions != config.num_clients:
+        raise ValueError(
+            f"this node has num-partitions={num_partitions} but the experiment has "
+            f"num_clients={config.num_clients}; start the federation with that many nodes"
+        )
+    return config, partition_id
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
+    except KeyError:
+        raise ValueError(
+            "node_config lacks partition-id / num-partitions: start the SuperNode with "
+            '--node-config "partition-id=<i> num-partitions=<N>"'
+        ) from None
+
+
+def _client_model(config: ExperimentConfig, msg: Message, context: Context):
+    """The initial model, overwritten by the global arrays sent and the personal ones kept."""
+    model = task.init_model(config)
+    task.set_arrays(model, msg.content.array_records[ARRAYS].to_torch_state_dict())
+    if LOCAL in context.state.array_records:
+        task.set_arrays(model, context.state.array_records[LOCAL].to_torch_state_dict())
+    return model
+
+
+# handlers --------------------------------------------------------------------------------
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this client's partition; reply with the global keys' arrays."""
+    config, partition_id = _setup(msg, context)
+    server_round = int(msg.content.config_records[ROUND]["server-round"])
+    lr = float(msg.content.config_records[ROUND]["lr"])
+
+    # 1. the model: global arrays from the server, personal ones from the last round
+    model = _client_model(config, msg, context)
+    # 2. train locally; every random draw is seeded by (seed, round, client)
+    seed = task.client_seed(config.seed, server_round, partition_id)
+    data = task.client_data(config, partition_id, seed=seed)
+    result = task.train(model, data.train, epochs=config.local_epochs, lr=lr,
+                        device=task.resolve_device(config.device), seed=seed)
+    # 3. keep the personal part, send the global part
+    global_keys, local_keys = task.split_keys(model, config.algorithm)
+    if local_keys:
+        context.state[LOCAL] = ArrayRecord(task.get_arrays(model, local_keys))
+    metrics = MetricRecord(
+        {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: partition_id}
+    )
+    content = RecordDict({ARRAYS: ArrayRecord(task.get_arrays(model, global_keys)), METRICS: metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score this client's model (global + personal parts) on its own held-out data."""
+    config, partition_id = _setup(msg, context)
+    model = _client_model(config, msg, context)
+    data = task.client_data(config, partition_id)
+    result = task.evaluate(model, data.holdout, device=task.resolve_device(config.device))
+    metrics = MetricRecord(
+        {
+            NUM_EXAMPLES: result.num_examples,
+            "loss": result.loss,
+            "correct": result.correct,
+            PARTITION_ID: partition_id,
+        }
+    )
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+@app.query("partition")
+def query_partition(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (node ids are random, partitions not)."""
+    partition_id, num_partitions = _partition(context)
+    metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
+    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+@app.query("get_local")
+def query_get_local(msg: Message, context: Context) -> Message:
+    """Hand this client's personal arrays to the server's checkpoint (not FL traffic)."""
+    local = context.state.array_records.get(LOCAL, ArrayRecord())
+    return Message(content=RecordDict({LOCAL: local}), reply_to=msg)
+
+
+@app.query("set_local")
+def query_set_local(msg: Message, context: Context) -> Message:
+    """Restore this client's personal arrays from a checkpoint (resume)."""
+    context.state[LOCAL] = msg.content.array_records[LOCAL]
+    partition_id, _ = _partition(context)
+    return Message(content=RecordDict({METRICS: MetricRecord({PARTITION_ID: partition_id})}),
+                   reply_to=msg)

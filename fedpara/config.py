@@ -1,0 +1,369 @@
+"""Experiment configuration: one dataclass, the named presets and their profiles.
+
+    from fedpara.config import get_preset
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke", rounds=3)
+
+`ExperimentConfig` is the single description of a federated run. It is validated in one place
+(`__post_init__`), before any data is loaded, and it maps to Flower's run config (kebab-case
+keys, scalar values) and back through `to_run_config` / `from_run_config`, so `flwr run .`,
+the CLI and the notebooks all end up with the same object.
+
+A preset fixes a dataset, a model and a protocol; a *variant* picks what the preset compares
+(the parameterization for the FedAvg presets, the algorithm for the personalization presets);
+a *profile* scales it: `full` is the paper's protocol (or, for the Fashion-MNIST presets, a real
+experiment sized for a 2-core CPU), `quick` takes minutes on a free Colab GPU, `smoke` seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PROFILES = ("full", "quick", "smoke")
+EVALUATIONS = ("server", "clients")
+# personalized algorithms keep part of the model on the client, so only clients can score them
+PERSONALIZED = ("fedper", "pfedpara", "local")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _allowed() -> dict[str, tuple[str, ...]]:
+    """The names other modules define, in one place (imported late: they pull in torch)."""
+    from fedpara.accounting import ALGORITHMS
+    from fedpara.data import DATASETS
+    from fedpara.models import MODELS, PARAMETERIZATIONS
+    from fedpara.partition import SCHEMES
+
+    return {
+        "dataset": tuple(DATASETS),
+        "model": tuple(MODELS),
+        "parameterization": tuple(PARAMETERIZATIONS),
+        "algorithm": tuple(ALGORITHMS),
+        "partition": tuple(SCHEMES),
+        "evaluation": EVALUATIONS,
+    }
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines one federated run. Units: rounds, epochs, images, bytes.
+
+    Empty strings and zeros stand for "not set" (Flower's run config has no None).
+    """
+
+    # what is learned
+    dataset: str = "fashion-mnist"
+    model: str = "mlp"
+    parameterization: str = "fedpara"
+    gamma: float = 0.1  # FedPara rank rule, in (0, 1] (facts.md §2: not the parameter fraction)
+    algorithm: str = "fedavg"
+    # the federation
+    num_clients: int = 4
+    clients_per_round: int = 2  # exactly this many train each round, sampled from the seed
+    rounds: int = 2
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    lr_decay: float = 1.0  # lr in round r is lr * lr_decay ** (r - 1), constant within a round
+    # how the training set is split over clients
+    partition: str = "iid"
+    alpha: float = 0.5  # Dirichlet concentration, used by partition="dirichlet"
+    shards_per_client: int = 2  # used by partition="shard"
+    # how a round is scored: "server" = the global model on the test set, in the ServerApp;
+    # "clients" = each client's model on its own held-out data, weighted by examples
+    evaluation: str = "server"
+    eval_samples: int = 0  # server evaluation on the first N test images; 0 = the full test set
+    seed: int = 0
+    # where and how it runs
+    data_dir: str = ""  # "" = $FEDPARA_DATA, else ./data
+    device: str = "auto"  # auto = CUDA if present, else CPU
+    fast_batches: bool = True  # client data resident on the device (data.TensorBatches)
+    client_num_cpus: float = 1.0  # Ray resources per simulated client
+    client_num_gpus: float = 0.0  # 0 with device cuda means one client on the GPU at a time
+    checkpoint_dir: str = ""  # "" = no checkpoints
+    checkpoint_every: int = 10  # rounds between checkpoints
+    results_dir: str = "results"  # where a `flwr run` ServerApp saves its history
+    # where the config came from (names the history file)
+    preset: str = "custom"
+    variant: str = ""
+    profile: str = "full"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # validation -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field and its allowed values."""
+        for name, allowed in _allowed().items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma} must be in (0, 1]")
+        positive = ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
+                    "shards_per_client", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be an integer >= 1")
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} must be <= num_clients={self.num_clients}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay={self.lr_decay} must be in (0, 1] (0 would stop training)")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha={self.alpha} must be > 0")
+        if self.eval_samples < 0 or self.seed < 0:
+            raise ValueError("eval_samples and seed must be >= 0")
+        if self.algorithm == "pfedpara" and self.parameterization != "fedpara":
+            raise ValueError(
+                f"algorithm='pfedpara' needs parameterization='fedpara' (its W2 factors are the "
+                f"personal part), got parameterization={self.parameterization!r}"
+            )
+        if self.algorithm in PERSONALIZED and self.evaluation != "clients":
+            raise ValueError(
+                f"algorithm={self.algorithm!r} keeps part of each model on its client, so it needs "
+                f"evaluation='clients' (allowed for it: clients), got {self.evaluation!r}"
+            )
+        if not _DEVICE_PATTERN.match(self.device):
+            raise ValueError(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+        if self.client_num_cpus <= 0 or self.client_num_gpus < 0:
+            raise ValueError("client_num_cpus must be > 0 and client_num_gpus >= 0")
+        if self.profile not in PROFILES:
+            raise ValueError(f"profile={self.profile!r}; allowed: {', '.join(PROFILES)}")
+
+    # derived values ---------------------------------------------------------------------
+
+    @property
+    def variant_name(self) -> str:
+        """The variant label of the history file: the preset's, else what this run varies."""
+        if self.variant:
+            return self.variant
+        return self.parameterization if self.algorithm == "fedavg" else self.algorithm
+
+    @property
+    def personalized(self) -> bool:
+        """True when part of the model never leaves the client (FedPer, pFedPara, local)."""
+        return self.algorithm in PERSONALIZED
+
+    def round_lr(self, server_round: int) -> float:
+        """Learning rate of round `server_round` (1-based): lr * lr_decay ** (round - 1)."""
+        return self.lr * self.lr_decay ** (server_round - 1)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with some fields changed (validated again)."""
+        _check_field_names(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ExperimentConfig:
+        """Build from snake_case keys, casting each value to its field's type."""
+        _check_field_names(values)
+        return cls(**{k: _cast(k, v) for k, v in values.items()})
+
+    # Flower run config (kebab-case keys) -------------------------------------------------
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flower's run config: kebab-case keys, scalar values (what `flwr run` passes)."""
+        return {name.replace("_", "-"): value for name, value in self.to_dict().items()}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ExperimentConfig:
+        """Inverse of `to_run_config`; missing keys take the dataclass defaults."""
+        return cls.from_dict({key.replace("-", "_"): value for key, value in run_config.items()})
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(ExperimentConfig)}
+
+
+def _check_field_names(values: dict[str, Any]) -> None:
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise ValueError(
+            f"unknown config field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELD_TYPES)}"
+        )
+
+
+def _cast(name: str, value: Any) -> Any:
+    """Cast a run-config or command-line value to the type of field `name`."""
+    kind = _FIELD_TYPES[name]
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a valid {kind}") from None
+
+
+# presets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named protocol: base settings, the variants it compares and its three profiles."""
+
+    description: str
+    base: dict[str, Any]
+    variants: dict[str, dict[str, Any]]  # the first is the default
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _fedavg_variants(gamma: float) -> dict[str, dict[str, Any]]:
+    # low-rank at the same gamma has the same parameter count as FedPara (the fair comparison)
+    return {
+        "fedpara": {"parameterization": "fedpara", "gamma": gamma},
+        "lowrank": {"parameterization": "lowrank", "gamma": gamma},
+        "original": {"parameterization": "original"},
+    }
+
+
+_PERSONAL_VARIANTS = {
+    "pfedpara": {"algorithm": "pfedpara", "parameterization": "fedpara"},
+    "fedper": {"algorithm": "fedper", "parameterization": "original"},
+    "fedavg": {"algorithm": "fedavg", "parameterization": "original"},
+    "local": {"algorithm": "local", "parameterization": "original"},
+}
+
+# The paper's CIFAR protocol, as the Flower baseline configured it (facts.md §5): SGD without
+# momentum, batch 64, lr 0.1 decayed by 0.992 per round, 5 local epochs.
+_CIFAR = dict(model="vgg16", local_epochs=5, batch_size=64, lr=0.1, lr_decay=0.992)
+# quick: same federation, fewer rounds and epochs (a few minutes on a Colab T4);
+# smoke: two clients train on a few hundred images each, scored on 500 test images.
+_CIFAR10_PROFILES = {
+    "full": {},
+    "quick": {"rounds": 30, "local_epochs": 2},
+    "smoke": {"rounds": 2, "clients_per_round": 2, "local_epochs": 1, "eval_samples": 500},
+}
+_CIFAR100_PROFILES = {
+    "full": {},
+    "quick": {"rounds": 40, "local_epochs": 2},
+    "smoke": {"rounds": 2, "clients_per_round": 2, "local_epochs": 1, "eval_samples": 500},
+}
+
+PRESETS: dict[str, Preset] = {
+    "cifar10-iid": Preset(
+        "Figure 3(a): VGG16-GN on CIFAR-10, IID, 100 clients, 16 per round, 200 rounds, gamma=0.1",
+        dict(_CIFAR, dataset="cifar10", partition="iid", num_clients=100, clients_per_round=16,
+             rounds=200),
+        _fedavg_variants(0.1),
+        _CIFAR10_PROFILES,
+    ),
+    "cifar10-noniid": Preset(
+        "Figure 3(d): as cifar10-iid with a per-class Dirichlet(0.5) split",
+        dict(_CIFAR, dataset="cifar10", partition="dirichlet", alpha=0.5, num_clients=100,
+             clients_per_round=16, rounds=200),
+        _fedavg_variants(0.1),
+        _CIFAR10_PROFILES,
+    ),
+    "cifar100-iid": Preset(
+        "Figure 3(b): VGG16-GN on CIFAR-100, IID, 50 clients, 8 per round, 400 rounds, gamma=0.4",
+        dict(_CIFAR, dataset="cifar100", partition="iid", num_clients=50, clients_per_round=8,
+             rounds=400),
+        _fedavg_variants(0.4),
+        _CIFAR100_PROFILES,
+    ),
+    "cifar100-noniid": Preset(
+        "Figure 3(e): as cifar100-iid with a per-class Dirichlet(0.5) split",
+        dict(_CIFAR, dataset="cifar100", partition="dirichlet", alpha=0.5, num_clients=50,
+             clients_per_round=8, rounds=400),
+        _fedavg_variants(0.4),
+        _CIFAR100_PROFILES,
+    ),
+    # Figure 5(a). The baseline's personalization protocol (facts.md §5: 100 clients, 10 per
+    # round, 100 rounds, 5 epochs of batch 10, lr 0.01 * 0.999^r, pFedPara gamma=0.5) applied to
+    # FEMNIST split by writer, each client scored on its own writer's held-out images.
+    "femnist-personal": Preset(
+        "Figure 5(a): MLP on FEMNIST by writer; FedAvg, FedPer, pFedPara and local-only",
+        dict(dataset="femnist", model="mlp", partition="natural", num_clients=100,
+             clients_per_round=10, rounds=100, local_epochs=5, batch_size=10, lr=0.01,
+             lr_decay=0.999, gamma=0.5, evaluation="clients"),
+        _PERSONAL_VARIANTS,
+        {
+            "full": {},
+            "quick": {"rounds": 30, "local_epochs": 2},
+            "smoke": {"num_clients": 8, "clients_per_round": 2, "rounds": 2, "local_epochs": 1},
+        },
+    ),
+    # CPU-sized, real data. full must finish in ~5-10 minutes per variant on a 2-core CPU:
+    # see docs/flower.md for the measured times behind these numbers.
+    "fmnist-noniid": Preset(
+        "Fashion-MNIST, small CNN, Dirichlet(0.5) non-IID: FedPara vs low-rank vs original",
+        dict(dataset="fashion-mnist", model="cnn", partition="dirichlet", alpha=0.5,
+             num_clients=20, clients_per_round=4, rounds=40, local_epochs=1, batch_size=32,
+             lr=0.05, lr_decay=0.99),
+        _fedavg_variants(0.3),
+        {
+            "full": {},
+            "quick": {"rounds": 20},
+            "smoke": {"num_clients": 20, "clients_per_round": 2, "rounds": 2,
+                      "eval_samples": 1000},
+        },
+    ),
+    "fmnist-personal": Preset(
+        "Fashion-MNIST, MLP, 2 label shards per client: pFedPara vs FedPer vs FedAvg vs local",
+        dict(dataset="fashion-mnist", model="mlp", partition="shard", shards_per_client=2,
+             num_clients=100, clients_per_round=10, rounds=60, local_epochs=5, batch_size=10,
+             lr=0.01, lr_decay=0.999, gamma=0.5, evaluation="clients"),
+        _PERSONAL_VARIANTS,
+        {
+            "full": {},
+            "quick": {"rounds": 30},
+            "smoke": {"num_clients": 10, "clients_per_round": 2, "rounds": 2, "local_epochs": 1},
+        },
+    ),
+}
+
+
+def get_preset(
+    name: str, *, variant: str | None = None, profile: str = "full", **overrides: Any
+) -> ExperimentConfig:
+    """The config of preset `name`, variant `variant` (default: the preset's first), at `profile`.
+
+    `overrides` are field values applied last (e.g. `rounds=3`); unknown names raise ValueError.
+    Nothing is loaded: this only builds and validates the dataclass.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is not defined; allowed: {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    variant = variant or next(iter(preset.variants))
+    if variant not in preset.variants:
+        raise ValueError(
+            f"variant={variant!r} is not one of preset {name!r}'s; allowed: {', '.join(preset.variants)}"
+        )
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r}; allowed: {', '.join(PROFILES)}")
+    _check_field_names(overrides)
+    values = {**preset.base, **preset.variants[variant], **preset.profiles.get(profile, {})}
+    values.update(overrides)
+    values.update(preset=name, variant=variant, profile=profile)
+    return ExperimentConfig.from_dict(values)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Parse command-line `key=value` pairs (kebab- or snake-case keys) into typed field values."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected key=value, e.g. rounds=5")
+        _check_field_names({key: raw})
+        values[key] = _cast(key, raw.strip())
+    return values

@@ -1,0 +1,167 @@
+"""What a federated run produced: one record per round, with its config and hardware, as JSON.
+
+    history = History.load("results/fmnist-noniid/fedpara-full.json")
+    history.column("accuracy"), history.cumulative_gib()
+
+Imports without Flower or torch (the book reads histories on any machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+
+
+@dataclass
+class RoundRecord:
+    """One round. Bytes count the arrays in the messages (raw tensor bytes, no framing).
+
+    accuracy/loss: for server evaluation, the global model on the test set; for client
+    evaluation, the mean over evaluated clients weighted by their held-out examples.
+    """
+
+    round: int
+    accuracy: float
+    loss: float
+    bytes_up: int  # clients -> server, summed over this round's training clients
+    bytes_down: int  # server -> clients for training
+    cum_bytes: int  # up + down, all rounds so far
+    wall_seconds: float  # this round, training + aggregation + evaluation
+    train_loss: float = float("nan")  # mean local training loss, weighted by examples
+    clients: list[int] = field(default_factory=list)  # partition ids that trained
+    eval_examples: int = 0
+    eval_clients: int = 0  # clients scored (client evaluation)
+    untrained_clients: int = 0  # never trained so far: not scored, reported apart
+    eval_bytes_down: int = 0  # global arrays sent for client evaluation (not in cum_bytes)
+
+
+def hardware_info(device: str | None = None) -> dict[str, Any]:
+    """Device name, core count and library versions, for the record."""
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    name = platform.processor() or platform.machine()
+    if device and device.startswith("cuda"):
+        import torch
+
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        try:  # the CPU model is more telling than "x86_64"
+            with open("/proc/cpuinfo") as f:
+                name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+        except (OSError, StopIteration):
+            pass
+    return {
+        "device": device or "cpu",
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "flwr": version("flwr"),
+        "fedpara": version("fedpara"),
+    }
+
+
+@dataclass
+class History:
+    """Per-round records of one run, with the config (a dict) and the hardware that ran it."""
+
+    config: dict[str, Any]
+    hardware: dict[str, Any] = field(default_factory=dict)
+    records: list[RoundRecord] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+
+    def append(self, record: RoundRecord) -> None:
+        expected = len(self.records) + 1
+        if record.round != expected:
+            raise ValueError(f"record.round={record.round}; expected {expected} (rounds are 1, 2, ...)")
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # reading ----------------------------------------------------------------------------
+
+    def column(self, name: str) -> list[Any]:
+        """One field over rounds, e.g. `column("accuracy")`."""
+        names = [f.name for f in fields(RoundRecord)]
+        if name not in names:
+            raise ValueError(f"name={name!r}; allowed: {', '.join(names)}")
+        return [getattr(r, name) for r in self.records]
+
+    def cumulative_gib(self) -> list[float]:
+        """Traffic up + down after each round, in GiB (2**30 bytes)."""
+        return [r.cum_bytes / GIB for r in self.records]
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.records[-1].accuracy if self.records else float("nan")
+
+    @property
+    def wall_seconds(self) -> float:
+        return sum(r.wall_seconds for r in self.records)
+
+    # storage ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "hardware": self.hardware,
+            "created": self.created,
+            "records": [asdict(r) for r in self.records],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        return cls(
+            config=data["config"],
+            hardware=data.get("hardware", {}),
+            records=[RoundRecord(**r) for r in data["records"]],
+            created=data.get("created", ""),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> History:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @staticmethod
+    def default_path(config: Any, results_dir: str | os.PathLike = "results") -> Path:
+        """`<results_dir>/<preset>/<variant>-<profile>.json` for an ExperimentConfig."""
+        return Path(results_dir) / config.preset / f"{config.variant_name}-{config.profile}.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so a reader sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

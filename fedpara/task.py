@@ -1,0 +1,235 @@
+"""Local training and evaluation, without Flower: what one client (or the server) computes.
+
+    model = init_model(config)
+    data = client_data(config, partition_id=0, seed=1)
+    train(model, data.train, epochs=1, lr=0.1, device=resolve_device("auto"), seed=1)
+    evaluate(model, data.holdout, device=resolve_device("auto")).accuracy
+
+Imports with torch, torchvision and numpy only (partitioning needs flwr-datasets when it runs).
+Training is plain SGD without momentum or weight decay, re-created every round, as in the paper;
+the learning rate of a round comes from `ExperimentConfig.round_lr`. One optimization step is
+`train_step`: the place for GPU speed options (autocast, channels-last).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedpara.accounting import global_state_keys
+from fedpara.config import ExperimentConfig
+from fedpara.data import TensorBatches, as_tensors, dataset_info, load_dataset, make_loader
+from fedpara.models import build_model
+from fedpara.partition import holdout_indices, partition
+
+EVAL_BATCH_SIZE = 1000  # images per forward pass when scoring (no gradients)
+Batches = Iterable[tuple[Tensor, Tensor]]  # TensorBatches or a DataLoader
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training cross-entropy over all steps, per example
+    num_examples: int  # training samples the client holds (the FedAvg weight)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy per example
+    accuracy: float  # correct / num_examples (nan when there are none)
+    correct: int
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: Batches  # the client's training partition, shuffled each pass
+    holdout: Batches  # the client's own held-out test samples (personalized evaluation)
+    num_train: int
+    num_holdout: int
+
+
+# model and arrays --------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> CUDA if present, else CPU; any other name as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_model(config: ExperimentConfig) -> nn.Module:
+    """The initial model: the same weights on the server and on every client (seeded).
+
+    pFedPara uses personalized FedPara layers, W = W1 ⊙ (W2 + 1).
+    """
+    info = dataset_info(config.dataset)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(config.seed)
+        return build_model(
+            config.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            parameterization=config.parameterization,
+            gamma=config.gamma,
+            personalized=config.algorithm == "pfedpara",
+        )
+
+
+def split_keys(model: nn.Module, algorithm: str) -> tuple[list[str], list[str]]:
+    """(global, local) state_dict keys: what travels to the server and what stays."""
+    global_keys = global_state_keys(model, algorithm)
+    shared = set(global_keys)
+    return global_keys, [k for k in model.state_dict() if k not in shared]
+
+
+def get_arrays(model: nn.Module, keys: Iterable[str]) -> OrderedDict[str, Tensor]:
+    """Detached CPU copies of the state_dict entries `keys`, in that order."""
+    state = model.state_dict()
+    return OrderedDict((k, state[k].detach().cpu().clone()) for k in keys)
+
+
+def set_arrays(model: nn.Module, arrays: Mapping[str, Tensor | np.ndarray]) -> None:
+    """Copy `arrays` into the model's state_dict entries of the same names (shapes must match)."""
+    state = model.state_dict()
+    unknown = [k for k in arrays if k not in state]
+    if unknown:
+        raise ValueError(f"arrays has keys the model lacks: {', '.join(unknown[:5])}")
+    with torch.no_grad():
+        for key, value in arrays.items():
+            state[key].copy_(torch.as_tensor(value))
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's training in one round (shuffling, augmentation, dropout)."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+# training and evaluation -------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
+    """One SGD step on a batch x (B, C, H, W), y (B,); returns the batch's mean loss (no sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
+          device: torch.device | str = "cpu", seed: int | None = None) -> TrainResult:
+    """`epochs` passes of SGD (no momentum, no weight decay) over `batches` at learning rate `lr`.
+
+    `seed` seeds torch's global generator first (dropout, DataLoader augmentation); the shuffling
+    of TensorBatches comes from the generator it was built with.
+    """
+    if epochs < 1 or lr <= 0:
+        raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+    device = torch.device(device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    total, seen = torch.zeros((), device=device), 0
+    for _ in range(epochs):
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            total += train_step(model, optimizer, x, y) * len(y)
+            seen += len(y)
+    return TrainResult(loss=float(total) / max(seen, 1), num_examples=_num_samples(batches))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, *, device: torch.device | str = "cpu"
+             ) -> EvalResult:
+    """Mean cross-entropy per example and accuracy of `model` over `batches`."""
+    device = torch.device(device)
+    model.to(device).eval()
+    loss, correct, n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
+    if n == 0:
+        return EvalResult(float("nan"), float("nan"), 0, 0)
+    return EvalResult(float(loss) / n, float(correct) / n, int(correct), n)
+
+
+def _num_samples(batches: Batches) -> int:
+    if isinstance(batches, TensorBatches):
+        return len(batches.x)
+    return len(batches.dataset)  # a DataLoader
+
+
+# data --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(dataset: str, data_dir: str):
+    """(train, test) of a dataset, loaded once per process."""
+    return load_dataset(dataset, data_dir or None)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_indices(dataset: str, data_dir: str, scheme: str, num_clients: int, alpha: float,
+                    shards: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every client's training positions and held-out test positions (computed once per process)."""
+    train_set, test_set = _splits(dataset, data_dir)
+    ids = train_set.writer_ids if scheme == "natural" else None
+    parts = partition(train_set.labels, num_clients, scheme, alpha=alpha,
+                      shards_per_partition=shards, ids=ids, seed=seed)
+    test_ids = test_set.writer_ids if ids is not None else None
+    holdouts = holdout_indices(train_set.labels, parts, test_set.labels, ids=ids,
+                               test_ids=test_ids, seed=seed)
+    return parts, holdouts
+
+
+def _batches(split, indices, config: ExperimentConfig, device: torch.device, *, train: bool,
+             seed: int) -> Batches:
+    batch_size = config.batch_size if train else EVAL_BATCH_SIZE
+    if not config.fast_batches:
+        return make_loader(split, indices, batch_size, shuffle=train, seed=seed)
+    x, y = as_tensors(split, indices, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed) if train else None
+    return TensorBatches(x, y, batch_size, shuffle=train, augment=train and split.augment,
+                         generator=generator)
+
+
+def client_data(config: ExperimentConfig, partition_id: int, *, seed: int = 0,
+                device: torch.device | None = None) -> ClientData:
+    """Client `partition_id`'s training batches and held-out batches on `device`.
+
+    Fast path (`config.fast_batches`): the samples as tensors on the device, shuffled and
+    augmented per batch there (data.TensorBatches); else a DataLoader.
+    """
+    if not 0 <= partition_id < config.num_clients:
+        raise ValueError(f"partition_id={partition_id}; allowed: 0..{config.num_clients - 1}")
+    device = device or resolve_device(config.device)
+    train_set, test_set = _splits(config.dataset, config.data_dir)
+    parts, holdouts = _client_indices(config.dataset, config.data_dir, config.partition,
+                                      config.num_clients, config.alpha, config.shards_per_client,
+                                      config.seed)
+    return ClientData(
+        train=_batches(train_set, parts[partition_id], config, device, train=True, seed=seed),
+        holdout=_batches(test_set, holdouts[partition_id], config, device, train=False, seed=seed),
+        num_train=len(parts[partition_id]),
+        num_holdout=len(holdouts[partition_id]),
+    )
+
+
+def test_data(config: ExperimentConfig, device: torch.device | None = None) -> Batches:
+    """The test set (its first `eval_samples` images when set) for server-side evaluation."""
+    device = device or resolve_device(config.device)
+    _, test_set = _splits(config.dataset, config.data_dir)
+    n = min(config.eval_samples or len(test_set), len(test_set))
+    return _batches(test_set, np.arange(n), config, device, train=False, seed=0)
