@@ -536,7 +536,7 @@ class TensorBatches:
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             if self.shuffle:
-                xb, yb = self.x[order[sl]], self.y[order[sl]]
+                xb, yb = self.x.index_select(0, order[sl]), self.y.index_select(0, order[sl])
             else:
                 xb, yb = self.x[sl], self.y[sl]
             if self.augment:

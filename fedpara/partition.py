@@ -49,7 +49,8 @@ def partition(
         (flwr-datasets redraws otherwise), no self-balancing.
       - "shard": samples sorted by label and cut into num_partitions · shards_per_partition
         equal shards; each client gets `shards_per_partition` random shards (the MNIST
-        personalization setting: 100 clients × 2 shards of 300).
+        personalization setting: 100 clients × 2 shards of 300); the last N mod shard-size
+        samples (in label order) are left out.
       - "natural": one client per distinct value of `ids` (FEMNIST writers, N values). With
         fewer partitions than distinct ids, a random selection of `num_partitions` ids (drawn
         with `seed`, kept in sorted-id order) is used and the other ids' samples are left out.

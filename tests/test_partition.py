@@ -196,6 +196,20 @@ def test_holdout_by_writer_takes_the_same_writers_test_samples():
     assert held[7].tolist() == [3] and held[39].tolist() == [4] and len(held[0]) == 0
 
 
+def test_femnist_clients_are_writers_with_their_own_test_samples(fake_femnist_dir):
+    from fedpara.data import load_dataset
+
+    train, test = load_dataset("femnist", data_dir=fake_femnist_dir, download=False)
+    parts = partition(train.labels, 5, "natural", ids=train.writer_ids, seed=0)
+    held = holdout_indices(
+        train.labels, parts, test.labels, ids=train.writer_ids, test_ids=test.writer_ids
+    )
+    for p, h in zip(parts, held, strict=True):
+        (writer,) = np.unique(train.writer_ids[p])
+        assert len(p) == (train.writer_ids == writer).sum() == 23  # 25 samples, 2 held out
+        assert h.tolist() == np.flatnonzero(test.writer_ids == writer).tolist() and len(h) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
