@@ -118,13 +118,13 @@ def vgg16(
             c = v
     classifier = nn.Sequential(
         nn.Dropout(),
-        _dense_init(nn.Linear(512, 512)),
+        nn.Linear(512, 512),
         nn.ReLU(inplace=True),
         nn.Dropout(),
-        _dense_init(nn.Linear(512, 512)),
+        nn.Linear(512, 512),
         nn.ReLU(inplace=True),
     )
-    return Net(nn.Sequential(*layers), classifier, _dense_init(nn.Linear(512, num_classes)))
+    return Net(nn.Sequential(*layers), classifier, nn.Linear(512, num_classes))
 
 
 def mlp(
@@ -181,7 +181,7 @@ def cnn(
         layers += [*_conv_block(c, v, *args), nn.MaxPool2d(2, ceil_mode=True)]
         c = v
     layers += [*_conv_block(128, 128, *args), nn.AdaptiveAvgPool2d(1)]
-    return Net(nn.Sequential(*layers), nn.Sequential(), _dense_init(nn.Linear(128, num_classes)))
+    return Net(nn.Sequential(*layers), nn.Sequential(), nn.Linear(128, num_classes))
 
 
 def build_model(

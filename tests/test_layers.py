@@ -1,0 +1,289 @@
+"""FedPara layers: the paper's Table 1, the recompute Function's gradients, initialization, bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import gradcheck
+
+from fedpara.layers import (
+    FedParaConv2d,
+    FedParaLinear,
+    LowRankConv2d,
+    LowRankLinear,
+    _FedParaWeight,
+    rank_from_gamma,
+    rank_from_param_fraction,
+)
+
+F64 = {"dtype": torch.float64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These are tiny tensors: on a shared 2-core machine OpenMP's thread sync costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def weight_params(layer: nn.Module) -> int:
+    return sum(p.numel() for n, p in layer.named_parameters() if n != "bias")
+
+
+def unfolding_rank(weight: torch.Tensor) -> int:
+    """Rank of the (out, in·kh·kw) unfolding, in float64."""
+    return int(torch.linalg.matrix_rank(weight.reshape(weight.shape[0], -1).double()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1: m = n = O = I = 256, k = 3, R = 16
+
+
+TABLE_1 = [
+    # layer, #params, max rank
+    (lambda: nn.Linear(256, 256, bias=False, **F64), 65_536, 256),
+    (lambda: LowRankLinear(256, 256, rank=32, bias=False, **F64), 16_384, 32),
+    (lambda: FedParaLinear(256, 256, rank=16, bias=False, **F64), 16_384, 256),
+    (lambda: nn.Conv2d(256, 256, 3, bias=False, **F64), 589_824, 256),
+    (lambda: LowRankConv2d(256, 256, 3, rank=32, bias=False, **F64), 20_992, 32),
+    (lambda: FedParaConv2d(256, 256, 3, rank=16, bias=False, **F64), 20_992, 256),
+]
+
+
+@pytest.mark.parametrize("make, params, rank", TABLE_1)
+def test_table_1_parameter_counts_and_ranks(make, params, rank):
+    layer = make()
+    weight = layer.compose_weight() if hasattr(layer, "compose_weight") else layer.weight
+    assert weight_params(layer) == params
+    assert unfolding_rank(weight.detach()) == rank
+
+
+@pytest.mark.parametrize("r", [3, 5, 7])
+def test_hadamard_of_two_rank_r_factors_reaches_rank_r_squared(r):
+    # R² < min(m, n): the product's rank is R², while the same budget as low-rank gives 2R
+    fedpara = FedParaLinear(60, 80, rank=r, bias=False, **F64)
+    lowrank = LowRankLinear(60, 80, rank=2 * r, bias=False, **F64)
+    assert weight_params(fedpara) == weight_params(lowrank)
+    assert unfolding_rank(fedpara.compose_weight().detach()) == r * r
+    assert unfolding_rank(lowrank.compose_weight().detach()) == 2 * r
+
+
+def test_a_1x1_convolution_uses_the_matrix_form():
+    conv = FedParaConv2d(64, 128, 1, rank=8)
+    assert weight_params(conv) == 2 * 8 * (64 + 128)
+    assert conv.compose_weight().shape == (128, 64, 1, 1)
+    assert not hasattr(conv, "t1")
+
+
+def test_lowrank_given_gamma_has_the_fedpara_budget():
+    for shape, kernel in (((784, 200), None), ((128, 256), 3), ((64, 128), 1)):
+        if kernel is None:
+            a, b = FedParaLinear(*shape, gamma=0.3), LowRankLinear(*shape, gamma=0.3)
+        else:
+            a, b = FedParaConv2d(*shape, kernel, gamma=0.3), LowRankConv2d(*shape, kernel, gamma=0.3)
+        assert b.rank == 2 * a.rank
+        assert weight_params(a) == weight_params(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# rank rules
+
+
+def test_rank_from_gamma_interpolates_between_full_rank_and_the_dense_budget():
+    # 512→512 3×3: r_min = ⌈√512⌉ = 23, r_max = 309 (the largest R with 2(9R² + 1024R) <= 512²·9)
+    assert rank_from_gamma(512, 512, 3, 1.0) == 309
+    assert 2 * (9 * 309**2 + 1024 * 309) <= 512 * 512 * 9 < 2 * (9 * 310**2 + 1024 * 310)
+    assert rank_from_gamma(512, 512, 3, 0.1) == math.ceil(0.9 * 23 + 0.1 * 309) == 52
+    assert rank_from_gamma(512, 512, 3, 0.5) == math.ceil(0.5 * 23 + 0.5 * 309) == 166
+    # linear layers use the matrix count 2R(m + n) <= m·n: r_max = ⌊2000 / 420⌋ = 4
+    assert rank_from_gamma(10, 200, 1, 1.0) == 4
+    assert rank_from_gamma(200, 784, 1, 0.5) == math.ceil(0.5 * 15 + 0.5 * 79) == 47
+
+
+def test_rank_from_param_fraction_keeps_about_that_fraction():
+    dense = 256 * 256 * 9
+    for fraction in (0.05, 0.1, 0.3):
+        r = rank_from_param_fraction(256, 256, 3, fraction)
+        count = lambda r: 2 * r * (512 + 9 * r)  # noqa: E731
+        assert count(r - 1) < fraction * dense <= count(r)
+    assert rank_from_param_fraction(256, 256, 3, 1e-6) == 16  # the floor ⌈√256⌉
+
+
+# ----------------------------------------------------------------------------------------------
+# the recompute Function against plain autograd
+
+VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # personalized, nonlinear
+
+
+def factors(tucker: bool, rank: int = 3):
+    g = torch.Generator().manual_seed(0)
+    make = lambda *s: torch.randn(*s, generator=g, **F64).requires_grad_()  # noqa: E731
+    one = lambda: [make(5, rank), make(4, rank)] + ([make(rank, rank, 3, 2)] if tucker else [])  # noqa: E731
+    return one() + one()
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])
+@pytest.mark.parametrize("personalized, nonlinear", VARIANTS)
+def test_recompute_function_passes_gradcheck(tucker, personalized, nonlinear):
+    fs = factors(tucker)
+    assert gradcheck(lambda *f: _FedParaWeight.apply(personalized, nonlinear, *f), fs)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: FedParaLinear(6, 5, rank=3, **kw, **F64),
+        lambda **kw: FedParaConv2d(4, 5, 3, padding=1, rank=3, **kw, **F64),
+        lambda **kw: FedParaConv2d(4, 5, (3, 1), stride=2, rank=2, **kw, **F64),
+        lambda **kw: FedParaConv2d(4, 5, 1, rank=3, **kw, **F64),
+    ],
+    ids=["linear", "conv3x3", "conv3x1-stride2", "conv1x1"],
+)
+@pytest.mark.parametrize("personalized, nonlinear", VARIANTS)
+def test_layer_forward_and_gradients_match_the_plain_composition(make, personalized, nonlinear):
+    torch.manual_seed(0)
+    layer = make(personalized=personalized, nonlinear=nonlinear)
+    x = torch.randn(2, 6, **F64) if isinstance(layer, FedParaLinear) else torch.randn(2, 4, 7, 7, **F64)
+    results = []
+    for recompute in (True, False):
+        layer.recompute = recompute
+        layer.zero_grad()
+        out = layer(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in layer.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb)
+
+
+def test_forward_composes_the_formula_of_each_variant():
+    torch.manual_seed(0)
+    layer = FedParaLinear(6, 5, rank=2, **F64)
+    w1, w2 = layer.x1 @ layer.y1.T, layer.x2 @ layer.y2.T
+    expected = {
+        (False, False): w1 * w2,
+        (True, False): w1 * (w2 + 1),
+        (False, True): torch.tanh(w1) * torch.tanh(w2),
+        (True, True): torch.tanh(w1) * (torch.tanh(w2) + 1),
+    }
+    for (personalized, nonlinear), w in expected.items():
+        layer.personalized, layer.nonlinear = personalized, nonlinear
+        torch.testing.assert_close(layer.compose_weight(), w)
+        torch.testing.assert_close(_FedParaWeight.apply(personalized, nonlinear, *layer._factors(1), *layer._factors(2)), w)
+
+
+def test_the_function_keeps_only_the_factors_for_backward():
+    layer = FedParaConv2d(64, 64, 3, rank=8, bias=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _FedParaWeight.apply(False, False, *layer._factors(1), *layer._factors(2))
+    assert sum(t.numel() for t in saved) == weight_params(layer)
+
+
+def test_bfloat16_autocast_composes_in_float32_and_returns_float32_gradients():
+    torch.manual_seed(0)
+    layer = FedParaConv2d(8, 16, 3, padding=1, rank=4)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    reference = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    F.conv2d(x, layer.compose_weight(), layer.bias, padding=1).sum().backward()
+    for p, g in zip(layer.parameters(), reference):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, p.grad, rtol=0.05, atol=0.05 * p.grad.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# initialization: the composed weight has about the Kaiming std of the dense layer
+
+
+SHAPES = [  # (kind, in, out, kernel)
+    ("linear", 784, 200, 1),
+    ("linear", 200, 10, 1),
+    ("conv", 3, 64, 3),
+    ("conv", 64, 128, 3),
+    ("conv", 512, 512, 3),
+    ("conv", 64, 256, 1),
+]
+
+
+@pytest.mark.parametrize("kind, fan, out, k", SHAPES)
+@pytest.mark.parametrize("variant", ["fedpara", "pfedpara", "nonlinear", "lowrank"])
+def test_composed_weight_starts_near_kaiming_std(kind, fan, out, k, variant):
+    torch.manual_seed(0)
+    kw = {"gamma": 0.1}
+    if variant == "pfedpara":
+        kw["personalized"] = True
+    if variant == "nonlinear":
+        kw["nonlinear"] = True
+    if kind == "linear":
+        layer = (LowRankLinear if variant == "lowrank" else FedParaLinear)(fan, out, **kw)
+    else:
+        layer = (LowRankConv2d if variant == "lowrank" else FedParaConv2d)(fan, out, k, **kw)
+    kaiming = math.sqrt(2 / (fan * k * k))
+    ratio = layer.compose_weight().std().item() / kaiming
+    assert 0.5 <= ratio <= 2.0
+    assert all(p.abs().sum() > 0 for n, p in layer.named_parameters() if n != "bias")
+
+
+# ----------------------------------------------------------------------------------------------
+# global and local parameters
+
+
+def test_pfedpara_keeps_the_second_branch_local():
+    conv = FedParaConv2d(8, 16, 3, rank=4, personalized=True)
+    assert conv.local_parameter_names() == ["x2", "y2", "t2"]
+    assert conv.global_parameter_names() == ["x1", "y1", "t1", "bias"]
+    linear = FedParaLinear(8, 16, rank=4, personalized=True, bias=False)
+    assert linear.local_parameter_names() == ["x2", "y2"]
+    assert linear.global_parameter_names() == ["x1", "y1"]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [FedParaLinear(8, 16, rank=4), FedParaConv2d(8, 16, 3, rank=4), LowRankConv2d(8, 16, 3, rank=5)],
+)
+def test_without_personalization_every_parameter_is_global(layer):
+    assert layer.local_parameter_names() == []
+    assert layer.global_parameter_names() == [n for n, _ in layer.named_parameters()]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: FedParaLinear(8, 8, gamma=0.0), "gamma"),
+        (lambda: FedParaLinear(8, 8, gamma=1.5), "gamma"),
+        (lambda: FedParaLinear(8, 8, gamma=-0.1), "gamma"),
+        (lambda: FedParaConv2d(8, 8, 3, gamma="0.1"), "gamma"),
+        (lambda: FedParaLinear(8, 8, rank=0), "rank"),
+        (lambda: LowRankLinear(8, 8, rank=-2), "rank"),
+        (lambda: FedParaConv2d(8, 8, 3, rank=2.5), "rank"),
+        (lambda: FedParaLinear(8, 8, rank=2, gamma=0.1), "exactly one of rank"),
+        (lambda: FedParaConv2d(8, 8, 3), "exactly one of rank"),
+        (lambda: LowRankConv2d(8, 8, 3), "exactly one of rank"),
+        (lambda: FedParaConv2d(8, 8, 3, rank=2, groups=2), "groups"),
+        (lambda: LowRankConv2d(8, 8, 3, rank=2, groups=4), "groups"),
+        (lambda: FedParaLinear(0, 8, rank=2), "in_features"),
+        (lambda: LowRankLinear(8, -1, rank=2), "out_features"),
+        (lambda: FedParaConv2d(8, 0, 3, rank=2), "out_channels"),
+        (lambda: FedParaConv2d(8, 8, 0, rank=2), "kernel_size"),
+        (lambda: rank_from_gamma(8, 8, 3, 2.0), "gamma"),
+        (lambda: rank_from_gamma(0, 8, 3, 0.5), "out_features"),
+        (lambda: rank_from_param_fraction(8, 8, 3, 0.0), "fraction"),
+    ],
+)
+def test_bad_input_raises_a_value_error_naming_the_parameter(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
