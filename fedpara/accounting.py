@@ -85,7 +85,8 @@ def payload_bytes(model_or_state_dict: nn.Module | Mapping, algorithm: str = "fe
             )
         return sum(_nbytes(v) for v in model_or_state_dict.values())
     raise ValueError(
-        f"model_or_state_dict must be an nn.Module or a mapping, got {type(model_or_state_dict).__name__}"
+        "model_or_state_dict must be an nn.Module or a mapping, "
+        f"got {type(model_or_state_dict).__name__}"
     )
 
 

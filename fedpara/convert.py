@@ -52,7 +52,9 @@ class LayerChange:
     reason: str = ""
 
 
-def _factorized(module: nn.Module, parameterization: str, gamma: float, personalized: bool, nonlinear: bool):
+def _factorized(
+    module: nn.Module, parameterization: str, gamma: float, personalized: bool, nonlinear: bool
+):
     factory = {"device": module.weight.device, "dtype": module.weight.dtype}
     bias = module.bias is not None
     fedpara = parameterization == "fedpara"
@@ -118,7 +120,9 @@ def fedparafy(
         factorized = sum(p.numel() for n, p in new.named_parameters() if n != "bias")
         rank = new.rank
         if factorized >= dense:
-            changes.append(LayerChange(name, kind, dense, factorized, rank, False, "would not shrink"))
+            changes.append(
+                LayerChange(name, kind, dense, factorized, rank, False, "would not shrink")
+            )
             continue
         new.train(module.training)
         if name:

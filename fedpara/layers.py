@@ -49,7 +49,9 @@ def _pair(kernel_size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(kernel_size, int):
         kernel_size = (kernel_size, kernel_size)
     if len(kernel_size) != 2 or not all(isinstance(k, int) and k >= 1 for k in kernel_size):
-        raise ValueError(f"kernel_size must be a positive int or a pair of them, got {kernel_size!r}")
+        raise ValueError(
+            f"kernel_size must be a positive int or a pair of them, got {kernel_size!r}"
+        )
     return tuple(kernel_size)
 
 
@@ -284,7 +286,7 @@ class FactorizedLayer(nn.Module):
     _local_names: tuple[str, ...] = ()
 
     def compose_weight(self) -> Tensor:
-        """The dense weight, shaped like nn.Linear.weight / nn.Conv2d.weight, with plain autograd."""
+        """The dense weight, shaped as in nn.Linear / nn.Conv2d, composed with plain autograd."""
         raise NotImplementedError
 
     def local_parameter_names(self) -> list[str]:
@@ -301,7 +303,7 @@ class FactorizedLayer(nn.Module):
 
 
 class _FedParaMixin(FactorizedLayer):
-    """Factors x1, y1[, t1] (branch 1, global) and x2, y2[, t2] (branch 2, local if personalized)."""
+    """Factors x1, y1[, t1] (branch 1, global); x2, y2[, t2] (branch 2, local if personalized)."""
 
     def _make_factors(self, out_f: int, in_f: int, kh: int, kw: int, factory: dict) -> None:
         r, taps = self.rank, kh * kw
@@ -340,7 +342,10 @@ class _FedParaMixin(FactorizedLayer):
 
     def _compose(self) -> Tensor:
         return _combine(
-            _branch(*self._factors(1)), _branch(*self._factors(2)), self.personalized, self.nonlinear
+            _branch(*self._factors(1)),
+            _branch(*self._factors(2)),
+            self.personalized,
+            self.nonlinear,
         )
 
     def _compose_for_forward(self) -> Tensor:
@@ -378,7 +383,9 @@ class FedParaLinear(_FedParaMixin):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.gamma = gamma
-        self.rank = rank if rank is not None else rank_from_gamma(out_features, in_features, 1, gamma)
+        self.rank = (
+            rank if rank is not None else rank_from_gamma(out_features, in_features, 1, gamma)
+        )
         self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
         self._make_factors(out_features, in_features, 1, 1, factory)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
@@ -400,10 +407,14 @@ class FedParaLinear(_FedParaMixin):
 class _ConvMixin:
     """Shared convolution arguments and forward for the factorized Conv2d layers."""
 
-    def _set_conv_args(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+    def _set_conv_args(
+        self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+    ):
         _check_sizes(in_channels=in_channels, out_channels=out_channels)
         if groups != 1:
-            raise ValueError(f"groups must be 1 (grouped convolutions are not supported), got {groups!r}")
+            raise ValueError(
+                f"groups must be 1 (grouped convolutions are not supported), got {groups!r}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride, self.padding, self.dilation = stride, padding, dilation
@@ -447,13 +458,17 @@ class FedParaConv2d(_ConvMixin, _FedParaMixin):
         dtype=None,
     ):
         super().__init__()
-        self._set_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        self._set_conv_args(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        )
         _check_rank_or_gamma(rank, gamma)
         factory = {"device": device, "dtype": dtype}
         kh, kw = self.kernel_size
         self.gamma = gamma
         self.rank = (
-            rank if rank is not None else rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
+            rank
+            if rank is not None
+            else rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
         )
         self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
         self._make_factors(out_channels, in_channels, kh, kw, factory)
@@ -496,7 +511,9 @@ class LowRankLinear(FactorizedLayer):
         _check_rank_or_gamma(rank, gamma)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.gamma = in_features, out_features, gamma
-        self.rank = rank if rank is not None else 2 * rank_from_gamma(out_features, in_features, 1, gamma)
+        self.rank = (
+            rank if rank is not None else 2 * rank_from_gamma(out_features, in_features, 1, gamma)
+        )
         self.x = self._new(out_features, self.rank, factory=factory)
         self.y = self._new(in_features, self.rank, factory=factory)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
@@ -545,7 +562,9 @@ class LowRankConv2d(_ConvMixin, FactorizedLayer):
         dtype=None,
     ):
         super().__init__()
-        self._set_conv_args(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        self._set_conv_args(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
+        )
         _check_rank_or_gamma(rank, gamma)
         factory = {"device": device, "dtype": dtype}
         kh, kw = self.kernel_size
@@ -556,9 +575,10 @@ class LowRankConv2d(_ConvMixin, FactorizedLayer):
             else 2 * rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
         )
         self.tucker = kh * kw > 1
-        ranks = ((self.rank + 1) // 2, self.rank // 2) if self.tucker else (self.rank,)
-        self.branches = [i for i, r in enumerate(ranks, start=1) if r > 0]
-        for i, r in zip(self.branches, ranks):
+        halves = ((self.rank + 1) // 2, self.rank // 2) if self.tucker else (self.rank,)
+        ranks = [r for r in halves if r > 0]  # rank 1: a single branch
+        self.branches = list(range(1, len(ranks) + 1))
+        for i, r in zip(self.branches, ranks, strict=True):
             setattr(self, f"x{i}", self._new(out_channels, r, factory=factory))
             setattr(self, f"y{i}", self._new(in_channels, r, factory=factory))
             if self.tucker:

@@ -24,7 +24,26 @@ MODELS = ("vgg16", "mlp", "cnn")
 PARAMETERIZATIONS = ("original", "lowrank", "fedpara")
 
 # VGG16's 13 convolutions (output channels) and 5 max-pools ("M")
-VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+VGG16_LAYERS = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
 GROUPS = 2  # GroupNorm groups, as in the paper's VGG16-GN
 
 
@@ -34,7 +53,9 @@ GROUPS = 2  # GroupNorm groups, as in the paper's VGG16-GN
 
 def _check(parameterization: str, gamma: float, personalized: bool, nonlinear: bool) -> None:
     if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        raise ValueError(
+            f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
+        )
     if (personalized or nonlinear) and parameterization != "fedpara":
         raise ValueError(
             "personalized=True and nonlinear=True require parameterization='fedpara', "
@@ -198,7 +219,10 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"name must be one of {MODELS}, got {name!r}")
     kwargs = dict(
-        parameterization=parameterization, gamma=gamma, personalized=personalized, nonlinear=nonlinear
+        parameterization=parameterization,
+        gamma=gamma,
+        personalized=personalized,
+        nonlinear=nonlinear,
     )
     if name == "vgg16":
         return vgg16(num_classes, in_channels=in_channels, **kwargs)

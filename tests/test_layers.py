@@ -1,4 +1,4 @@
-"""FedPara layers: the paper's Table 1, the recompute Function's gradients, initialization, bad input."""
+"""FedPara layers: Table 1, the recompute Function's gradients, initialization, bad input."""
 
 import math
 
@@ -23,7 +23,7 @@ F64 = {"dtype": torch.float64}
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These are tiny tensors: on a shared 2-core machine OpenMP's thread sync costs more than it saves."""
+    """Tiny tensors: on a shared 2-core machine OpenMP's thread sync costs more than it saves."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -84,7 +84,10 @@ def test_lowrank_given_gamma_has_the_fedpara_budget():
         if kernel is None:
             a, b = FedParaLinear(*shape, gamma=0.3), LowRankLinear(*shape, gamma=0.3)
         else:
-            a, b = FedParaConv2d(*shape, kernel, gamma=0.3), LowRankConv2d(*shape, kernel, gamma=0.3)
+            a, b = (
+                FedParaConv2d(*shape, kernel, gamma=0.3),
+                LowRankConv2d(*shape, kernel, gamma=0.3),
+            )
         assert b.rank == 2 * a.rank
         assert weight_params(a) == weight_params(b)
 
@@ -147,7 +150,11 @@ def test_recompute_function_passes_gradcheck(tucker, personalized, nonlinear):
 def test_layer_forward_and_gradients_match_the_plain_composition(make, personalized, nonlinear):
     torch.manual_seed(0)
     layer = make(personalized=personalized, nonlinear=nonlinear)
-    x = torch.randn(2, 6, **F64) if isinstance(layer, FedParaLinear) else torch.randn(2, 4, 7, 7, **F64)
+    x = (
+        torch.randn(2, 6, **F64)
+        if isinstance(layer, FedParaLinear)
+        else torch.randn(2, 4, 7, 7, **F64)
+    )
     results = []
     for recompute in (True, False):
         layer.recompute = recompute
@@ -157,7 +164,7 @@ def test_layer_forward_and_gradients_match_the_plain_composition(make, personali
         results.append((out.detach(), [p.grad.clone() for p in layer.parameters()]))
     (out_a, grads_a), (out_b, grads_b) = results
     torch.testing.assert_close(out_a, out_b)
-    for ga, gb in zip(grads_a, grads_b):
+    for ga, gb in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(ga, gb)
 
 
@@ -174,7 +181,9 @@ def test_forward_composes_the_formula_of_each_variant():
     for (personalized, nonlinear), w in expected.items():
         layer.personalized, layer.nonlinear = personalized, nonlinear
         torch.testing.assert_close(layer.compose_weight(), w)
-        torch.testing.assert_close(_FedParaWeight.apply(personalized, nonlinear, *layer._factors(1), *layer._factors(2)), w)
+        torch.testing.assert_close(
+            _FedParaWeight.apply(personalized, nonlinear, *layer._factors(1), *layer._factors(2)), w
+        )
 
 
 def test_the_function_keeps_only_the_factors_for_backward():
@@ -196,7 +205,7 @@ def test_bfloat16_autocast_composes_in_float32_and_returns_float32_gradients():
     reference = [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
     F.conv2d(x, layer.compose_weight(), layer.bias, padding=1).sum().backward()
-    for p, g in zip(layer.parameters(), reference):
+    for p, g in zip(layer.parameters(), reference, strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, p.grad, rtol=0.05, atol=0.05 * p.grad.abs().max().item())
 
@@ -249,7 +258,11 @@ def test_pfedpara_keeps_the_second_branch_local():
 
 @pytest.mark.parametrize(
     "layer",
-    [FedParaLinear(8, 16, rank=4), FedParaConv2d(8, 16, 3, rank=4), LowRankConv2d(8, 16, 3, rank=5)],
+    [
+        FedParaLinear(8, 16, rank=4),
+        FedParaConv2d(8, 16, 3, rank=4),
+        LowRankConv2d(8, 16, 3, rank=5),
+    ],
 )
 def test_without_personalization_every_parameter_is_global(layer):
     assert layer.local_parameter_names() == []

@@ -1,0 +1,95 @@
+"""Accounting: the paper's communication costs, and which state_dict keys each algorithm sends."""
+
+import pytest
+import torch
+from torch import nn
+
+from fedpara.accounting import (
+    ALGORITHMS,
+    comm_cost_gib,
+    count_params,
+    global_state_keys,
+    payload_bytes,
+)
+from fedpara.models import mlp, vgg16
+
+
+@pytest.mark.parametrize(
+    "num_classes, parameterization, gamma, clients, rounds, gib",
+    [
+        (10, "original", 0.1, 16, 200, 363.67),  # CIFAR-10: 200 rounds × 16 clients
+        (10, "fedpara", 0.1, 16, 200, 36.88),
+        (100, "original", 0.4, 8, 400, 364.77),  # CIFAR-100: 400 rounds × 8 clients
+        (100, "fedpara", 0.4, 8, 400, 108.05),
+    ],
+)
+def test_a_full_run_costs_what_the_paper_reports(
+    num_classes, parameterization, gamma, clients, rounds, gib
+):
+    model = vgg16(num_classes, parameterization=parameterization, gamma=gamma)
+    assert round(comm_cost_gib(model, clients, rounds), 2) == gib
+
+
+def test_payload_is_the_bytes_of_the_tensors_at_their_dtype():
+    model = mlp(parameterization="fedpara")
+    assert payload_bytes(model) == 4 * count_params(model)
+    assert payload_bytes(model.half()) == 2 * count_params(model)
+    assert payload_bytes(model.state_dict()) == payload_bytes(model)
+    arrays = {k: v.numpy() for k, v in model.float().state_dict().items()}
+    assert payload_bytes(arrays) == 4 * count_params(model)
+
+
+def test_buffers_travel_with_the_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    buffer_bytes = 8 * 4 * 2 + 8  # running mean and var (float32), num_batches_tracked (int64)
+    assert payload_bytes(model) == 4 * count_params(model) + buffer_bytes
+
+
+def test_count_params_counts_a_shared_parameter_once():
+    layer = nn.Linear(4, 4)
+    assert count_params(nn.Sequential(layer, layer)) == 20
+
+
+def test_each_algorithm_sends_its_own_keys():
+    model = mlp(parameterization="fedpara", personalized=True)
+    keys = list(model.state_dict())
+    assert global_state_keys(model, "fedavg") == keys
+    assert global_state_keys(model, "local") == []
+    assert global_state_keys(model, "fedper") == [k for k in keys if not k.startswith("head.")]
+    pfedpara = global_state_keys(model, "pfedpara")
+    assert set(keys) - set(pfedpara) == {
+        f"{layer}.{factor}"
+        for layer in ("classifier.0", "classifier.2", "head")
+        for factor in ("x2", "y2")
+    }
+    sizes = {a: payload_bytes(model, a) for a in ALGORITHMS}
+    assert sizes["local"] == 0 < sizes["pfedpara"] < sizes["fedper"] < sizes["fedavg"]
+    assert comm_cost_gib(model, 10, 100, "pfedpara") == 2 * 10 * 100 * sizes["pfedpara"] / 2**30
+
+
+def test_pfedpara_sends_half_of_the_factors():
+    model = mlp(parameterization="fedpara", personalized=True)
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    assert payload_bytes(model, "pfedpara") == 4 * ((count_params(model) - biases) // 2 + biases)
+
+
+def test_pfedpara_without_personalized_layers_sends_everything():
+    model = vgg16(parameterization="fedpara")
+    assert global_state_keys(model, "pfedpara") == list(model.state_dict())
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: global_state_keys(m, "fedprox"), "algorithm"),
+        (lambda m: payload_bytes(m, "scaffold"), "algorithm"),
+        (lambda m: payload_bytes(m.state_dict(), "fedper"), "algorithm"),
+        (lambda m: payload_bytes([torch.zeros(3)]), "model_or_state_dict"),
+        (lambda m: comm_cost_gib(m, -1, 10), "clients_per_round"),
+        (lambda m: comm_cost_gib(m, 4, 2.5), "rounds"),
+        (lambda m: global_state_keys(nn.Linear(2, 2), "fedper"), "head"),
+    ],
+)
+def test_bad_accounting_arguments_raise_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(mlp())

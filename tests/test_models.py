@@ -1,0 +1,210 @@
+"""Models and conversion: the paper's VGG16 sizes, the `head` convention, training, fedparafy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpara.accounting import count_params
+from fedpara.convert import fedparafy
+from fedpara.layers import FactorizedLayer, FedParaConv2d, FedParaLinear, LowRankConv2d
+from fedpara.models import MODELS, PARAMETERIZATIONS, build_model, cnn, mlp, vgg16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small batches: on a shared 2-core machine OpenMP's thread sync costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# sizes
+
+
+@pytest.mark.parametrize(
+    "num_classes, parameterization, gamma, params",
+    [
+        (10, "original", 0.1, 15_253_578),
+        (10, "fedpara", 0.1, 1_546_844),
+        (100, "original", 0.4, 15_299_748),
+        (100, "fedpara", 0.4, 4_531_856),
+    ],
+)
+def test_vgg16_has_the_papers_parameter_counts(num_classes, parameterization, gamma, params):
+    assert (
+        count_params(vgg16(num_classes, parameterization=parameterization, gamma=gamma)) == params
+    )
+
+
+def test_vgg16_lowrank_has_the_fedpara_budget_and_only_convs_are_factorized():
+    fedpara = vgg16(parameterization="fedpara", gamma=0.1)
+    lowrank = vgg16(parameterization="lowrank", gamma=0.1)
+    assert count_params(lowrank) == count_params(fedpara)
+    assert sum(isinstance(m, FedParaConv2d) for m in fedpara.modules()) == 13
+    assert sum(isinstance(m, LowRankConv2d) for m in lowrank.modules()) == 13
+    assert not any(isinstance(m, FactorizedLayer) for m in [*fedpara.classifier, fedpara.head])
+
+
+# ----------------------------------------------------------------------------------------------
+# shapes and the head convention
+
+
+INPUTS = {"vgg16": (2, 3, 32, 32), "mlp": (2, 1, 28, 28), "cnn": (2, 1, 28, 28)}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+def test_every_model_ends_in_head_and_returns_logits(name, parameterization):
+    in_channels = INPUTS[name][1]
+    model = build_model(
+        name, num_classes=7, in_channels=in_channels, parameterization=parameterization
+    )
+    last_name, last = list(model.named_modules())[-1]
+    assert last_name == "head" and last is model.head
+    assert model(torch.randn(INPUTS[name])).shape == (2, 7)
+
+
+def test_mlp_input_size_follows_in_channels():
+    model = build_model("mlp", num_classes=10, in_channels=3)
+    assert model.classifier[0].in_features == 3 * 28 * 28
+    assert mlp(hidden=(200, 256)).head.in_features == 256
+
+
+def test_fedpara_mlp_factorizes_every_layer_including_the_head():
+    model = mlp(parameterization="fedpara", personalized=True)
+    layers = [m for m in model.modules() if isinstance(m, FedParaLinear)]
+    assert len(layers) == 3 and model.head is layers[-1]
+    assert all(m.personalized for m in layers)
+
+
+def test_cnn_is_small_and_factorized_in_its_convolutions():
+    original, fedpara = cnn(), cnn(parameterization="fedpara", gamma=0.1)
+    assert 100_000 <= count_params(original) <= 300_000
+    assert count_params(fedpara) < count_params(original) / 4
+    assert sum(isinstance(m, FedParaConv2d) for m in fedpara.modules()) == 4
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: build_model("resnet", num_classes=10), "name"),
+        (lambda: vgg16(parameterization="dense"), "parameterization"),
+        (lambda: mlp(parameterization="lowrank", personalized=True), "personalized"),
+        (lambda: cnn(parameterization="original", nonlinear=True), "nonlinear"),
+        (lambda: vgg16(parameterization="fedpara", gamma=0.0), "gamma"),
+        (lambda: mlp(hidden=()), "hidden"),
+    ],
+)
+def test_bad_model_arguments_raise_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def gaussian_classes(n: int, seed: int = 0):
+    """Ten classes in 784-D: a class prototype (norm ≈ 8) under unit Gaussian noise (norm ≈ 28)."""
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(10, 784, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return 0.3 * prototypes[y] + torch.randn(n, 784, generator=g), y
+
+
+@pytest.mark.parametrize("personalized", [False, True], ids=["fedpara", "pfedpara"])
+def test_a_fedpara_mlp_learns_a_synthetic_task(personalized):
+    x, y = gaussian_classes(2500)
+    torch.manual_seed(0)
+    model = mlp(784, parameterization="fedpara", gamma=0.5, personalized=personalized)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # epochs over the first 2,000 examples
+        for idx in torch.randperm(2000).split(50):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        accuracy = (model(x[2000:]).argmax(1) == y[2000:]).float().mean().item()
+    assert accuracy > 0.9
+
+
+def test_vgg16_fedpara_gradients_reach_every_factor():
+    torch.manual_seed(0)
+    model = vgg16(parameterization="fedpara", gamma=0.1)
+    F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+# ----------------------------------------------------------------------------------------------
+# fedparafy
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1))
+        self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+        self.tiny = nn.Conv2d(64, 2, 1)
+        self.fc = nn.Linear(2, 10)
+        self.big_fc = nn.Linear(128, 128)
+
+    def forward(self, x):
+        x = self.tiny(self.depthwise(self.block(self.stem(x))))
+        return self.big_fc(torch.cat([self.fc(x.mean((2, 3)))] * 12 + [torch.zeros(len(x), 8)], 1))
+
+
+def test_fedparafy_swaps_convolutions_keeps_names_and_reports_skips():
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.randn(2, 3, 8, 8)
+    before = count_params(model)
+    model, changes = fedparafy(model, gamma=0.1)
+    report = {c.name: c for c in changes}
+    assert [c.name for c in changes] == ["stem", "block.0", "block.2", "depthwise", "tiny"]
+    assert {n for n, c in report.items() if c.replaced} == {"stem", "block.0", "block.2"}
+    assert "grouped" in report["depthwise"].reason
+    assert report["tiny"].reason == "would not shrink"
+    assert isinstance(model.block[0], FedParaConv2d) and isinstance(model.fc, nn.Linear)
+    assert {"stem.x1", "block.0.t2", "block.2.y1", "depthwise.weight", "fc.weight"} <= set(
+        model.state_dict()
+    )
+    replaced = [c for c in changes if c.replaced]
+    assert count_params(model) == before - sum(
+        c.dense_params - c.factorized_params for c in replaced
+    )
+    assert model(x).shape == (2, 128)
+
+
+def test_fedparafy_converts_linear_layers_when_asked():
+    model, changes = fedparafy(Toy(), gamma=0.5, linear=True, personalized=True)
+    assert isinstance(model.big_fc, FedParaLinear) and model.big_fc.personalized
+    assert isinstance(model.fc, nn.Linear)  # 2 -> 10 would not shrink
+    assert next(c for c in changes if c.name == "fc").reason == "would not shrink"
+
+
+def test_fedparafy_converts_torchvision_resnet18():
+    torchvision = pytest.importorskip("torchvision")
+    model, changes = fedparafy(torchvision.models.resnet18(num_classes=10), gamma=0.1)
+    assert len(changes) == 20 and all(c.replaced for c in changes)
+    assert isinstance(model.layer4[1].conv2, FedParaConv2d)
+    assert count_params(model) < 1_000_000
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"parameterization": "original"}, "parameterization"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"parameterization": "lowrank", "personalized": True}, "personalized"),
+    ],
+)
+def test_fedparafy_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fedparafy(Toy(), **kwargs)
