@@ -71,13 +71,15 @@ def run_notebook(
     parameters: dict,
     *,
     work_dir: Path = WORK_DIR,
+    cwd: Path = GENERATED_DIR,
     log_output: bool = True,
 ) -> None:
     """Execute the jupytext source `source` with papermill and write the result to `output`.
 
-    The notebook runs with its working directory set to `output`'s folder. `output` is written
-    only if every cell succeeds; otherwise papermill's `PapermillExecutionError` propagates and
-    the partial notebook is left at `work_dir / output.name`.
+    The notebook runs in `cwd` (by default book/generated/, where its executed copy lives, so
+    paths resolve as they do for a reader who opens that copy). `output` is written only if
+    every cell succeeds; otherwise papermill's `PapermillExecutionError` propagates and the
+    partial notebook is left at `work_dir / output.name`.
     """
     notebook = jupytext.read(source)
     notebook.metadata[METADATA_KEY] = {
@@ -87,8 +89,8 @@ def run_notebook(
         "source_sha256": source_digest(source),
     }
     notebook.metadata.pop("jupytext", None)  # the executed copy is a plain notebook, not a pairing
-    work_dir.mkdir(parents=True, exist_ok=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (work_dir, output.parent, cwd):
+        folder.mkdir(parents=True, exist_ok=True)
     partial = work_dir / output.name
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     papermill.execute_notebook(
@@ -96,7 +98,7 @@ def run_notebook(
         str(partial),
         parameters=parameters,
         kernel_name="python3",
-        cwd=str(output.parent),
+        cwd=str(cwd),
         progress_bar=False,
         log_output=log_output,
     )

@@ -1,0 +1,219 @@
+"""The book's build: its table of contents, Colab twins, configuration and experiment notebooks.
+
+The slowest test runs the smoke profile of every experiment notebook through papermill
+(one variant each: a Ray simulation of two rounds, about a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+import jupytext
+import nbformat
+import pytest
+import yaml
+from sphinx.util.matching import get_matching_files
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
+
+
+def _load_driver():
+    spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+driver = _load_driver()
+
+
+def toc_files(entry: dict) -> list[str]:
+    """Every `file:` (and the root) in a jupyter-book _toc.yml, depth first."""
+    files = [entry["root"]] if "root" in entry else []
+    if "file" in entry:
+        files.append(entry["file"])
+    for key in ("parts", "chapters", "sections"):
+        for child in entry.get(key, []):
+            files += toc_files(child)
+    return files
+
+
+CHAPTERS = toc_files(TOC)
+SOURCES = sorted((ROOT / "book").glob("*.md")) + sorted((ROOT / "book" / "experiments").glob("*.md"))
+EXPERIMENTS = driver.experiment_names()
+
+
+def cells(notebook) -> list[tuple[str, str, tuple[str, ...]]]:
+    """What a reader sees of a notebook: each cell's type, source and tags (no ids or metadata)."""
+    return [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", []))) for c in notebook.cells]
+
+
+# table of contents ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_chapter_in_the_toc_exists(chapter):
+    assert (ROOT / f"{chapter}.md").is_file() or (ROOT / f"{chapter}.ipynb").is_file(), chapter
+
+
+def test_every_chapter_source_is_in_the_toc():
+    listed = set(CHAPTERS)
+    for source in (ROOT / "book").glob("*.md"):
+        assert f"book/{source.stem}" in listed, f"{source} is not in _toc.yml"
+    for name in EXPERIMENTS:  # experiments are rendered from their executed copies
+        assert f"book/generated/{name}" in listed, f"book/generated/{name} is not in _toc.yml"
+
+
+# Colab twins and the install cell -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_every_chapter_has_an_up_to_date_ipynb_twin(source):
+    twin = source.with_suffix(".ipynb")
+    assert twin.is_file(), f"{twin} is missing: run `make colab`"
+    assert cells(nbformat.read(twin, as_version=4)) == cells(jupytext.read(source)), (
+        f"{twin.name} differs from {source.name}: run `make colab`"
+    )
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_first_cell_installs_on_colab_only(source, tmp_path, monkeypatch):
+    first = next(c for c in jupytext.read(source).cells if c.cell_type == "code")
+    assert "remove-cell" in first.metadata.get("tags", [])
+    assert '"google.colab" in sys.modules' in first.source
+    namespace: dict = {}
+    monkeypatch.chdir(tmp_path)
+    exec(first.source, namespace)  # not on Colab: it must change nothing
+    assert Path.cwd() == tmp_path
+    assert namespace["FEDPARA_REPO"] == CONFIG["repository"]["url"], (
+        "the install cell's FEDPARA_REPO must be the repository url of _config.yml"
+    )
+
+
+# configuration ---------------------------------------------------------------------------------
+
+
+def test_build_excludes_twins_sources_and_non_book_folders(tmp_path):
+    pages = ["book/intro.md", "book/generated/fashion_mnist.ipynb"]
+    others = ["book/intro.ipynb", "book/experiments/fashion_mnist.md", "book/experiments/fashion_mnist.ipynb",
+              ".venv/lib/x.md", ".pytest_cache/README.md", "_build/html/x.md", "data/x.md",
+              "results/x.md", "tests/x.md", "README.md"]
+    for path in pages + others:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("# x\n")
+    # what Sphinx reads from the source folder, with the book's exclude_patterns
+    assert sorted(get_matching_files(tmp_path, exclude_patterns=CONFIG["exclude_patterns"])) == sorted(pages)
+    assert CONFIG["only_build_toc_files"] is True
+
+
+def test_execution_uses_the_cache_and_never_reruns_experiments():
+    execute = CONFIG["execute"]
+    assert execute["execute_notebooks"] == "cache"
+    assert execute["raise_on_error"] is True
+
+    def skipped(path: str) -> bool:  # how myst-nb matches execute.exclude_patterns
+        return any(PurePosixPath(ROOT.as_posix(), path).match(p) for p in execute["exclude_patterns"])
+
+    assert all(skipped(f"book/generated/{name}.ipynb") for name in EXPERIMENTS)
+    assert not any(skipped(f"book/{p.name}") for p in (ROOT / "book").glob("*.md"))
+
+
+# the papermill driver ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_committed_executed_copy_is_from_the_current_source(name):
+    digest, parameters = driver.stored_run(ROOT / "book" / "generated" / f"{name}.ipynb")
+    assert digest == driver.source_digest(ROOT / "book" / "experiments" / f"{name}.md"), (
+        f"book/generated/{name}.ipynb was made from an older source: run `make book` (renders "
+        "from stored histories) or `make execute CHAPTER={name}`"
+    )
+    assert "profile" in parameters
+
+
+def test_render_parameters_missing_stale_and_current(tmp_path, monkeypatch):
+    sources, generated = tmp_path / "experiments", tmp_path / "generated"
+    sources.mkdir(), generated.mkdir()
+    monkeypatch.setattr(driver, "SOURCES_DIR", sources)
+    monkeypatch.setattr(driver, "GENERATED_DIR", generated)
+    source = sources / "demo.md"
+    source.write_text("# demo\n")
+    # missing: render the full profile, never train
+    assert driver.render_parameters("demo") == {"profile": "full", "train": False}
+    # made from this source: nothing to do
+    notebook = nbformat.v4.new_notebook(metadata={
+        driver.METADATA_KEY: {"source_sha256": driver.source_digest(source)},
+        "papermill": {"parameters": {"profile": "quick", "train": True, "seed": 3}}})
+    nbformat.write(notebook, generated / "demo.ipynb")
+    assert driver.render_parameters("demo") is None
+    # the source changed: render again with the same parameters, without training
+    source.write_text("# demo, edited\n")
+    assert driver.render_parameters("demo") == {"profile": "quick", "train": False, "seed": 3}
+
+
+@pytest.mark.parametrize("argv", [["--profile", "huge"], ["--chapter", "no_such_chapter"]])
+def test_driver_rejects_bad_arguments(argv, capsys):
+    with pytest.raises(SystemExit):
+        driver.parse_args(argv)
+    assert "must be one of" in capsys.readouterr().err
+
+
+def _outputs(notebook) -> tuple[list[str], str]:
+    """(error names, all text/plain, text/markdown and stream text) of an executed notebook."""
+    errors, text = [], []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            if output.output_type == "error":
+                errors.append(output.ename)
+            text.append(output.get("text", ""))
+            for mime in ("text/plain", "text/markdown"):
+                text.append(output.get("data", {}).get(mime, ""))
+    return errors, "\n".join(text)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_render_only_run_never_trains(name, tmp_path):
+    """train=False with no stored history: the command and the planned traffic, no simulation."""
+    output = tmp_path / f"{name}.ipynb"
+    driver.run_notebook(driver.SOURCES_DIR / f"{name}.md", output,
+                        {"profile": "full", "train": False, "results_dir": str(tmp_path / "results")},
+                        work_dir=tmp_path / "work", log_output=False)
+    errors, text = _outputs(nbformat.read(output, as_version=4))
+    assert errors == []
+    assert f"make execute CHAPTER={name} PROFILE=full" in text
+    assert "planned traffic (GiB)" in text
+    assert not (tmp_path / "results").exists(), "a render-only run must not write histories"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_smoke_profile_runs_through_papermill(name, tmp_path, fmnist_dir, monkeypatch):
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    source = driver.SOURCES_DIR / f"{name}.md"
+    defaults = {}
+    exec(next(c.source for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", [])),
+         defaults)
+    from fedpara.config import PRESETS
+
+    variant = next(iter(PRESETS[defaults["preset"]].variants))  # one variant keeps it near a minute
+    results = tmp_path / "results"
+    output = tmp_path / f"{name}.ipynb"
+    driver.run_notebook(source, output, {"profile": "smoke", "variants": variant, "data_dir": str(fmnist_dir),
+                                         "results_dir": str(results)},
+                        work_dir=tmp_path / "work", log_output=False)
+
+    notebook = nbformat.read(output, as_version=4)
+    errors, text = _outputs(notebook)
+    assert errors == []
+    assert notebook.metadata.papermill.parameters["profile"] == "smoke"
+    history = json.loads((results / defaults["preset"] / f"{variant}-smoke.json").read_text())
+    assert history["config"]["profile"] == "smoke" and len(history["records"]) == history["config"]["rounds"]
+    assert "trained" in text and "a test of the machinery, not a result" in text
+    assert any(o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", [])), (
+        "the smoke run should plot its curves"
+    )
+    assert os.path.exists(output)
