@@ -9,6 +9,7 @@ Imports without Flower or torch (the book reads histories on any machine).
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -118,26 +119,33 @@ class History:
     # storage ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; NaN (nothing was scored) becomes null."""
+        def clean(value: Any) -> Any:
+            return None if isinstance(value, float) and math.isnan(value) else value
+
         return {
             "config": self.config,
             "hardware": self.hardware,
             "created": self.created,
-            "records": [asdict(r) for r in self.records],
+            "records": [{k: clean(v) for k, v in asdict(r).items()} for r in self.records],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
+        def record(values: dict[str, Any]) -> RoundRecord:
+            return RoundRecord(**{k: float("nan") if v is None else v for k, v in values.items()})
+
         return cls(
             config=data["config"],
             hardware=data.get("hardware", {}),
-            records=[RoundRecord(**r) for r in data["records"]],
+            records=[record(r) for r in data["records"]],
             created=data.get("created", ""),
         )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temp file in the same folder, then os.replace)."""
         path = Path(path)
-        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        write_atomic(path, json.dumps(self.to_dict(), indent=1, allow_nan=False).encode())
         return path
 
     @classmethod

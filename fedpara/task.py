@@ -219,11 +219,16 @@ def client_data(config: ExperimentConfig, partition_id: int, *, seed: int = 0,
     parts, holdouts = _client_indices(config.dataset, config.data_dir, config.partition,
                                       config.num_clients, config.alpha, config.shards_per_client,
                                       config.seed)
+    train_indices = parts[partition_id]
+    if 0 < config.client_samples < len(train_indices):  # a random subset, the same every round
+        rng = np.random.default_rng([config.seed, partition_id])
+        train_indices = np.sort(rng.choice(train_indices, config.client_samples, replace=False))
+    holdout = holdouts[partition_id]
     return ClientData(
-        train=_batches(train_set, parts[partition_id], config, device, train=True, seed=seed),
-        holdout=_batches(test_set, holdouts[partition_id], config, device, train=False, seed=seed),
-        num_train=len(parts[partition_id]),
-        num_holdout=len(holdouts[partition_id]),
+        train=_batches(train_set, train_indices, config, device, train=True, seed=seed),
+        holdout=_batches(test_set, holdout, config, device, train=False, seed=seed),
+        num_train=len(train_indices),
+        num_holdout=len(holdout),
     )
 
 

@@ -1,0 +1,385 @@
+"""Federated training on Flower: config, history, local training, the apps and the simulation.
+
+The simulations run on real Fashion-MNIST (the `fmnist_dir` fixture). Ray costs ~12 s and
+~2 GiB per simulation, so three module-scoped runs serve all the assertions that need one:
+a FedAvg run of a FedPara MLP (the smoke run), and a pFedPara run that is then interrupted
+and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fedpara import task
+from fedpara.accounting import payload_bytes
+from fedpara.config import PRESETS, PROFILES, ExperimentConfig, get_preset, parse_overrides
+from fedpara.history import History, RoundRecord
+
+ROUNDS_COMPARED = ("round", "accuracy", "loss", "bytes_up", "bytes_down", "cum_bytes",
+                   "train_loss", "clients", "eval_examples", "eval_clients", "untrained_clients",
+                   "eval_bytes_down")
+
+
+def smoke_config(data_dir, **changes) -> ExperimentConfig:
+    """4 clients, 2 rounds, a FedPara MLP with FedAvg, on real Fashion-MNIST."""
+    values = dict(dataset="fashion-mnist", model="mlp", parameterization="fedpara", gamma=0.1,
+                  algorithm="fedavg", num_clients=4, clients_per_round=2, rounds=2,
+                  partition="iid", lr=0.1, batch_size=32, device="cpu", data_dir=str(data_dir),
+                  client_samples=3000, preset="test", profile="smoke")
+    values.update(changes)
+    return ExperimentConfig(**values)
+
+
+# config ------------------------------------------------------------------------------------
+
+
+def test_every_preset_variant_and_profile_is_a_valid_config():
+    for name, preset in PRESETS.items():
+        for variant in preset.variants:
+            configs = {p: get_preset(name, variant=variant, profile=p) for p in PROFILES}
+            assert configs["smoke"].rounds <= configs["quick"].rounds <= configs["full"].rounds
+            assert all(c.preset == name and c.variant == variant for c in configs.values())
+
+
+def test_presets_follow_the_papers_protocol():
+    c10 = get_preset("cifar10-noniid", variant="fedpara")
+    assert (c10.num_clients, c10.clients_per_round, c10.rounds, c10.gamma) == (100, 16, 200, 0.1)
+    assert (c10.partition, c10.alpha, c10.batch_size, c10.lr, c10.lr_decay) == (
+        "dirichlet", 0.5, 64, 0.1, 0.992)
+    c100 = get_preset("cifar100-iid", variant="fedpara")
+    assert (c100.num_clients, c100.clients_per_round, c100.rounds, c100.gamma) == (50, 8, 400, 0.4)
+    personal = get_preset("fmnist-personal", variant="pfedpara")
+    assert (personal.algorithm, personal.partition, personal.shards_per_client) == (
+        "pfedpara", "shard", 2)
+    assert personal.evaluation == "clients"
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(model="resnet"), "model"),
+    (dict(dataset="imagenet"), "dataset"),
+    (dict(algorithm="fedprox"), "algorithm"),
+    (dict(partition="random"), "partition"),
+    (dict(clients_per_round=5), "clients_per_round"),
+    (dict(gamma=0.0), "gamma"),
+    (dict(gamma=1.5), "gamma"),
+    (dict(lr_decay=0.0), "lr_decay"),
+    (dict(algorithm="pfedpara", parameterization="original", evaluation="clients"),
+     "parameterization"),
+    (dict(algorithm="fedper"), "evaluation"),
+    (dict(device="gpu"), "device"),
+    (dict(rounds=0), "rounds"),
+    (dict(color="red"), "color"),
+])
+def test_bad_config_names_the_field(changes, field):
+    with pytest.raises(ValueError, match=field):
+        ExperimentConfig(num_clients=4).replace(**changes)
+
+
+def test_bad_preset_names_list_the_allowed_ones():
+    with pytest.raises(ValueError, match="fmnist-noniid"):
+        get_preset("mnist-noniid")
+    with pytest.raises(ValueError, match="original, lowrank|fedpara, lowrank"):
+        get_preset("cifar10-iid", variant="pfedpara")
+    with pytest.raises(ValueError, match="smoke"):
+        get_preset("cifar10-iid", profile="tiny")
+
+
+def test_run_config_round_trip_uses_kebab_case():
+    config = get_preset("femnist-personal", variant="fedper", profile="quick", seed=3)
+    run_config = config.to_run_config()
+    assert "clients-per-round" in run_config and "clients_per_round" not in run_config
+    assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
+    assert ExperimentConfig.from_run_config(run_config) == config
+    # TOML has no int/float distinction for whole numbers: values are cast to the field's type
+    assert ExperimentConfig.from_run_config({**run_config, "gamma": 1, "rounds": 7.0}).gamma == 1.0
+
+
+def test_command_line_overrides_are_typed():
+    assert parse_overrides(["rounds=5", "lr=0.05", "fast-batches=false", "device=cpu"]) == {
+        "rounds": 5, "lr": 0.05, "fast_batches": False, "device": "cpu"}
+    with pytest.raises(ValueError, match="rounds"):
+        parse_overrides(["rounds=five"])
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["rounds"])
+
+
+def test_learning_rate_decays_per_round_and_is_never_zero():
+    config = ExperimentConfig(lr=0.1, lr_decay=0.992)
+    assert config.round_lr(1) == 0.1
+    assert config.round_lr(3) == pytest.approx(0.1 * 0.992**2)
+    # the baseline's FedPer used decay 0, so its lr was 0 from round 2 (facts.md §6.1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        config.replace(lr_decay=0.0)
+
+
+# history -----------------------------------------------------------------------------------
+
+
+def _record(r: int, cum: int) -> RoundRecord:
+    return RoundRecord(round=r, accuracy=0.5 + r / 10, loss=1.0 / r, bytes_up=10, bytes_down=10,
+                       cum_bytes=cum, wall_seconds=1.5, train_loss=0.9, clients=[0, 1])
+
+
+def test_history_saves_atomically_and_loads_back(tmp_path):
+    config = get_preset("fmnist-noniid", variant="lowrank", profile="smoke")
+    history = History(config=config.to_dict(), hardware={"device": "cpu"})
+    history.append(_record(1, 20))
+    history.append(_record(2, 40))
+    path = history.save(History.default_path(config, tmp_path))
+    assert path == tmp_path / "fmnist-noniid" / "lowrank-smoke.json"
+    assert [p.name for p in path.parent.iterdir()] == ["lowrank-smoke.json"]  # no temp file left
+    loaded = History.load(path)
+    assert loaded.records == history.records and loaded.config == config.to_dict()
+    assert loaded.column("accuracy") == [0.6, 0.7]
+    assert loaded.cumulative_gib() == [20 / 2**30, 40 / 2**30]
+    with pytest.raises(ValueError, match="round"):
+        history.append(_record(4, 60))
+    # a round where nothing was scored (NaN) is stored as JSON null and read back as NaN
+    history.records[0].accuracy = float("nan")
+    assert "NaN" not in history.save(path).read_text()
+    assert math.isnan(History.load(path).records[0].accuracy)
+
+
+# local training without Flower ------------------------------------------------------------
+
+
+def test_arrays_round_trip_through_the_global_keys(fmnist_dir):
+    config = smoke_config(fmnist_dir, algorithm="pfedpara", evaluation="clients", gamma=0.5)
+    model = task.init_model(config)
+    global_keys, local_keys = task.split_keys(model, "pfedpara")
+    assert local_keys and set(global_keys).isdisjoint(local_keys)
+    other = task.init_model(config.replace(seed=1))
+    task.set_arrays(other, task.get_arrays(model, global_keys))
+    for key in global_keys:
+        assert torch.equal(other.state_dict()[key], model.state_dict()[key])
+    assert not torch.equal(other.state_dict()[local_keys[0]], model.state_dict()[local_keys[0]])
+    with pytest.raises(ValueError, match="lacks"):
+        task.set_arrays(other, {"no.such.key": torch.zeros(1)})
+
+
+def test_local_training_learns_and_counts_examples_not_batches(fmnist_dir):
+    config = smoke_config(fmnist_dir, client_samples=1000)
+    model = task.init_model(config)
+    data = task.client_data(config, 0, seed=0)
+    before = task.evaluate(model, data.holdout)
+    result = task.train(model, data.train, epochs=1, lr=0.1, seed=0)
+    after = task.evaluate(model, data.holdout)
+    assert result.num_examples == data.num_train == 1000  # examples, not 32 batches (defect 5)
+    assert after.num_examples == data.num_holdout > 0
+    assert after.loss < before.loss and after.accuracy > 0.35  # chance: 0.1
+    # the loss is per example: the mean of per-batch sums, whatever the batch size
+    x, y = next(iter(data.holdout))
+    per_example = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert task.evaluate(model, [(x, y)]).loss == pytest.approx(per_example, rel=1e-5)
+
+
+def test_fast_batches_and_dataloader_serve_the_same_client(fmnist_dir):
+    config = smoke_config(fmnist_dir, client_samples=200)
+    fast = task.client_data(config, 1, seed=0)
+    plain = task.client_data(config.replace(fast_batches=False), 1, seed=0)
+    assert fast.num_train == plain.num_train == 200
+    xf = torch.cat([x for x, _ in fast.holdout])
+    xp = torch.cat([x for x, _ in plain.holdout])
+    assert torch.allclose(xf, xp)
+
+
+# the apps, called in-process (no Ray) -------------------------------------------------------
+
+
+@pytest.fixture
+def call_client(monkeypatch):
+    """Call the ClientApp on one message, as a SuperNode would, without Ray."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpara import client_app
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a run sets before messages exist
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+    def call(config, message_type, arrays, *, partition_id=0, state=None, server_round=1):
+        records = {client_app.EXPERIMENT: ConfigRecord(config.to_run_config()),
+                   client_app.ARRAYS: ArrayRecord(arrays),
+                   client_app.ROUND: ConfigRecord({"server-round": server_round, "lr": 0.05})}
+        message = Message(content=RecordDict(records), dst_node_id=7, message_type=message_type)
+        context = Context(run_id=1, node_id=7, state=state if state is not None else RecordDict(),
+                          node_config={"partition-id": partition_id,
+                                       "num-partitions": config.num_clients}, run_config={})
+        reply = client_app.app(message, context)
+        assert not reply.has_error(), reply.error.reason
+        return reply.content, context
+
+    return call
+
+
+@pytest.mark.parametrize("algorithm, parameterization, kept", [
+    ("fedper", "original", ["head.weight", "head.bias"]),
+    ("pfedpara", "fedpara", None),  # the W2 factors of every layer
+])
+def test_personalized_client_sends_only_the_global_part(
+        fmnist_dir, call_client, algorithm, parameterization, kept):
+    from fedpara.client_app import ARRAYS, LOCAL
+    from fedpara.server_app import array_bytes
+
+    config = smoke_config(fmnist_dir, algorithm=algorithm, parameterization=parameterization,
+                          gamma=0.5, evaluation="clients", client_samples=200)
+    model = task.init_model(config)
+    global_keys, local_keys = task.split_keys(model, algorithm)
+    content, context = call_client(config, "train", task.get_arrays(model, global_keys))
+    assert list(content[ARRAYS].keys()) == global_keys
+    assert array_bytes(content) == payload_bytes(model, algorithm) < payload_bytes(model)
+    assert list(context.state[LOCAL].keys()) == local_keys
+    if kept is not None:
+        assert local_keys == kept
+    else:  # pFedPara keeps the second factor pair (W2) of every layer
+        assert local_keys == [k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("x2", "y2")]
+
+
+def test_personal_state_persists_between_rounds(fmnist_dir, call_client):
+    from fedpara.client_app import ARRAYS, LOCAL
+
+    config = smoke_config(fmnist_dir, algorithm="local", parameterization="original",
+                          evaluation="clients", client_samples=300)
+    model = task.init_model(config)
+    content, context = call_client(config, "train", {})
+    assert len(content[ARRAYS]) == 0  # local-only training sends nothing
+    first = context.state[LOCAL].to_torch_state_dict()
+    # the next round starts from the kept model, not from the initial one
+    content, context = call_client(config, "evaluate", {}, state=context.state, server_round=2)
+    task.set_arrays(model, first)
+    expected = task.evaluate(model, task.client_data(config, 0).holdout)
+    assert content["metrics"]["correct"] == expected.correct
+
+
+# the simulation ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fedpara_run(fmnist_dir, tmp_path_factory):
+    """The shared smoke simulation: FedAvg on a FedPara MLP, 4 clients, 2 per round, 2 rounds."""
+    from fedpara.experiment import run_experiment
+
+    config = smoke_config(fmnist_dir)
+    return config, run_experiment(config, progress=False)
+
+
+def test_smoke_run_has_one_record_per_round(fedpara_run):
+    config, history = fedpara_run
+    assert [r.round for r in history.records] == [1, 2]
+    assert all(len(r.clients) == config.clients_per_round for r in history.records)
+    assert history.config == config.to_dict()
+    assert history.hardware["torch"] == torch.__version__.split("+")[0] or history.hardware["torch"]
+    assert history.hardware["flwr"] == "1.42.0"
+
+
+def test_measured_traffic_equals_the_accounting(fedpara_run):
+    config, history = fedpara_run
+    payload = payload_bytes(task.init_model(config), "fedavg")
+    for r in history.records:
+        assert r.bytes_up == r.bytes_down == config.clients_per_round * payload
+    assert history.records[-1].cum_bytes == 2 * config.rounds * config.clients_per_round * payload
+
+
+def test_accuracy_after_two_rounds_is_clearly_above_chance(fedpara_run):
+    _, history = fedpara_run
+    assert history.records[-1].eval_examples == 10_000  # the full test set, on the server
+    assert history.records[-1].accuracy > 0.6  # chance is 0.1
+    assert history.records[-1].loss < history.records[0].loss + 0.5
+
+
+def test_sampling_is_exact_and_reproducible(fedpara_run):
+    from fedpara.server_app import FedParaStrategy
+
+    config, history = fedpara_run
+    strategy = FedParaStrategy(config.replace(num_clients=100, clients_per_round=16, rounds=50))
+    samples = [strategy.sample(r) for r in range(1, 51)]
+    assert all(len(set(s)) == 16 for s in samples)
+    assert samples == [strategy.sample(r) for r in range(1, 51)]
+    assert len({tuple(s) for s in samples}) > 40
+    assert [r.clients for r in history.records] == [FedParaStrategy(config).sample(r)
+                                                    for r in (1, 2)]
+
+
+def test_history_of_a_run_survives_json(fedpara_run, tmp_path):
+    _, history = fedpara_run
+    path = history.save(tmp_path / "h.json")
+    assert History.load(path).records == history.records
+    json.loads(path.read_text())  # valid JSON for other readers
+
+
+@pytest.fixture(scope="module")
+def pfedpara_run(fmnist_dir, tmp_path_factory):
+    """pFedPara, 2 shards per client, 3 rounds with a checkpoint after each round."""
+    from fedpara.experiment import run_experiment
+
+    checkpoints = tmp_path_factory.mktemp("checkpoints")
+    config = smoke_config(fmnist_dir, algorithm="pfedpara", gamma=0.5, evaluation="clients",
+                          partition="shard", num_clients=6, clients_per_round=2, rounds=3,
+                          lr=0.05, client_samples=500, checkpoint_dir=str(checkpoints),
+                          checkpoint_every=1)
+    return config, run_experiment(config, progress=False)
+
+
+def test_pfedpara_uploads_only_the_global_half(pfedpara_run):
+    config, history = pfedpara_run
+    model = task.init_model(config)
+    payload = payload_bytes(model, "pfedpara")
+    assert payload < 0.6 * payload_bytes(model, "fedavg")
+    for r in history.records:
+        assert r.bytes_up == r.bytes_down == config.clients_per_round * payload
+
+
+def test_personalized_evaluation_scores_only_clients_that_trained(pfedpara_run):
+    config, history = pfedpara_run
+    trained = set()
+    for r in history.records:
+        trained.update(r.clients)
+        assert r.eval_clients == len(trained)
+        assert r.untrained_clients == config.num_clients - len(trained)
+        assert 0 < r.eval_examples and not math.isnan(r.accuracy)
+    # smoke-sized: after averaging W1 over clients of other classes, still well above chance
+    assert history.records[-1].accuracy > 0.25
+
+
+def test_resumed_run_equals_the_uninterrupted_run(pfedpara_run, tmp_path):
+    """Interrupted after round 2 (round 3's checkpoint never written), then resumed."""
+    from fedpara.experiment import run_experiment
+    from fedpara.server_app import checkpoint_path
+
+    config, uninterrupted = pfedpara_run
+    shutil.copytree(config.checkpoint_dir, tmp_path, dirs_exist_ok=True)
+    checkpoint_path(tmp_path, 3).unlink()
+    assert checkpoint_path(tmp_path, 2).exists()
+
+    resumed = run_experiment(config.replace(checkpoint_dir=str(tmp_path)), resume=True,
+                             progress=False)
+
+    def rows(history):
+        return [{k: getattr(r, k) for k in ROUNDS_COMPARED} for r in history.records]
+
+    assert rows(resumed) == rows(uninterrupted)
+    final = torch.load(checkpoint_path(tmp_path, 3), weights_only=True)
+    reference = torch.load(checkpoint_path(config.checkpoint_dir, 3), weights_only=True)
+    for key, value in reference["global"].items():
+        assert torch.equal(final["global"][key], value)
+    assert reference["local"].keys() == final["local"].keys()
+    for client, arrays in reference["local"].items():
+        assert all(torch.equal(final["local"][client][k], v) for k, v in arrays.items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_experiment(pfedpara_run):
+    from fedpara.server_app import latest_checkpoint, load_checkpoint
+
+    config, _ = pfedpara_run
+    path = latest_checkpoint(config.checkpoint_dir)
+    assert load_checkpoint(path, config)["round"] == 3
+    with pytest.raises(ValueError, match="lr"):
+        load_checkpoint(path, config.replace(lr=0.2))
+    assert np.isfinite(load_checkpoint(path, config.replace(device="cpu", rounds=5))["round"])
