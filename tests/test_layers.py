@@ -217,6 +217,7 @@ def test_bfloat16_autocast_composes_in_float32_and_returns_float32_gradients():
 SHAPES = [  # (kind, in, out, kernel)
     ("linear", 784, 200, 1),
     ("linear", 200, 10, 1),
+    ("conv", 1, 32, 3),
     ("conv", 3, 64, 3),
     ("conv", 64, 128, 3),
     ("conv", 512, 512, 3),
