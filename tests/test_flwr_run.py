@@ -1,0 +1,98 @@
+"""The same apps under `flwr run .`: the local simulation federation, and a loopback deployment.
+
+Offline and private (facts.md §9): the app runs in this environment
+(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1, no `uv sync`), with its own FLWR_HOME and
+RAY_TMPDIR, no update check, and its own ports for the local SuperLink, which `flwr run` leaves
+running detached: the test stops it by PID. `flwr run` exits 0 even when the run failed, so the
+run's status comes from `flwr ls`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(os.environ.get("VENV_BIN", REPO / ".venv" / "bin"))
+
+pytestmark = pytest.mark.skipif(not (BIN / "flwr").exists(), reason=f"no flwr in {BIN}")
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def listening_pid(port: int) -> int | None:
+    """PID of the process listening on 127.0.0.1:`port` (from `ss`), if any."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                         text=True).stdout
+    for part in out.split("pid=")[1:]:
+        return int(part.split(",")[0])
+    return None
+
+
+def test_flwr_run_on_the_local_simulation_federation(fmnist_dir, tmp_path):
+    http_port, control_port = free_ports(2)
+    flwr_home = tmp_path / "flwr-home"
+    results = tmp_path / "results"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_HOME": str(flwr_home),
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp"),  # Ray's socket paths are short
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "UV_OFFLINE": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+    }
+    run_config = (f"rounds=2 client-samples=1000 eval-samples=2000 device='cpu' "
+                  f"data-dir='{fmnist_dir}' results-dir='{results}'")
+    try:
+        done = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", "--stream", "--run-config", run_config,
+             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        listed = subprocess.run([str(BIN / "flwr"), "ls", "--format", "json"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=60)
+        runs = json.loads(listed.stdout)["runs"]
+    finally:
+        pid = listening_pid(http_port)
+        if pid is not None and str(flwr_home) in Path(f"/proc/{pid}/cmdline").read_text():
+            os.killpg(pid, signal.SIGTERM)  # the SuperLink leads its own session
+            for _ in range(50):
+                if listening_pid(http_port) is None:
+                    break
+                time.sleep(0.2)
+
+    assert [r["status"] for r in runs] == ["finished:completed"], done.stdout[-3000:]
+    history = json.loads((results / "custom" / "fedpara-smoke.json").read_text())
+    assert [r["round"] for r in history["records"]] == [1, 2]
+    assert history["config"]["num_clients"] == 2 and history["config"]["client_samples"] == 1000
+    assert "history saved to" in done.stdout
+    assert listening_pid(http_port) is None  # torn down
+
+
+def test_loopback_deployment_with_two_supernodes(fmnist_dir):
+    """A SuperLink and two SuperNodes (partition-id 0 and 1) on loopback; ~1 minute."""
+    done = subprocess.run([str(REPO / "scripts" / "local_deployment.sh"), f"data-dir='{fmnist_dir}'"],
+                          cwd=REPO, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "runs: ['finished:completed']" in done.stdout
+    assert "loopback deployment: OK" in done.stdout
