@@ -93,7 +93,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: partition_id}
     )
-    content = RecordDict({ARRAYS: ArrayRecord(task.get_arrays(model, global_keys)), METRICS: metrics})
+    arrays = ArrayRecord(task.get_arrays(model, global_keys))
+    content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     return Message(content=content, reply_to=msg)
 
 

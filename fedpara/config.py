@@ -100,7 +100,9 @@ class ExperimentConfig:
         for name, allowed in _allowed().items():
             value = getattr(self, name)
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
+                raise ValueError(
+                    f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}"
+                )
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma={self.gamma} must be in (0, 1]")
         positive = ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size",
@@ -110,7 +112,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be an integer >= 1")
         if self.clients_per_round > self.num_clients:
             raise ValueError(
-                f"clients_per_round={self.clients_per_round} must be <= num_clients={self.num_clients}"
+                f"clients_per_round={self.clients_per_round} must be <= "
+                f"num_clients={self.num_clients}"
             )
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
@@ -311,8 +314,8 @@ PRESETS: dict[str, Preset] = {
         "Fashion-MNIST, small CNN, Dirichlet(0.5) non-IID: FedPara vs low-rank vs original",
         dict(dataset="fashion-mnist", model="cnn", partition="dirichlet", alpha=0.5,
              num_clients=20, clients_per_round=4, rounds=40, local_epochs=1, batch_size=32,
-             lr=0.05, lr_decay=0.99),
-        _fedavg_variants(0.3),
+             lr=0.1, lr_decay=0.992),
+        _fedavg_variants(0.1),
         {
             "full": {},
             "quick": {"rounds": 20},
@@ -323,7 +326,7 @@ PRESETS: dict[str, Preset] = {
     "fmnist-personal": Preset(
         "Fashion-MNIST, MLP, 2 label shards per client: pFedPara vs FedPer vs FedAvg vs local",
         dict(dataset="fashion-mnist", model="mlp", partition="shard", shards_per_client=2,
-             num_clients=100, clients_per_round=10, rounds=60, local_epochs=5, batch_size=10,
+             num_clients=100, clients_per_round=10, rounds=60, local_epochs=2, batch_size=10,
              lr=0.01, lr_decay=0.999, gamma=0.5, evaluation="clients"),
         _PERSONAL_VARIANTS,
         {
@@ -350,7 +353,8 @@ def get_preset(
     variant = variant or next(iter(preset.variants))
     if variant not in preset.variants:
         raise ValueError(
-            f"variant={variant!r} is not one of preset {name!r}'s; allowed: {', '.join(preset.variants)}"
+            f"variant={variant!r} is not one of preset {name!r}'s; "
+            f"allowed: {', '.join(preset.variants)}"
         )
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; allowed: {', '.join(PROFILES)}")

@@ -75,8 +75,12 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
 
     from flwr.simulation import run_simulation
 
+    from fedpara import task
     from fedpara.client_app import app as client_app
     from fedpara.server_app import make_server_app
+
+    if config.evaluation == "server":  # the server needs the test set: a missing dataset fails
+        task.load_splits(config)  # here, with its own message, before Ray starts
 
     finished: list[History] = []
     bar = _progress_bar(config, enabled=progress)

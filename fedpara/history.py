@@ -89,7 +89,9 @@ class History:
     def append(self, record: RoundRecord) -> None:
         expected = len(self.records) + 1
         if record.round != expected:
-            raise ValueError(f"record.round={record.round}; expected {expected} (rounds are 1, 2, ...)")
+            raise ValueError(
+                f"record.round={record.round}; expected {expected} (rounds are 1, 2, ...)"
+            )
         self.records.append(record)
 
     def __len__(self) -> int:

@@ -305,7 +305,8 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
 
         # 4. score the round
-        eval_messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        eval_messages = list(
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
         if config.evaluation == "server":
             task.set_arrays(model, arrays.to_torch_state_dict())
             result = task.evaluate(model, test_batches, device=device)

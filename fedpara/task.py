@@ -180,6 +180,11 @@ def _splits(dataset: str, data_dir: str):
     return load_dataset(dataset, data_dir or None)
 
 
+def load_splits(config: ExperimentConfig):
+    """The (train, test) splits of the config's dataset, cached for the life of the process."""
+    return _splits(config.dataset, config.data_dir)
+
+
 @functools.lru_cache(maxsize=4)
 def _client_indices(dataset: str, data_dir: str, scheme: str, num_clients: int, alpha: float,
                     shards: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
