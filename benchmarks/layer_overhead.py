@@ -51,7 +51,14 @@ OUT = Path(__file__).parent / "results" / "layer_overhead.json"
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+        if line.startswith("model name")
+    ]
+    name = names[0] if names else platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def sync(device: torch.device) -> None:
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     models = {v: build(v, args.gamma, device, args.channels_last) for v in args.variants}
     memory = {v: memory_bytes(*models[v], x, y, args.bf16) for v in args.variants}  # also warms up
     times = {v: [] for v in args.variants}
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_name(device),
         "device_type": device.type,
         "threads": torch.get_num_threads(),
+        # other processes on the machine skew CPU timings: 1-minute load average around the run
+        "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": "vgg16-gn, 10 classes",
