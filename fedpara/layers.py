@@ -307,7 +307,6 @@ class FactorizedLayer(nn.Module):
 
     rank: int
     personalized: bool = False
-    _local_names: tuple[str, ...] = ()
 
     def compose_weight(self) -> Tensor:
         """The dense weight, shaped as in nn.Linear / nn.Conv2d, composed with plain autograd."""
@@ -315,7 +314,9 @@ class FactorizedLayer(nn.Module):
 
     def local_parameter_names(self) -> list[str]:
         """Relative names of the parameters that never leave the client (pFedPara's W2 factors)."""
-        return [n for n, _ in self.named_parameters(recurse=False) if n in self._local_names]
+        if not self.personalized:
+            return []
+        return [n for n, _ in self.named_parameters(recurse=False) if n in ("x2", "y2", "t2")]
 
     def global_parameter_names(self) -> list[str]:
         """Relative names of the parameters that are sent to and averaged by the server."""
@@ -337,7 +338,6 @@ class _FedParaMixin(FactorizedLayer):
             setattr(self, f"y{i}", self._new(in_f, r, factory=factory))
             if self.tucker:
                 setattr(self, f"t{i}", self._new(r, r, kh, kw, factory=factory))
-        self._local_names = ("x2", "y2", "t2") if self.personalized else ()
         self._init_factors(in_f * taps)
 
     def _factors(self, i: int) -> tuple[Tensor, ...]:

@@ -7,9 +7,14 @@
   minutes on a laptop CPU (the book's CPU presets on Fashion-MNIST).
 
 Every model is a `Net`: `features` -> flatten -> `classifier` -> `head`, and `head` is always
-the last layer (FedPer keeps it on the client). Dense layers start from Kaiming-normal weights
-(fan-in, ReLU gain) and zero biases; factorized layers match that variance (see layers.py), so
-every parameterization starts at the same weight scale.
+the last layer (FedPer keeps it on the client).
+
+Initialization: a layer that has a factorized counterpart starts, in every parameterization,
+at the Kaiming-normal variance 2 / fan_in (dense: kaiming_normal_ and a zero bias; factorized:
+the variance-matched factors of layers.py), so original, lowrank and fedpara start at the same
+weight scale. Linear layers that are never factorized (the classifier and head of vgg16 and
+cnn) keep PyTorch's default init, as in the baseline: a Kaiming classifier behind VGG's
+dropout starts at a loss of ~5 and diverges at the paper's learning rate 0.1.
 """
 
 from __future__ import annotations
@@ -23,27 +28,14 @@ __all__ = ["MODELS", "PARAMETERIZATIONS", "Net", "build_model", "cnn", "mlp", "v
 MODELS = ("vgg16", "mlp", "cnn")
 PARAMETERIZATIONS = ("original", "lowrank", "fedpara")
 
-# VGG16's 13 convolutions (output channels) and 5 max-pools ("M")
+# VGG16's 13 convolutions (output channels) and 5 max-pools ("M"), one block per line
 VGG16_LAYERS = (
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-)
+    64, 64, "M",
+    128, 128, "M",
+    256, 256, 256, "M",
+    512, 512, 512, "M",
+    512, 512, 512, "M",
+)  # fmt: skip
 GROUPS = 2  # GroupNorm groups, as in the paper's VGG16-GN
 
 
@@ -119,7 +111,7 @@ def vgg16(
     personalized: bool = False,
     nonlinear: bool = False,
 ) -> Net:
-    """VGG16 with GroupNorm for 32×32 inputs (the paper's CIFAR model; facts.md §5).
+    """VGG16 with GroupNorm for 32×32 inputs: the paper's CIFAR model, as the Flower baseline built it.
 
     13 conv 3×3 (padding 1, bias) each followed by GroupNorm(2 groups) and ReLU, 5 max-pools,
     classifier Dropout–Linear(512, 512)–ReLU–Dropout–Linear(512, 512)–ReLU, head
