@@ -111,7 +111,7 @@ def vgg16(
     personalized: bool = False,
     nonlinear: bool = False,
 ) -> Net:
-    """VGG16 with GroupNorm for 32×32 inputs: the paper's CIFAR model, as the Flower baseline built it.
+    """VGG16 with GroupNorm for 32×32 inputs: the paper's CIFAR model, as in the baseline.
 
     13 conv 3×3 (padding 1, bias) each followed by GroupNorm(2 groups) and ReLU, 5 max-pools,
     classifier Dropout–Linear(512, 512)–ReLU–Dropout–Linear(512, 512)–ReLU, head
