@@ -163,6 +163,24 @@ def test_driver_rejects_bad_arguments(argv, capsys):
     assert "must be one of" in capsys.readouterr().err
 
 
+def test_a_failing_cell_keeps_the_partial_notebook_and_the_last_good_copy(tmp_path):
+    source = tmp_path / "broken.md"
+    source.write_text(
+        "---\njupytext:\n  text_representation:\n    extension: .md\n    format_name: myst\n"
+        "kernelspec:\n  display_name: Python 3\n  language: python\n  name: python3\n---\n\n"
+        "```{code-cell} ipython3\n:tags: [parameters]\n\nx = 1\n```\n\n"
+        "```{code-cell} ipython3\nraise RuntimeError(f'cell failed with x={x}')\n```\n"
+    )
+    output, work = tmp_path / "out" / "broken.ipynb", tmp_path / "work"
+    output.parent.mkdir()
+    output.write_text("last good copy")
+    with pytest.raises(driver.papermill.PapermillExecutionError, match="x=2"):
+        driver.run_notebook(source, output, {"x": 2}, work_dir=work, cwd=tmp_path, log_output=False)
+    assert output.read_text() == "last good copy"
+    errors, _ = _outputs(nbformat.read(work / "broken.ipynb", as_version=4))
+    assert errors == ["RuntimeError"]
+
+
 def _outputs(notebook) -> tuple[list[str], str]:
     """(error names, all text/plain, text/markdown and stream text) of an executed notebook."""
     errors, text = [], []
@@ -217,3 +235,14 @@ def test_smoke_profile_runs_through_papermill(name, tmp_path, fmnist_dir, monkey
         "the smoke run should plot its curves"
     )
     assert os.path.exists(output)
+
+
+def test_pages_workflow_builds_with_make_book_and_deploys_the_html():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
+    build, deploy = workflow["jobs"]["build"], workflow["jobs"]["deploy"]
+    assert any(step.get("run") == "make book" for step in build["steps"])
+    upload = next(s for s in build["steps"] if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    assert upload["with"]["path"] == "_build/html"
+    assert deploy["needs"] == "build"
+    assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in deploy["steps"])
+    assert workflow["permissions"] == {"contents": "read", "pages": "write", "id-token": "write"}
