@@ -1,8 +1,8 @@
 """Run the book's experiment notebooks with papermill.
 
-    python scripts/execute_notebooks.py --profile full                      # make execute
+    python scripts/execute_notebooks.py --profile full        # make execute
     python scripts/execute_notebooks.py --profile smoke --chapter fashion_mnist
-    python scripts/execute_notebooks.py --render                            # make book (never trains)
+    python scripts/execute_notebooks.py --render              # make book (never trains)
 
 Each experiment source `book/experiments/<name>.md` (a jupytext MyST notebook) is converted to a
 notebook in memory -- the same as `jupytext --to ipynb -o - SRC | papermill - OUT -p k v` -- and
@@ -36,7 +36,9 @@ SOURCES_DIR = ROOT / "book" / "experiments"
 GENERATED_DIR = ROOT / "book" / "generated"
 WORK_DIR = ROOT / "_build" / "papermill"
 PROFILES = ("full", "quick", "smoke")
-METADATA_KEY = "fedpara_book"  # notebook metadata: which source (and which version of it) made a copy
+METADATA_KEY = (
+    "fedpara_book"  # notebook metadata: which source (and which version of it) made a copy
+)
 
 
 # helpers
@@ -48,12 +50,12 @@ def experiment_names() -> list[str]:
 
 
 def source_digest(source: Path) -> str:
-    """SHA-256 of a source file's text: identifies the version of the source a copy was made from."""
+    """SHA-256 of a source file: identifies the version of the source a copy was made from."""
     return hashlib.sha256(source.read_bytes()).hexdigest()
 
 
 def stored_run(generated: Path) -> tuple[str | None, dict]:
-    """(source digest, papermill parameters) recorded in an executed copy; (None, {}) if unreadable."""
+    """(source digest, papermill parameters) of an executed copy; (None, {}) if unreadable."""
     try:
         metadata = jupytext.read(generated).metadata
     except Exception:  # a truncated or hand-edited file: treat it as missing
@@ -126,12 +128,21 @@ def render_parameters(name: str) -> dict | None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="full", help=f"one of {', '.join(PROFILES)}")
-    parser.add_argument("--chapter", action="append", default=[], help="run only this experiment (repeatable)")
     parser.add_argument(
-        "-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+        "--chapter", action="append", default=[], help="run only this experiment (repeatable)"
+    )
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
         help="override a notebook parameter (VALUE is read as YAML, as papermill does)",
     )
-    parser.add_argument("--render", action="store_true", help="render missing or stale copies without training")
+    parser.add_argument(
+        "--render", action="store_true", help="render missing or stale copies without training"
+    )
     args = parser.parse_args(argv)
     if args.profile not in PROFILES:
         parser.error(f"--profile must be one of {', '.join(PROFILES)}, got {args.profile!r}")
@@ -161,9 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             run_notebook(SOURCES_DIR / f"{name}.md", output, parameters)
         except papermill.PapermillExecutionError as error:
             partial = (WORK_DIR / output.name).relative_to(ROOT)
-            print(f"[execute] {name} FAILED in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
-                  f"          partial notebook: {partial}; {output.relative_to(ROOT)} left unchanged",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[execute] {name} FAILED in cell {error.exec_count}: "
+                f"{error.ename}: {error.evalue}\n"
+                f"          partial notebook: {partial}; {output.relative_to(ROOT)} left unchanged",
+                file=sys.stderr,
+                flush=True,
+            )
             failed.append(name)
     return 1 if failed else 0
 

@@ -23,7 +23,9 @@ TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
 
 
 def _load_driver():
-    spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
+    spec = importlib.util.spec_from_file_location(
+        "execute_notebooks", ROOT / "scripts" / "execute_notebooks.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -44,13 +46,17 @@ def toc_files(entry: dict) -> list[str]:
 
 
 CHAPTERS = toc_files(TOC)
-SOURCES = sorted((ROOT / "book").glob("*.md")) + sorted((ROOT / "book" / "experiments").glob("*.md"))
+SOURCES = sorted((ROOT / "book").glob("*.md")) + sorted(
+    (ROOT / "book" / "experiments").glob("*.md")
+)
 EXPERIMENTS = driver.experiment_names()
 
 
 def cells(notebook) -> list[tuple[str, str, tuple[str, ...]]]:
     """What a reader sees of a notebook: each cell's type, source and tags (no ids or metadata)."""
-    return [(c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", []))) for c in notebook.cells]
+    return [
+        (c.cell_type, c.source.strip(), tuple(c.metadata.get("tags", []))) for c in notebook.cells
+    ]
 
 
 # table of contents ---------------------------------------------------------------------------
@@ -100,14 +106,25 @@ def test_first_cell_installs_on_colab_only(source, tmp_path, monkeypatch):
 
 def test_build_excludes_twins_sources_and_non_book_folders(tmp_path):
     pages = ["book/intro.md", "book/generated/fashion_mnist.ipynb"]
-    others = ["book/intro.ipynb", "book/experiments/fashion_mnist.md", "book/experiments/fashion_mnist.ipynb",
-              ".venv/lib/x.md", ".pytest_cache/README.md", "_build/html/x.md", "data/x.md",
-              "results/x.md", "tests/x.md", "README.md"]
+    others = [
+        "book/intro.ipynb",
+        "book/experiments/fashion_mnist.md",
+        "book/experiments/fashion_mnist.ipynb",
+        ".venv/lib/x.md",
+        ".pytest_cache/README.md",
+        "_build/html/x.md",
+        "data/x.md",
+        "results/x.md",
+        "tests/x.md",
+        "README.md",
+    ]
     for path in pages + others:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("# x\n")
     # what Sphinx reads from the source folder, with the book's exclude_patterns
-    assert sorted(get_matching_files(tmp_path, exclude_patterns=CONFIG["exclude_patterns"])) == sorted(pages)
+    assert sorted(
+        get_matching_files(tmp_path, exclude_patterns=CONFIG["exclude_patterns"])
+    ) == sorted(pages)
     assert CONFIG["only_build_toc_files"] is True
 
 
@@ -117,7 +134,9 @@ def test_execution_uses_the_cache_and_never_reruns_experiments():
     assert execute["raise_on_error"] is True
 
     def skipped(path: str) -> bool:  # how myst-nb matches execute.exclude_patterns
-        return any(PurePosixPath(ROOT.as_posix(), path).match(p) for p in execute["exclude_patterns"])
+        return any(
+            PurePosixPath(ROOT.as_posix(), path).match(p) for p in execute["exclude_patterns"]
+        )
 
     assert all(skipped(f"book/generated/{name}.ipynb") for name in EXPERIMENTS)
     assert not any(skipped(f"book/{p.name}") for p in (ROOT / "book").glob("*.md"))
@@ -146,9 +165,12 @@ def test_render_parameters_missing_stale_and_current(tmp_path, monkeypatch):
     # missing: render the full profile, never train
     assert driver.render_parameters("demo") == {"profile": "full", "train": False}
     # made from this source: nothing to do
-    notebook = nbformat.v4.new_notebook(metadata={
-        driver.METADATA_KEY: {"source_sha256": driver.source_digest(source)},
-        "papermill": {"parameters": {"profile": "quick", "train": True, "seed": 3}}})
+    notebook = nbformat.v4.new_notebook(
+        metadata={
+            driver.METADATA_KEY: {"source_sha256": driver.source_digest(source)},
+            "papermill": {"parameters": {"profile": "quick", "train": True, "seed": 3}},
+        }
+    )
     nbformat.write(notebook, generated / "demo.ipynb")
     assert driver.render_parameters("demo") is None
     # the source changed: render again with the same parameters, without training
@@ -198,9 +220,13 @@ def _outputs(notebook) -> tuple[list[str], str]:
 def test_render_only_run_never_trains(name, tmp_path):
     """train=False with no stored history: the command and the planned traffic, no simulation."""
     output = tmp_path / f"{name}.ipynb"
-    driver.run_notebook(driver.SOURCES_DIR / f"{name}.md", output,
-                        {"profile": "full", "train": False, "results_dir": str(tmp_path / "results")},
-                        work_dir=tmp_path / "work", log_output=False)
+    driver.run_notebook(
+        driver.SOURCES_DIR / f"{name}.md",
+        output,
+        {"profile": "full", "train": False, "results_dir": str(tmp_path / "results")},
+        work_dir=tmp_path / "work",
+        log_output=False,
+    )
     errors, text = _outputs(nbformat.read(output, as_version=4))
     assert errors == []
     assert f"make execute CHAPTER={name} PROFILE=full" in text
@@ -213,27 +239,45 @@ def test_smoke_profile_runs_through_papermill(name, tmp_path, fmnist_dir, monkey
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     source = driver.SOURCES_DIR / f"{name}.md"
     defaults = {}
-    exec(next(c.source for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", [])),
-         defaults)
+    exec(
+        next(
+            c.source
+            for c in jupytext.read(source).cells
+            if "parameters" in c.metadata.get("tags", [])
+        ),
+        defaults,
+    )
     from fedpara.config import PRESETS
 
     variant = next(iter(PRESETS[defaults["preset"]].variants))  # one variant keeps it near a minute
     results = tmp_path / "results"
     output = tmp_path / f"{name}.ipynb"
-    driver.run_notebook(source, output, {"profile": "smoke", "variants": variant, "data_dir": str(fmnist_dir),
-                                         "results_dir": str(results)},
-                        work_dir=tmp_path / "work", log_output=False)
+    driver.run_notebook(
+        source,
+        output,
+        {
+            "profile": "smoke",
+            "variants": variant,
+            "data_dir": str(fmnist_dir),
+            "results_dir": str(results),
+        },
+        work_dir=tmp_path / "work",
+        log_output=False,
+    )
 
     notebook = nbformat.read(output, as_version=4)
     errors, text = _outputs(notebook)
     assert errors == []
     assert notebook.metadata.papermill.parameters["profile"] == "smoke"
     history = json.loads((results / defaults["preset"] / f"{variant}-smoke.json").read_text())
-    assert history["config"]["profile"] == "smoke" and len(history["records"]) == history["config"]["rounds"]
-    assert "trained" in text and "a test of the machinery, not a result" in text
-    assert any(o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", [])), (
-        "the smoke run should plot its curves"
+    assert (
+        history["config"]["profile"] == "smoke"
+        and len(history["records"]) == history["config"]["rounds"]
     )
+    assert "trained" in text and "a test of the machinery, not a result" in text
+    assert any(
+        o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", [])
+    ), "the smoke run should plot its curves"
     assert os.path.exists(output)
 
 
@@ -241,7 +285,9 @@ def test_pages_workflow_builds_with_make_book_and_deploys_the_html():
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "book.yml").read_text())
     build, deploy = workflow["jobs"]["build"], workflow["jobs"]["deploy"]
     assert any(step.get("run") == "make book" for step in build["steps"])
-    upload = next(s for s in build["steps"] if s.get("uses", "").startswith("actions/upload-pages-artifact"))
+    upload = next(
+        s for s in build["steps"] if s.get("uses", "").startswith("actions/upload-pages-artifact")
+    )
     assert upload["with"]["path"] == "_build/html"
     assert deploy["needs"] == "build"
     assert any(s.get("uses", "").startswith("actions/deploy-pages") for s in deploy["steps"])
