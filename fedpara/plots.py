@@ -1,0 +1,166 @@
+"""Reading and plotting histories: accuracy against traffic, traffic to a target, client spread.
+
+    from fedpara.plots import plot_curves, gib_to_reach, equal_traffic, equal_accuracy
+    fig = plot_curves({"fedpara": h1, "original": h2}, title="fmnist-noniid, full profile")
+    gib_to_reach(h1, 0.80)                     # GiB when the accuracy first reached 80 %
+    equal_traffic({"fedpara": h1, "original": h2})   # accuracy of each at the smaller budget
+    equal_accuracy({"fedpara": h1, "original": h2})  # GiB each needed for the weaker's accuracy
+
+Accuracies are fractions in [0, 1] (plots show percent); traffic is cumulative up + down bytes
+as recorded in each round, shown in GiB (2**30 bytes). Imports without Flower or torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedpara.history import History
+
+__all__ = [
+    "accuracy_within",
+    "equal_accuracy",
+    "equal_traffic",
+    "final_accuracy",
+    "gib_to_reach",
+    "plot_client_accuracies",
+    "plot_curves",
+    "round_to_reach",
+]
+
+
+def _check_window(window: int) -> None:
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} must be an integer >= 1 (rounds averaged)")
+
+
+def _check_nonempty(history: History) -> None:
+    if len(history) == 0:
+        raise ValueError("history has no rounds")
+
+
+def round_to_reach(history: History, target: float) -> int | None:
+    """The first round whose accuracy is >= `target` (a fraction), or None if none is."""
+    _check_nonempty(history)
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target={target} must be an accuracy in [0, 1]")
+    for record in history.records:
+        if record.accuracy >= target:  # NaN (nothing scored) never reaches a target
+            return record.round
+    return None
+
+
+def gib_to_reach(history: History, target: float) -> float:
+    """Cumulative traffic (GiB) after the first round with accuracy >= `target`; NaN if never."""
+    reached = round_to_reach(history, target)
+    return history.cumulative_gib()[reached - 1] if reached is not None else math.nan
+
+
+def final_accuracy(history: History, window: int = 1) -> float:
+    """Mean accuracy of the last `window` rounds (non-IID curves are noisy: use a few)."""
+    _check_nonempty(history)
+    _check_window(window)
+    return float(np.nanmean(history.column("accuracy")[-window:]))
+
+
+def accuracy_within(history: History, budget_gib: float, window: int = 1) -> float:
+    """Mean accuracy of the last `window` rounds whose cumulative traffic is <= `budget_gib`.
+
+    What the run had reached when it had spent that budget; NaN if even round 1 costs more.
+    """
+    _check_nonempty(history)
+    _check_window(window)
+    if budget_gib < 0:
+        raise ValueError(f"budget_gib={budget_gib} must be >= 0")
+    gib = np.asarray(history.cumulative_gib())
+    spent = int(np.searchsorted(gib, budget_gib * (1 + 1e-12), side="right"))  # rounds within
+    if spent == 0:
+        return math.nan
+    accuracy = history.column("accuracy")[:spent]
+    return float(np.nanmean(accuracy[-window:]))
+
+
+def equal_traffic(histories: Mapping[str, History], budget_gib: float | None = None,
+                  window: int = 1) -> dict[str, float]:
+    """Accuracy of each run at the same traffic: by default the smallest total of the runs
+    (the cheapest run's budget). Returns {"budget_gib": ..., name: accuracy, ...}."""
+    if not histories:
+        raise ValueError("histories is empty")
+    if budget_gib is None:
+        budget_gib = min(h.cumulative_gib()[-1] for h in histories.values())
+    result = {"budget_gib": float(budget_gib)}
+    for name, history in histories.items():
+        result[name] = accuracy_within(history, budget_gib, window)
+    return result
+
+
+def equal_accuracy(histories: Mapping[str, History], target: float | None = None,
+                   window: int = 1) -> dict[str, float]:
+    """Traffic (GiB) each run needed to first reach the same accuracy: by default the lowest
+    `final_accuracy(window)` of the runs (an accuracy all of them attain, or nearly so).
+    Returns {"target": ..., name: GiB or NaN if never reached, ...}."""
+    if not histories:
+        raise ValueError("histories is empty")
+    if target is None:
+        target = min(final_accuracy(h, window) for h in histories.values())
+    result = {"target": float(target)}
+    for name, history in histories.items():
+        result[name] = gib_to_reach(history, target)
+    return result
+
+
+# plots ---------------------------------------------------------------------------------------
+
+
+def plot_curves(histories: Mapping[str, History], *, title: str | None = None,
+                targets: Sequence[float] = (), ylabel: str = "test accuracy (%)") -> Figure:
+    """Two panels: accuracy against cumulative traffic (GiB) and against rounds.
+
+    `targets` (fractions) are drawn as dotted horizontal lines, e.g. the paper's targets.
+    """
+    if not histories:
+        raise ValueError("histories is empty")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, history in histories.items():
+        _check_nonempty(history)
+        accuracy = 100 * np.asarray(history.column("accuracy"), dtype=float)
+        marker = "o" if len(history) <= 20 else None
+        left.plot(history.cumulative_gib(), accuracy, marker=marker, label=name)
+        right.plot(history.column("round"), accuracy, marker=marker, label=name)
+    for target in targets:
+        for ax in (left, right):
+            ax.axhline(100 * target, color="0.5", linestyle=":", linewidth=1)
+    left.set(xlabel="cumulative traffic, up + down (GiB)", ylabel=ylabel)
+    right.set(xlabel="round", ylabel=ylabel)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_client_accuracies(accuracies: Mapping[str, Sequence[float]], *, ax: Axes | None = None,
+                           title: str | None = None) -> Axes:
+    """One box per run of its clients' accuracies (fractions, shown in %), each client a dot."""
+    if not accuracies:
+        raise ValueError("accuracies is empty")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.6 * len(accuracies) + 2.5, 3.6))
+    names = list(accuracies)
+    values = [100 * np.asarray(accuracies[n], dtype=float) for n in names]
+    ax.boxplot(values, showfliers=False, widths=0.5)
+    jitter = np.random.default_rng(0)
+    for i, v in enumerate(values, start=1):
+        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(v)), v, s=8, alpha=0.5, color="C0")
+    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.set(ylabel="accuracy on own held-out data (%)", xlabel="algorithm")
+    if title:
+        ax.set_title(title)
+    return ax

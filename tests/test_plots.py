@@ -1,0 +1,98 @@
+"""fedpara.plots: traffic to a target, accuracy at a budget, the equal-traffic/accuracy comparisons."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+
+from fedpara.history import GIB, History, RoundRecord  # noqa: E402
+from fedpara.plots import (  # noqa: E402
+    accuracy_within,
+    equal_accuracy,
+    equal_traffic,
+    final_accuracy,
+    gib_to_reach,
+    plot_client_accuracies,
+    plot_curves,
+    round_to_reach,
+)
+
+
+def make_history(accuracies: list[float], bytes_per_round: int) -> History:
+    history = History(config={"preset": "demo"})
+    for i, accuracy in enumerate(accuracies, start=1):
+        history.append(RoundRecord(round=i, accuracy=accuracy, loss=1.0,
+                                   bytes_up=bytes_per_round // 2, bytes_down=bytes_per_round // 2,
+                                   cum_bytes=i * bytes_per_round, wall_seconds=1.0))
+    return history
+
+
+# a cheap run (0.1 GiB a round) and an expensive one (1 GiB a round) that learns a little faster
+CHEAP = make_history([0.2, 0.5, 0.6, 0.7, 0.75, 0.8], GIB // 10)
+DEAR = make_history([0.3, 0.6, 0.8, 0.85, 0.86, 0.87], GIB)
+
+
+def test_traffic_and_round_to_reach_a_target():
+    assert round_to_reach(CHEAP, 0.7) == 4
+    assert gib_to_reach(CHEAP, 0.7) == pytest.approx(0.4)
+    assert gib_to_reach(DEAR, 0.7) == pytest.approx(3.0)
+    assert round_to_reach(CHEAP, 0.2) == 1  # reached exactly counts
+    assert round_to_reach(CHEAP, 0.9) is None and math.isnan(gib_to_reach(CHEAP, 0.9))
+
+
+def test_nan_rounds_never_reach_a_target():
+    history = make_history([math.nan, 0.4], GIB)
+    assert round_to_reach(history, 0.1) == 2
+
+
+def test_accuracy_within_a_budget():
+    assert accuracy_within(DEAR, 2.0) == pytest.approx(0.6)  # rounds 1-2 fit in 2 GiB
+    assert accuracy_within(DEAR, 2.5) == pytest.approx(0.6)
+    assert accuracy_within(DEAR, 3.0, window=2) == pytest.approx(0.7)  # mean of rounds 2-3
+    assert math.isnan(accuracy_within(DEAR, 0.5))  # round 1 alone costs 1 GiB
+    assert accuracy_within(CHEAP, 0.6) == pytest.approx(0.8)  # all six rounds (float sums)
+
+
+def test_equal_traffic_uses_the_cheapest_runs_total():
+    result = equal_traffic({"cheap": CHEAP, "dear": DEAR})
+    assert result["budget_gib"] == pytest.approx(0.6)
+    assert result["cheap"] == pytest.approx(0.8)
+    assert math.isnan(result["dear"])  # the expensive run had not finished one round
+    result = equal_traffic({"cheap": CHEAP, "dear": DEAR}, budget_gib=2.0)
+    assert result["dear"] == pytest.approx(0.6)
+
+
+def test_equal_accuracy_uses_the_weaker_runs_final_accuracy():
+    result = equal_accuracy({"cheap": CHEAP, "dear": DEAR})
+    assert result["target"] == pytest.approx(0.8)
+    assert result["cheap"] == pytest.approx(0.6) and result["dear"] == pytest.approx(3.0)
+    assert final_accuracy(DEAR, window=3) == pytest.approx((0.85 + 0.86 + 0.87) / 3)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: round_to_reach(CHEAP, 80), "target"),
+    (lambda: final_accuracy(CHEAP, window=0), "window"),
+    (lambda: accuracy_within(CHEAP, -1.0), "budget_gib"),
+    (lambda: equal_traffic({}), "empty"),
+    (lambda: final_accuracy(History(config={})), "no rounds"),
+])
+def test_bad_input_names_the_parameter(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_plots_label_their_axes_with_units():
+    fig = plot_curves({"cheap": CHEAP, "dear": DEAR}, title="demo", targets=[0.7])
+    left, right = fig.axes
+    assert "GiB" in left.get_xlabel() and "%" in left.get_ylabel()
+    assert right.get_xlabel() == "round"
+    assert [line.get_label() for line in left.get_lines()][:2] == ["cheap", "dear"]
+    assert max(left.get_lines()[1].get_ydata()) == pytest.approx(87.0)  # percent
+    ax = plot_client_accuracies({"a": [0.5, 0.7], "b": [0.9]})
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    assert "%" in ax.get_ylabel()

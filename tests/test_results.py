@@ -1,0 +1,113 @@
+"""fedpara.results: which stored history counts, planned traffic, per-client scores."""
+
+from __future__ import annotations
+
+import torch
+
+import pytest
+
+from fedpara import task
+from fedpara.accounting import comm_cost_gib
+from fedpara.config import get_preset
+from fedpara.history import History, RoundRecord
+from fedpara.results import (
+    ClientScores,
+    client_scores_path,
+    differing_fields,
+    load_client_scores,
+    load_or_train,
+    planned_traffic_gib,
+    run_command,
+    same_experiment,
+    score_clients,
+)
+
+CONFIG = get_preset("fmnist-noniid", variant="fedpara", profile="smoke")
+
+
+def stored(config, tmp_path, **changes) -> History:
+    """A one-round history of `config` (with some config fields changed) at its stored path."""
+    history = History(config={**config.to_dict(), **changes})
+    history.append(RoundRecord(round=1, accuracy=0.5, loss=1.0, bytes_up=1, bytes_down=1,
+                               cum_bytes=2, wall_seconds=0.1))
+    history.save(History.default_path(config, tmp_path))
+    return history
+
+
+def test_where_and_how_may_differ_but_not_what():
+    cli = CONFIG.replace(data_dir="/elsewhere", checkpoint_dir="checkpoints/x", device="cpu")
+    assert same_experiment(cli.to_dict(), CONFIG)
+    assert differing_fields(CONFIG.replace(rounds=3, lr=0.05).to_dict(), CONFIG) == ["lr", "rounds"]
+
+
+def test_load_or_train_without_training(tmp_path):
+    assert load_or_train(CONFIG, tmp_path, train=False) == (None, "not run yet")
+    stored(CONFIG, tmp_path, gamma=0.5)
+    assert load_or_train(CONFIG, tmp_path, train=False) == (None, "stored run has other settings")
+    made = stored(CONFIG, tmp_path, data_dir="/other/data")  # e.g. a CLI run elsewhere
+    history, status = load_or_train(CONFIG, tmp_path, train=False)
+    assert status == "stored" and history.created == made.created
+
+
+def test_command_and_planned_traffic():
+    assert run_command(CONFIG) == (
+        "python -m fedpara.run --preset fmnist-noniid --variant fedpara --profile smoke")
+    expected = comm_cost_gib(task.init_model(CONFIG), CONFIG.clients_per_round, CONFIG.rounds)
+    assert planned_traffic_gib(CONFIG) == pytest.approx(expected) and expected > 0
+    personal = get_preset("fmnist-personal", variant="local")
+    assert planned_traffic_gib(personal) == 0.0  # local-only training sends nothing
+    with pytest.raises(ValueError, match="preset"):
+        run_command(CONFIG.replace(preset="custom"))
+
+
+def test_client_scores_round_trip(tmp_path):
+    scores = ClientScores(config=CONFIG.to_dict(), round=2, correct={0: 3, 5: 0, 7: 1},
+                          examples={0: 4, 5: 0, 7: 2})
+    assert scores.accuracies() == {0: 0.75, 7: 0.5}  # no held-out data: not scored
+    assert scores.weighted_accuracy == pytest.approx(4 / 6)
+    loaded = ClientScores.load(scores.save(tmp_path / "s.json"))
+    assert loaded == scores
+
+
+def test_score_clients_from_a_checkpoint(tmp_path, fmnist_dir):
+    config = get_preset("fmnist-personal", variant="pfedpara", profile="smoke",
+                        data_dir=str(fmnist_dir), device="cpu",
+                        checkpoint_dir=str(tmp_path / "ckpt"))
+    model = task.init_model(config)
+    global_keys, local_keys = task.split_keys(model, config.algorithm)
+    assert local_keys, "pFedPara keeps its W2 factors on the client"
+    # client 3 has personal factors of its own, client 6 the initial ones
+    generator = torch.Generator().manual_seed(1)
+    personal = {k: v + torch.randn(v.shape, generator=generator)
+                for k, v in task.get_arrays(model, local_keys).items()}
+    state = {"round": config.rounds, "config": config.to_dict(), "trained": [3, 6],
+             "global": task.get_arrays(model, global_keys),
+             "local": {3: personal, 6: task.get_arrays(model, local_keys)}}
+    checkpoint = tmp_path / "ckpt" / f"round-{config.rounds:05d}.pt"
+    checkpoint.parent.mkdir()
+    torch.save(state, checkpoint)
+
+    scores = score_clients(config, checkpoint)
+    assert sorted(scores.examples) == [3, 6]  # only clients that trained are scored
+    for partition_id, arrays in ((3, personal), (6, {})):
+        expected = task.init_model(config)
+        task.set_arrays(expected, arrays)
+        result = task.evaluate(expected, task.client_data(config, partition_id).holdout)
+        assert (scores.correct[partition_id], scores.examples[partition_id]) == (
+            result.correct, result.num_examples)
+
+    # stored next to a history whose last accuracy they reproduce; refused for another run
+    history = History(config=config.to_dict())
+    for r in range(1, config.rounds + 1):
+        history.append(RoundRecord(round=r, accuracy=scores.weighted_accuracy, loss=1.0,
+                                   bytes_up=1, bytes_down=1, cum_bytes=2 * r, wall_seconds=0.1))
+    assert load_client_scores(config, history, tmp_path / "results") == scores
+    assert client_scores_path(config, tmp_path / "results").exists()
+    history.records[-1].accuracy += 0.01
+    assert load_client_scores(config, history, tmp_path / "results") is None
+
+    with pytest.raises(ValueError, match="gamma"):
+        score_clients(config.replace(gamma=0.25), checkpoint)
+    torch.save({**state, "round": 1}, tmp_path / "ckpt" / "round-00001.pt")  # mid-run
+    with pytest.raises(ValueError, match="last round"):
+        score_clients(config, tmp_path / "ckpt" / "round-00001.pt")
