@@ -35,7 +35,9 @@ __all__ = [
     "differing_fields",
     "load_client_scores",
     "load_or_train",
+    "how_to_run",
     "planned_traffic_gib",
+    "run_summary",
     "run_command",
     "same_experiment",
     "score_clients",
@@ -209,3 +211,48 @@ def load_client_scores(config: ExperimentConfig, history: History,
         return None
     scores.save(path)
     return scores
+
+
+# what a chapter shows about its runs ---------------------------------------------------------
+
+
+def run_summary(config: ExperimentConfig, history: History | None, status: str) -> dict[str, Any]:
+    """One table row: the protocol, then what the stored run measured and where it ran, or
+    (no run) the traffic it will cost. Accuracy is a fraction; traffic in GiB; time in minutes."""
+    row: dict[str, Any] = {
+        "preset": config.preset, "variant": config.variant_name, "history": status,
+        "profile": config.profile, "rounds": config.rounds,
+        "clients / round": config.clients_per_round, "clients": config.num_clients,
+    }
+    if history is None:
+        row["planned traffic (GiB)"] = planned_traffic_gib(config)
+        return row
+    hardware = history.hardware
+    first = history.records[0]
+    row.update({
+        "rounds run": len(history),
+        "final accuracy": history.final_accuracy,
+        "traffic (GiB)": history.cumulative_gib()[-1],
+        "MiB / round": (first.bytes_up + first.bytes_down) / 2**20,
+        "training time (min)": history.wall_seconds / 60,
+        "device": hardware.get("device_name"),
+        "cores": hardware.get("cpu_count"),
+        "torch": hardware.get("torch"), "flwr": hardware.get("flwr"),
+        "fedpara": hardware.get("fedpara"),
+        "date": history.created[:10],
+    })
+    return row
+
+
+def how_to_run(configs: list[ExperimentConfig], chapter: str) -> str:
+    """Markdown: the commands that make the missing runs of a chapter (its profile)."""
+    if not configs:
+        return ""
+    profiles = sorted({c.profile for c in configs})
+    commands = "\n".join(run_command(c) for c in configs)
+    return (f"No stored {'/'.join(profiles)}-profile history for: "
+            f"{', '.join(f'{c.preset}/{c.variant_name}' for c in configs)}. To produce them, run\n\n"
+            f"```bash\nmake execute CHAPTER={chapter} PROFILE={profiles[0]}\n```\n\n"
+            f"or one run at a time:\n\n```bash\n{commands}\n```\n\n"
+            "The table gives the traffic each run will cost (2 × clients per round × payload × "
+            "rounds), computed from the models without training.")
