@@ -57,6 +57,7 @@ class ExperimentConfig:
     model: str = "mlp"
     parameterization: str = "fedpara"
     gamma: float = 0.1  # FedPara rank rule, in (0, 1] (facts.md §2: not the parameter fraction)
+    nonlinear: bool = False  # FedPara with tanh: W = tanh(W1) ⊙ tanh(W2)
     algorithm: str = "fedavg"
     # the federation
     num_clients: int = 4
@@ -134,6 +135,9 @@ class ExperimentConfig:
                 f"algorithm={self.algorithm!r} keeps part of each model on its client, so it needs "
                 f"evaluation='clients' (allowed for it: clients), got {self.evaluation!r}"
             )
+        if self.nonlinear and self.parameterization != "fedpara":
+            raise ValueError(f"nonlinear=True needs parameterization='fedpara', "
+                             f"got {self.parameterization!r}")
         if not _DEVICE_PATTERN.match(self.device):
             raise ValueError(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
         if self.client_num_cpus <= 0 or self.client_num_gpus < 0:

@@ -68,7 +68,8 @@ def resolve_device(name: str) -> torch.device:
 def init_model(config: ExperimentConfig) -> nn.Module:
     """The initial model: the same weights on the server and on every client (seeded).
 
-    pFedPara uses personalized FedPara layers, W = W1 ⊙ (W2 + 1).
+    pFedPara uses personalized FedPara layers, W = W1 ⊙ (W2 + 1); `nonlinear` applies tanh to
+    each branch.
     """
     info = dataset_info(config.dataset)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
@@ -80,6 +81,7 @@ def init_model(config: ExperimentConfig) -> nn.Module:
             parameterization=config.parameterization,
             gamma=config.gamma,
             personalized=config.algorithm == "pfedpara",
+            nonlinear=config.nonlinear,
         )
 
 

@@ -73,6 +73,7 @@ def test_presets_follow_the_papers_protocol():
      "parameterization"),
     (dict(algorithm="fedper"), "evaluation"),
     (dict(device="gpu"), "device"),
+    (dict(nonlinear=True, parameterization="lowrank"), "nonlinear"),
     (dict(rounds=0), "rounds"),
     (dict(color="red"), "color"),
 ])
@@ -187,6 +188,17 @@ def test_fast_batches_and_dataloader_serve_the_same_client(fmnist_dir):
     xf = torch.cat([x for x, _ in fast.holdout])
     xp = torch.cat([x for x, _ in plain.holdout])
     assert torch.allclose(xf, xp)
+
+
+def test_local_training_imports_without_flower():
+    """The GPU machine has torch but no flwr: task.py must not need it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['flwr'] = None; sys.modules['ray'] = None; "
+            "import fedpara.task, fedpara.history, fedpara.config")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 # the apps, called in-process (no Ray) -------------------------------------------------------
