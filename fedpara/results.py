@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,14 @@ STATUSES = ("stored", "trained", "not run yet", "stored run has other settings")
 
 
 def differing_fields(stored: Mapping[str, Any], config: ExperimentConfig) -> list[str]:
-    """Names of the fields (outside MAY_DIFFER) where a stored config differs from `config`."""
+    """Names of the fields (outside MAY_DIFFER) where a stored config differs from `config`.
+
+    A field missing from the stored config was added to ExperimentConfig after the run was made;
+    it counts as its default value (new fields default to the behaviour that existed before).
+    """
+    defaults = {f.name: f.default for f in fields(ExperimentConfig)}
     return sorted(k for k, v in config.to_dict().items()
-                  if k not in MAY_DIFFER and stored.get(k) != v)
+                  if k not in MAY_DIFFER and stored.get(k, defaults[k]) != v)
 
 
 def same_experiment(stored: Mapping[str, Any], config: ExperimentConfig) -> bool:
@@ -218,23 +223,24 @@ def load_client_scores(config: ExperimentConfig, history: History,
 
 def run_summary(config: ExperimentConfig, history: History | None, status: str) -> dict[str, Any]:
     """One table row: the protocol, then what the stored run measured and where it ran, or
-    (no run) the traffic it will cost. Accuracy is a fraction; traffic in GiB; time in minutes."""
+    (no run) the traffic it will cost. Accuracy is a fraction; traffic in GiB; time in minutes.
+    Values are rounded for display (4 decimals; MiB 3, minutes 1)."""
     row: dict[str, Any] = {
         "preset": config.preset, "variant": config.variant_name, "history": status,
         "profile": config.profile, "rounds": config.rounds,
         "clients / round": config.clients_per_round, "clients": config.num_clients,
     }
     if history is None:
-        row["planned traffic (GiB)"] = planned_traffic_gib(config)
+        row["planned traffic (GiB)"] = round(planned_traffic_gib(config), 4)
         return row
     hardware = history.hardware
     first = history.records[0]
     row.update({
         "rounds run": len(history),
-        "final accuracy": history.final_accuracy,
-        "traffic (GiB)": history.cumulative_gib()[-1],
-        "MiB / round": (first.bytes_up + first.bytes_down) / 2**20,
-        "training time (min)": history.wall_seconds / 60,
+        "final accuracy": round(history.final_accuracy, 4),
+        "traffic (GiB)": round(history.cumulative_gib()[-1], 4),
+        "MiB / round": round((first.bytes_up + first.bytes_down) / 2**20, 3),
+        "training time (min)": round(history.wall_seconds / 60, 1),
         "device": hardware.get("device_name"),
         "cores": hardware.get("cpu_count"),
         "torch": hardware.get("torch"), "flwr": hardware.get("flwr"),

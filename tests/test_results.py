@@ -40,6 +40,13 @@ def test_where_and_how_may_differ_but_not_what():
     assert differing_fields(CONFIG.replace(rounds=3, lr=0.05).to_dict(), CONFIG) == ["lr", "rounds"]
 
 
+def test_a_field_added_after_the_run_counts_as_its_default():
+    older = CONFIG.to_dict()
+    del older["seed"]  # as if the run predates the field: it ran with what the default does
+    assert same_experiment(older, CONFIG)
+    assert differing_fields(older, CONFIG.replace(seed=3)) == ["seed"]
+
+
 def test_load_or_train_without_training(tmp_path):
     assert load_or_train(CONFIG, tmp_path, train=False) == (None, "not run yet")
     stored(CONFIG, tmp_path, gamma=0.5)
