@@ -31,6 +31,7 @@ from fedpara.history import History, write_atomic
 __all__ = [
     "MAY_DIFFER",
     "ClientScores",
+    "client_accuracies",
     "client_scores_path",
     "differing_fields",
     "load_client_scores",
@@ -262,3 +263,18 @@ def how_to_run(configs: list[ExperimentConfig], chapter: str) -> str:
             f"or one run at a time:\n\n```bash\n{commands}\n```\n\n"
             "The table gives the traffic each run will cost (2 × clients per round × payload × "
             "rounds), computed from the models without training.")
+
+
+def client_accuracies(config: ExperimentConfig, history: History,
+                      results_dir: str | Path = "results") -> dict[int, float] | None:
+    """Partition id -> accuracy on its own held-out data after the last round, or None.
+
+    From the history's last record when it holds per-client accuracies (`scored_clients`,
+    `client_accuracy`: histories of newer runs), else from `load_client_scores`.
+    """
+    last = history.records[-1] if history.records else None
+    ids, accuracies = getattr(last, "scored_clients", None), getattr(last, "client_accuracy", None)
+    if ids and accuracies and len(ids) == len(accuracies):
+        return {int(p): float(a) for p, a in zip(ids, accuracies, strict=True)}
+    scores = load_client_scores(config, history, results_dir)
+    return scores.accuracies() if scores is not None else None

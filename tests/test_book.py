@@ -297,9 +297,11 @@ def test_smoke_profile_runs_through_papermill(name, tmp_path, fmnist_dir, monkey
     assert not list(results.rglob("*-full.json")), "a smoke run must never write a full history"
     assert "trained" in text and "a test of the machinery, not a result" in text
     assert ("FAKE DATA" in text) == (name in FAKE_DATA_CHAPTERS)
-    if PRESETS[preset].base.get("evaluation") == "clients":  # per-client spread, from checkpoint
-        scores = json.loads((results / preset / "clients" / f"{variant}-smoke.json").read_text())
-        assert scores["round"] == history["config"]["rounds"] and scores["clients"]
+    if PRESETS[preset].base.get("evaluation") == "clients":  # the per-client spread is shown
+        scores = results / preset / "clients" / f"{variant}-smoke.json"  # from the checkpoint
+        assert history["records"][-1].get("client_accuracy") or json.loads(scores.read_text())[
+            "clients"
+        ], "per-client accuracies: in the history, else recomputed from the final checkpoint"
         assert "clients scored" in text
     assert any(
         o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", [])

@@ -12,6 +12,7 @@ from fedpara.config import get_preset
 from fedpara.history import History, RoundRecord
 from fedpara.results import (
     ClientScores,
+    client_accuracies,
     client_scores_path,
     differing_fields,
     load_client_scores,
@@ -118,3 +119,19 @@ def test_score_clients_from_a_checkpoint(tmp_path, fmnist_dir):
     torch.save({**state, "round": 1}, tmp_path / "ckpt" / "round-00001.pt")  # mid-run
     with pytest.raises(ValueError, match="last round"):
         score_clients(config, tmp_path / "ckpt" / "round-00001.pt")
+
+
+def test_client_accuracies_prefer_the_history_then_stored_scores(tmp_path):
+    config = get_preset("fmnist-personal", variant="fedper", profile="smoke")
+    history = History(config=config.to_dict())
+    for r in range(1, config.rounds + 1):
+        history.append(RoundRecord(round=r, accuracy=0.75, loss=1.0, bytes_up=1, bytes_down=1,
+                                   cum_bytes=2 * r, wall_seconds=0.1))
+    assert client_accuracies(config, history, tmp_path) is None  # neither: no spread to show
+    ClientScores(config=config.to_dict(), round=config.rounds, correct={1: 1, 4: 2},
+                 examples={1: 2, 4: 2}).save(client_scores_path(config, tmp_path))
+    assert client_accuracies(config, history, tmp_path) == {1: 0.5, 4: 1.0}
+    last = history.records[-1]
+    if hasattr(last, "client_accuracy"):  # histories that record per-client accuracies
+        last.scored_clients, last.client_accuracy = [2, 3], [0.7, 0.8]
+        assert client_accuracies(config, history, tmp_path) == {2: 0.7, 3: 0.8}
