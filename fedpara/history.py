@@ -43,6 +43,8 @@ class RoundRecord:
     eval_clients: int = 0  # clients scored (client evaluation)
     untrained_clients: int = 0  # never trained so far: not scored, reported apart
     eval_bytes_down: int = 0  # global arrays sent for client evaluation (not in cum_bytes)
+    scored_clients: list[int] = field(default_factory=list)  # client evaluation: partition ids
+    client_accuracy: list[float] = field(default_factory=list)  # their accuracies, same order
 
 
 def hardware_info(device: str | None = None) -> dict[str, Any]:

@@ -155,15 +155,18 @@ class FedParaStrategy(FedAvg):
         """Held-out accuracy and loss over clients, weighted by their examples."""
         replies = list(replies)
         _raise_errors(replies, f"evaluation in round {server_round}")
-        metrics = [m.content[METRICS] for m in replies]
+        metrics = sorted((m.content[METRICS] for m in replies), key=lambda m: m[PARTITION_ID])
         examples = sum(int(m[NUM_EXAMPLES]) for m in metrics)
-        if examples == 0:
-            return MetricRecord({"accuracy": float("nan"), "loss": float("nan"), "examples": 0})
+        scored = [m for m in metrics if int(m[NUM_EXAMPLES]) > 0]
         return MetricRecord({
-            "accuracy": sum(float(m["correct"]) for m in metrics) / examples,
-            "loss": sum(float(m["loss"]) * int(m[NUM_EXAMPLES]) for m in metrics) / examples,
+            "accuracy": sum(float(m["correct"]) for m in metrics) / examples if examples else
+            float("nan"),
+            "loss": sum(float(m["loss"]) * int(m[NUM_EXAMPLES]) for m in scored) / examples
+            if examples else float("nan"),
             "examples": examples,
             "clients": len(metrics),
+            "scored-clients": [int(m[PARTITION_ID]) for m in scored],
+            "client-accuracy": [float(m["correct"]) / int(m[NUM_EXAMPLES]) for m in scored],
         })
 
     # node discovery and per-client state ---------------------------------------------------
@@ -291,6 +294,9 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         strategy.restore_local(grid, state["local"])
         first_round = state["round"] + 1
         log.info("resumed from %s", path)
+    elif config.checkpoint_dir:  # a fresh run: older checkpoints here belong to an older run
+        for old in Path(config.checkpoint_dir).glob("round-*.pt"):
+            old.unlink()
 
     test_batches = task.test_data(config) if config.evaluation == "server" else None
     cum_bytes = history.records[-1].cum_bytes if history.records else 0
@@ -307,6 +313,7 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         # 4. score the round
         eval_messages = list(
             strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        per_client: dict[str, Any] = {}
         if config.evaluation == "server":
             task.set_arrays(model, arrays.to_torch_state_dict())
             result = task.evaluate(model, test_batches, device=device)
@@ -315,7 +322,9 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
             metrics = strategy.aggregate_evaluate(
                 server_round, grid.send_and_receive(eval_messages))
             accuracy, loss = float(metrics["accuracy"]), float(metrics["loss"])
-            examples, scored = int(metrics["examples"]), int(metrics.get("clients", 0))
+            examples, scored = int(metrics["examples"]), int(metrics["clients"])
+            per_client = {"scored_clients": list(metrics["scored-clients"]),
+                          "client_accuracy": list(metrics["client-accuracy"])}
         untrained = config.num_clients - len(strategy.trained) if config.personalized else 0
 
         # 5. record, checkpoint, report
@@ -327,6 +336,7 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
             train_loss=float(train_metrics["train-loss"]), clients=strategy.sample(server_round),
             eval_examples=examples, eval_clients=scored, untrained_clients=untrained,
             eval_bytes_down=sum(array_bytes(m.content) for m in eval_messages),
+            **per_client,
         )
         history.append(record)
         if config.checkpoint_dir and (server_round % config.checkpoint_every == 0

@@ -356,6 +356,9 @@ def test_personalized_evaluation_scores_only_clients_that_trained(pfedpara_run):
         assert r.eval_clients == len(trained)
         assert r.untrained_clients == config.num_clients - len(trained)
         assert 0 < r.eval_examples and not math.isnan(r.accuracy)
+        # per-client scores, for the spread over clients; the mean is weighted by examples
+        assert r.scored_clients == sorted(trained) and len(r.client_accuracy) == len(trained)
+        assert min(r.client_accuracy) <= r.accuracy <= max(r.client_accuracy)
     # smoke-sized: after averaging W1 over clients of other classes, still well above chance
     assert history.records[-1].accuracy > 0.25
 
