@@ -80,9 +80,13 @@ class ExperimentConfig:
     # where and how it runs
     data_dir: str = ""  # "" = $FEDPARA_DATA, else ./data
     device: str = "auto"  # auto = CUDA if present, else CPU
-    fast_batches: bool = True  # client data resident on the device (data.TensorBatches)
+    # the fast path (task.py): client data resident on the device (data.TensorBatches) and, on
+    # CUDA, bf16 autocast, channels-last and cuDNN autotuning; False = DataLoader, fp32, contiguous
+    fast_batches: bool = True
     client_num_cpus: float = 1.0  # Ray resources per simulated client
-    client_num_gpus: float = 0.0  # 0 with device cuda means one client on the GPU at a time
+    # 0 with device cuda: one client on the GPU at a time, back to back in one Ray worker (the
+    # default; book/performance.md); a fraction f runs up to 1/f clients side by side on it
+    client_num_gpus: float = 0.0
     checkpoint_dir: str = ""  # "" = no checkpoints
     checkpoint_every: int = 10  # rounds between checkpoints
     results_dir: str = "results"  # where a `flwr run` ServerApp saves its history

@@ -8,11 +8,19 @@
 Imports with torch, torchvision and numpy only (partitioning needs flwr-datasets when it runs).
 Training is plain SGD without momentum or weight decay, re-created every round, as in the paper;
 the learning rate of a round comes from `ExperimentConfig.round_lr`. One optimization step is
-`train_step`: the place for GPU speed options (autocast, channels-last).
+`train_step`.
+
+The fast path (`config.fast_batches`, the default): a client's samples live on the training
+device as tensors (data.TensorBatches, crop and flip done there per batch) and, on CUDA, the step
+runs under bf16 autocast, in channels-last memory format, with cuDNN autotuning (`Speed`).
+`fast_batches=False` is the plain path: a DataLoader and fp32 contiguous math. On a CPU the fast
+path only changes the data path; the math stays fp32 (see book/performance.md for the timings).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -69,19 +77,30 @@ def init_model(config: ExperimentConfig) -> nn.Module:
     """The initial model: the same weights on the server and on every client (seeded).
 
     pFedPara uses personalized FedPara layers, W = W1 ⊙ (W2 + 1); `nonlinear` applies tanh to
-    each branch.
+    each branch. Each call returns a fresh copy of a model built once per process, so a client
+    called back to back pays a copy of the weights, not their random initialization.
     """
-    info = dataset_info(config.dataset)
-    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
-        torch.manual_seed(config.seed)
+    return copy.deepcopy(_initial_model(config.dataset, config.model, config.parameterization,
+                                        config.gamma, config.algorithm == "pfedpara",
+                                        config.nonlinear, config.seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _initial_model(dataset: str, model: str, parameterization: str, gamma: float,
+                   personalized: bool, nonlinear: bool, seed: int) -> nn.Module:
+    """The seeded initial model of these settings (never handed out: init_model copies it)."""
+    info = dataset_info(dataset)
+    # on the CPU whatever the default device, and without touching the caller's random state
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         return build_model(
-            config.model,
+            model,
             num_classes=info.num_classes,
             in_channels=info.in_channels,
-            parameterization=config.parameterization,
-            gamma=config.gamma,
-            personalized=config.algorithm == "pfedpara",
-            nonlinear=config.nonlinear,
+            parameterization=parameterization,
+            gamma=gamma,
+            personalized=personalized,
+            nonlinear=nonlinear,
         )
 
 
@@ -93,9 +112,11 @@ def split_keys(model: nn.Module, algorithm: str) -> tuple[list[str], list[str]]:
 
 
 def get_arrays(model: nn.Module, keys: Iterable[str]) -> OrderedDict[str, Tensor]:
-    """Detached CPU copies of the state_dict entries `keys`, in that order."""
+    """Detached, contiguous CPU copies of the state_dict entries `keys`, in that order."""
     state = model.state_dict()
-    return OrderedDict((k, state[k].detach().cpu().clone()) for k in keys)
+    return OrderedDict(
+        (k, state[k].detach().cpu().clone(memory_format=torch.contiguous_format)) for k in keys
+    )
 
 
 def set_arrays(model: nn.Module, arrays: Mapping[str, Tensor | np.ndarray]) -> None:
@@ -117,35 +138,91 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 # training and evaluation -------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
-    """One SGD step on a batch x (B, C, H, W), y (B,); returns the batch's mean loss (no sync)."""
+@dataclass(frozen=True)
+class Speed:
+    """How a training step runs. Only `bf16` changes the arithmetic; the other two change how
+    the same arithmetic is laid out and which kernels compute it.
+    """
+
+    bf16: bool = False  # autocast the forward to bfloat16 (weights, gradients, SGD stay fp32)
+    channels_last: bool = False  # NHWC layout for the images and the model's 4-D tensors
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms once per new shape (CUDA only)
+
+    @classmethod
+    def default(cls, device: torch.device | str, fast: bool = True) -> Speed:
+        """The fast path's options on `device`: all on for CUDA, all off elsewhere.
+
+        On a CPU, bf16 autocast is slower than fp32 without bf16 hardware (and faster with it),
+        and channels-last gives no consistent gain (book/performance.md), so the CPU default is
+        the plain arithmetic: never slower, and the same numbers as before.
+        """
+        on = fast and torch.device(device).type == "cuda"
+        return cls(bf16=on, channels_last=on, cudnn_benchmark=on)
+
+
+PLAIN = Speed()  # fp32, contiguous, cuDNN's heuristics: the reference arithmetic
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
+               bf16: bool = False) -> Tensor:
+    """One SGD step on a batch x (B, C, H, W), y (B,); returns the batch's mean loss (no sync).
+
+    bf16: run the forward under bfloat16 autocast (the loss and the backward's accumulation into
+    the fp32 gradients follow autocast's rules; FedPara weights are composed in fp32).
+    """
     optimizer.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = F.cross_entropy(model(x), y)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool):
+    """Turn cuDNN autotuning on for a block (it is a process-wide flag), then restore it."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled or before
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
-          device: torch.device | str = "cpu", seed: int | None = None) -> TrainResult:
+          device: torch.device | str = "cpu", seed: int | None = None,
+          speed: Speed | None = None) -> TrainResult:
     """`epochs` passes of SGD (no momentum, no weight decay) over `batches` at learning rate `lr`.
 
     `seed` seeds torch's global generator first (dropout, DataLoader augmentation); the shuffling
-    of TensorBatches comes from the generator it was built with.
+    of TensorBatches comes from the generator it was built with. `speed` defaults to the fast
+    path's options for the device when `batches` are TensorBatches (`Speed.default`), else to
+    the plain arithmetic; the model is returned in the contiguous layout either way.
     """
     if epochs < 1 or lr <= 0:
         raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
     device = torch.device(device)
+    if speed is None:
+        speed = Speed.default(device, fast=isinstance(batches, TensorBatches))
     if seed is not None:
         torch.manual_seed(seed)
     model.to(device).train()
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights (and FedPara cores) only
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     total, seen = torch.zeros((), device=device), 0
-    for _ in range(epochs):
-        for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            total += train_step(model, optimizer, x, y) * len(y)
-            seen += len(y)
+    try:
+        with _cudnn_benchmark(speed.cudnn_benchmark and device.type == "cuda"):
+            for _ in range(epochs):
+                for x, y in batches:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if speed.channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    total += train_step(model, optimizer, x, y, bf16=speed.bf16) * len(y)
+                    seen += len(y)
+    finally:
+        if speed.channels_last:
+            model.to(memory_format=torch.contiguous_format)
     return TrainResult(loss=float(total) / max(seen, 1), num_examples=_num_samples(batches))
 
 
@@ -168,9 +245,12 @@ def evaluate(model: nn.Module, batches: Batches, *, device: torch.device | str =
 
 
 def _num_samples(batches: Batches) -> int:
+    """Samples in one pass: TensorBatches' tensors, a DataLoader's dataset, or a list's batches."""
     if isinstance(batches, TensorBatches):
         return len(batches.x)
-    return len(batches.dataset)  # a DataLoader
+    if isinstance(batches, torch.utils.data.DataLoader):
+        return len(batches.dataset)
+    return sum(len(y) for _, y in batches)
 
 
 # data --------------------------------------------------------------------------------------
@@ -201,8 +281,14 @@ def _client_indices(dataset: str, data_dir: str, scheme: str, num_clients: int, 
     return parts, holdouts
 
 
-def _batches(split, indices, config: ExperimentConfig, device: torch.device, *, train: bool,
-             seed: int) -> Batches:
+def make_batches(split, indices, config: ExperimentConfig, device: torch.device, *, train: bool,
+                 seed: int) -> Batches:
+    """Batches over `split[indices]` as the config serves them (without any partitioning).
+
+    `config.fast_batches`: TensorBatches on `device` (shuffled and, for a CIFAR training split,
+    cropped and flipped there, from a generator seeded with `seed`); else a DataLoader.
+    Training batches hold `config.batch_size` images, evaluation batches EVAL_BATCH_SIZE.
+    """
     batch_size = config.batch_size if train else EVAL_BATCH_SIZE
     if not config.fast_batches:
         return make_loader(split, indices, batch_size, shuffle=train, seed=seed)
@@ -232,8 +318,8 @@ def client_data(config: ExperimentConfig, partition_id: int, *, seed: int = 0,
         train_indices = np.sort(rng.choice(train_indices, config.client_samples, replace=False))
     holdout = holdouts[partition_id]
     return ClientData(
-        train=_batches(train_set, train_indices, config, device, train=True, seed=seed),
-        holdout=_batches(test_set, holdout, config, device, train=False, seed=seed),
+        train=make_batches(train_set, train_indices, config, device, train=True, seed=seed),
+        holdout=make_batches(test_set, holdout, config, device, train=False, seed=seed),
         num_train=len(train_indices),
         num_holdout=len(holdout),
     )
@@ -244,4 +330,4 @@ def test_data(config: ExperimentConfig, device: torch.device | None = None) -> B
     device = device or resolve_device(config.device)
     _, test_set = _splits(config.dataset, config.data_dir)
     n = min(config.eval_samples or len(test_set), len(test_set))
-    return _batches(test_set, np.arange(n), config, device, train=False, seed=0)
+    return make_batches(test_set, np.arange(n), config, device, train=False, seed=0)

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check: one script for a fresh machine with torch, torchvision and matplotlib only
+# (no flwr, no Ray, no internet). From the repository root:
+#
+#   bash benchmarks/gpu_check.sh                      # on the GPU machine: about 3-4 minutes
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # a quick run on a CPU
+#
+# Steps (each under its own time limit, so the whole stays under 5 minutes; a failed step does
+# not stop the others, and the exit status says whether any failed):
+#   1. benchmarks/throughput.py: training images/s of VGG16-GN original / FedPara 0.1 / 0.4, the
+#      baseline's way vs the fast path (+ ablations), overheads, projected preset wall times, and
+#      1, 2 and 4 client processes side by side on the device (the stand-in for Ray's
+#      fractional GPUs)                                 -> throughput-<device>.json
+#   2. a 3-round FedAvg smoke over fedpara.task without Flower, fast and plain path, on fake
+#      CIFAR-10 files                                   -> gpu-smoke-<device>.json
+#   3. benchmarks/layer_overhead.py with bf16 and channels-last (the fast path's settings)
+#                                                       -> layer_overhead-<device>.json
+# Results go to $OUT when it is set (the device tool's output folder), else benchmarks/results/.
+# Copy them into benchmarks/results/ and commit them; book/performance.md reads them from there.
+# GPU_CHECK_TINY=1 shrinks every step to seconds: it checks the script, it measures nothing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed
+PY="${PYTHON:-python3}"
+DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+RESULTS="${OUT:-benchmarks/results}"
+mkdir -p "$RESULTS"
+
+if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
+  THROUGHPUT=(--batch 4 --samples 4 --repeats 1 --gammas 0.1 --paths baseline plain fast
+              --eval-samples 4 --threads 1 --parallel 2 --parallel-work 2)
+  SMOKE=(--smoke-rounds 1 --smoke-clients 2 --smoke-samples 8 --batch 4 --threads 1)
+  OVERHEAD=(--repeats 1 --steps 1 --batch 4 --threads 1 --variants original fedpara)
+else
+  THROUGHPUT=(--parallel 1 2 4)
+  SMOKE=(--smoke-rounds 3)
+  OVERHEAD=(--bf16 --channels-last)
+fi
+
+# what the machine has (environment.txt), and the device's name as a file-name slug
+ENV_SCRIPT='
+import platform, sys, torch, torchvision
+sys.path.insert(0, "benchmarks")
+from layer_overhead import device_name
+from throughput import slug
+lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
+         f"torchvision {torchvision.__version__}", f"cuda available {torch.cuda.is_available()}"]
+if torch.cuda.is_available():
+    lines += [f"device {torch.cuda.get_device_name()}", f"cuda {torch.version.cuda}",
+              f"cudnn {torch.backends.cudnn.version()}"]
+for name in ("flwr", "ray"):
+    try:
+        __import__(name)
+        lines.append(f"{name} importable")
+    except ImportError:
+        lines.append(f"{name} not installed")
+open(sys.argv[1], "w").write("\n".join(lines) + "\n")
+print("\n".join(lines), file=sys.stderr)
+print(slug(device_name(torch.device(sys.argv[2]))))
+'
+SLUG=$("$PY" -c "$ENV_SCRIPT" "$RESULTS/environment.txt" "$DEVICE") \
+  || { echo "cannot import torch or the benchmarks: nothing measured"; exit 1; }
+echo "device slug: $SLUG"
+
+failed=0
+step() {  # step <name> <seconds> <command...>
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  if timeout "$limit" "$@"; then
+    echo "== $name: ok in $((SECONDS - start)) s"
+  else
+    echo "== $name: FAILED (status $?) after $((SECONDS - start)) s"
+    failed=1
+  fi
+}
+
+step throughput 190 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
+  --out "$RESULTS/throughput-$SLUG.json"
+step smoke 50 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
+  --out "$RESULTS/gpu-smoke-$SLUG.json"
+step layer_overhead 40 "$PY" benchmarks/layer_overhead.py --device "$DEVICE" "${OVERHEAD[@]}" \
+  --out "$RESULTS/layer_overhead-$SLUG.json"
+
+ls -l "$RESULTS"
+exit $failed

@@ -1,0 +1,581 @@
+"""Training throughput of VGG16-GN, the baseline's way against the fast path, and what it means
+for the wall time of each full CIFAR preset.
+
+    python benchmarks/throughput.py                      # CUDA if present, else the CPU
+    python benchmarks/throughput.py --device cpu --threads 1 --samples 192 --repeats 3 --gammas 0.1
+    python benchmarks/throughput.py --parallel 1 2 4     # also: clients side by side on one device
+    python benchmarks/throughput.py --smoke-rounds 3 --smoke-only   # a 3-round FedAvg, both paths
+
+One measurement is one client's local epoch: `--samples` CIFAR-shaped random uint8 images (500 is
+a CIFAR-10 client of the paper's 100-client split) at batch 64 through `fedpara.task.train`, from
+the start of the epoch (loader workers starting, optimizer built) to the last step's loss on the
+host. The paths:
+
+  baseline            the Flower baseline's way: a torchvision DataLoader over PIL images with
+                      RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize and
+                      2 workers (its dataset.py), fp32, contiguous memory
+  plain               fedpara's plain path (`fast_batches=False`): its DataLoader, fp32, contiguous
+  fast                fedpara's fast path: the images on the device (TensorBatches), and on CUDA
+                      bf16 autocast, channels-last and cuDNN autotuning (task.Speed.default)
+  fast-fp32, fast-nchw, fast-no-autotune   (CUDA) the fast path with one switch off
+  fast+bf16, fast+channels-last            (CPU) the fast path with one switch on
+
+Models: the original VGG16-GN and FedPara for each of `--gammas` (10 classes). Models and paths
+are interleaved, the order reversed every repeat; medians are reported.
+
+Per-round overhead, measured on the fast path for each model: building a client (init_model and
+its batches), one trip of the model between server and client (state_dict copies, NumPy
+serialization plus SHA-256 as Flower's `Array` does, deserialization into a model), the server's
+weighted average per client, and the evaluation on the 10,000 test images. Then
+
+    wall(preset) = rounds × [clients × (setup + 2·trip + average + epochs·samples / throughput)
+                             + evaluation]
+
+Flower's own messaging (Ray, protobuf, chunking) is not included: it cannot run here without flwr.
+
+`--parallel K ...` trains `--parallel-work` client-epochs split over K processes sharing the
+device (a stand-in, without Ray, for Flower's fractional `client-num-gpus`), against K = 1.
+`--smoke-rounds N` runs N rounds of a plain FedAvg loop over fedpara.task (no Flower) on fake
+CIFAR-10 files, for the fast and the plain path, and records both accuracy trajectories.
+
+Imports torch, torchvision, numpy, PIL and fedpara's training path only (no flwr, no Ray).
+Writes benchmarks/results/throughput-<device>.json (`--out` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import io
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layer_overhead import device_name, sync, write_json  # noqa: E402
+
+from fedpara import task  # noqa: E402
+from fedpara.config import ExperimentConfig, get_preset  # noqa: E402
+from fedpara.data import ImageDataset, dataset_info, load_dataset, make_loader  # noqa: E402
+from fedpara.fakedata import write_fake_cifar  # noqa: E402
+from fedpara.models import build_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+LR = 1e-3  # small: the labels are random and only the time matters
+BASELINE_WORKERS = 2  # the Flower baseline's CIFAR train loaders (dataset.py)
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000  # images per split: what a full preset trains and scores
+PRESETS = ("cifar10-iid", "cifar10-noniid", "cifar100-iid", "cifar100-noniid")
+
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from NVIDIA's datasheets, by a
+# substring of torch.cuda.get_device_name; the first match wins.
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("NVIDIA L4", 121e12),
+)
+
+PATHS = ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune", "fast+bf16",
+         "fast+channels-last")
+DEFAULT_PATHS = {
+    "cuda": ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune"),
+    "cpu": ("baseline", "plain", "fast", "fast+bf16", "fast+channels-last"),
+}
+
+
+# helpers ------------------------------------------------------------------------------------
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (file-name safe)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def peak_bf16_flops(name: str) -> float | None:
+    """The device's dense bf16 peak in FLOP/s, or None when it is not in PEAK_BF16."""
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def random_cifar(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n random CIFAR-shaped images, uint8 (n, 32, 32, 3), and labels (n,) in 0..9."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def model_names(gammas: list[float]) -> list[str]:
+    return ["original", *(f"fedpara-{g:g}" for g in gammas)]
+
+
+def config_for(name: str, device: torch.device, batch: int, fast: bool = True
+               ) -> ExperimentConfig:
+    """A CIFAR-10 VGG16 config for model `name` ('original' or 'fedpara-<gamma>')."""
+    fedpara = name.startswith("fedpara-")
+    return ExperimentConfig(
+        dataset="cifar10", model="vgg16", batch_size=batch, device=str(device),
+        parameterization="fedpara" if fedpara else "original",
+        gamma=float(name.split("-", 1)[1]) if fedpara else 0.1, fast_batches=fast,
+    )
+
+
+class PILImages(Dataset):
+    """CIFAR as torchvision serves it: a PIL image per sample through the transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def baseline_loader(images: np.ndarray, labels: np.ndarray, batch: int, workers: int
+                    ) -> DataLoader:
+    info = dataset_info("cifar10")
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(info.mean, info.std)])
+    return DataLoader(PILImages(images, labels, transform), batch_size=batch, shuffle=True,
+                      num_workers=workers)
+
+
+def path_batches(path: str, split: ImageDataset, name: str, device: torch.device, batch: int,
+                 workers: int):
+    """(batches, task.Speed) of one path over a client's training images."""
+    if path == "baseline":
+        return baseline_loader(split.data, split.labels, batch, workers), task.PLAIN
+    if path == "plain":
+        return make_loader(split, None, batch, shuffle=True, seed=0), task.PLAIN
+    batches = task.make_batches(split, None, config_for(name, device, batch), device, train=True,
+                                seed=0)
+    speed = task.Speed.default(device)
+    switch = {"fast": {}, "fast-fp32": {"bf16": False}, "fast-nchw": {"channels_last": False},
+              "fast-no-autotune": {"cudnn_benchmark": False}, "fast+bf16": {"bf16": True},
+              "fast+channels-last": {"channels_last": True}}[path]
+    return batches, dataclasses.replace(speed, **switch)
+
+
+def epoch_seconds(model, batches, speed, device: torch.device) -> float:
+    """Wall time of one local epoch through task.train (it ends on the host, so it is synced)."""
+    sync(device)
+    start = time.perf_counter()
+    task.train(model, batches, epochs=1, lr=LR, device=device, speed=speed)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def step_flops(name: str, batch: int) -> int:
+    """FLOPs of one forward + backward of the model on a batch (FlopCounterMode, meta tensors).
+
+    For FedPara this includes composing the weights and rebuilding them in the backward.
+    """
+    config = config_for(name, torch.device("cpu"), batch)
+    with torch.device("meta"):  # shapes only: nothing is computed or allocated
+        model = build_model("vgg16", num_classes=10, parameterization=config.parameterization,
+                            gamma=config.gamma)
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops()
+
+
+def epoch_flops(name: str, samples: int, batch: int) -> int:
+    full, rest = divmod(samples, batch)
+    return full * step_flops(name, batch) + (step_flops(name, rest) if rest else 0)
+
+
+# per-round overhead --------------------------------------------------------------------------
+
+
+def _serialize(arrays) -> list[bytes]:
+    """What Flower's Array does to each tensor: np.save into bytes (and a SHA-256 object id)."""
+    blobs = []
+    for tensor in arrays.values():
+        buffer = io.BytesIO()
+        np.save(buffer, tensor.numpy(), allow_pickle=False)
+        blob = buffer.getvalue()
+        hashlib.sha256(blob).digest()
+        blobs.append(blob)
+    return blobs
+
+
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def overheads(name: str, split: ImageDataset, test: ImageDataset, device: torch.device,
+              batch: int, repeats: int) -> dict:
+    """Seconds per client (setup, one trip, average) and per test image (evaluation)."""
+    config = config_for(name, device, batch)
+    model = task.init_model(config).to(device)  # also builds init_model's cached template
+    keys, _ = task.split_keys(model, "fedavg")
+
+    def setup():
+        task.init_model(config)
+        task.make_batches(split, None, config, device, train=True, seed=0)
+
+    def trip():
+        arrays = task.get_arrays(model, keys)
+        blobs = _serialize(arrays)
+        back = {k: torch.from_numpy(np.load(io.BytesIO(b), allow_pickle=False))
+                for k, b in zip(keys, blobs, strict=True)}
+        task.set_arrays(model, back)
+
+    clients = [{k: v.numpy() for k, v in task.get_arrays(model, keys).items()} for _ in range(4)]
+    weights = np.full(len(clients), 1 / len(clients))
+
+    def average():  # as the ServerApp: float64 sums in client order, back to the arrays' dtype
+        for key in keys:
+            arrays = [c[key] for c in clients]
+            mean = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays, strict=True))
+            np.asarray(mean).astype(arrays[0].dtype)
+
+    eval_batches = task.make_batches(test, None, config, device, train=False, seed=0)
+    return {
+        "client_setup_seconds": _median_seconds(setup, repeats, device),
+        "trip_seconds": _median_seconds(trip, repeats, device),
+        "average_seconds_per_client": _median_seconds(average, repeats, device) / len(clients),
+        "eval_seconds_per_image": _median_seconds(
+            lambda: task.evaluate(model, eval_batches, device=device), repeats, device
+        ) / len(test),
+        "model_bytes": sum(a.nbytes for a in clients[0].values()),
+    }
+
+
+def project(throughput: float, over: dict, preset: str) -> dict:
+    """Wall time of a full preset from an images/s figure and the measured overheads."""
+    c = get_preset(preset, profile="full")
+    samples = CIFAR_TRAIN / c.num_clients  # images per client (on average for non-IID splits)
+    per_client = (over["client_setup_seconds"] + 2 * over["trip_seconds"]
+                  + over["average_seconds_per_client"] + c.local_epochs * samples / throughput)
+    per_round = c.clients_per_round * per_client + CIFAR_TEST * over["eval_seconds_per_image"]
+    return {"seconds": c.rounds * per_round, "rounds": c.rounds, "clients": c.clients_per_round,
+            "epochs": c.local_epochs, "samples_per_client": samples,
+            "training_fraction": c.clients_per_round * c.local_epochs * samples / throughput
+            / per_round}
+
+
+def preset_model(preset: str, variant: str) -> str:
+    c = get_preset(preset, variant=variant, profile="full")
+    return "original" if variant == "original" else f"fedpara-{c.gamma:g}"
+
+
+# clients side by side ----------------------------------------------------------------------
+
+
+def parallel_worker(rank: int, name: str, device: str, samples: int, batch: int, epochs: int,
+                    threads: int | None, barrier, results) -> None:
+    """One process: a model and a client's images on the device, then `epochs` client-epochs."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device)
+    images, labels = random_cifar(samples, seed=rank)
+    split = ImageDataset("cifar10", images, labels, train=True)
+    model = task.init_model(config_for(name, device, batch))
+    batches, speed = path_batches("fast", split, name, device, batch, 0)
+    epoch_seconds(model, batches, speed, device)  # warm-up (cuDNN autotuning, allocator)
+    barrier.wait()
+    start = time.time()
+    for _ in range(epochs):
+        task.train(model, batches, epochs=1, lr=LR, device=device, speed=speed)
+    sync(device)
+    results.put((start, time.time()))
+
+
+def parallel_clients(k: int, name: str, device: torch.device, samples: int, batch: int,
+                     work: int, threads: int | None) -> dict:
+    """Images/s of `work` client-epochs spread over k processes on the same device."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(k), ctx.Queue()
+    shares = [work // k + (i < work % k) for i in range(k)]
+    procs = [ctx.Process(target=parallel_worker, args=(i, name, str(device), samples, batch,
+                                                      shares[i], threads, barrier, results))
+             for i in range(k)]
+    for p in procs:
+        p.start()
+    spans = [results.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"a parallel worker exited with {p.exitcode}")
+    wall = max(end for _, end in spans) - min(start for start, _ in spans)
+    return {"processes": k, "client_epochs": work, "seconds": wall,
+            "images_per_second": work * samples / wall}
+
+
+# FedAvg without Flower -----------------------------------------------------------------------
+
+
+def fedavg(config: ExperimentConfig, *, speed: task.Speed | None = None) -> list[dict]:
+    """`config.rounds` rounds of FedAvg over fedpara.task alone (no Flower, no flwr-datasets).
+
+    IID split of the training set (a seeded permutation cut into `num_clients` parts, each
+    trimmed to `client_samples` if set); each round `clients_per_round` clients drawn from
+    (seed, round) train from the global model with the round's lr, their arrays are averaged
+    weighted by examples (float64 sums, as the ServerApp), and the global model is scored on the
+    first `eval_samples` test images. Returns one record per round.
+    """
+    device = task.resolve_device(config.device)
+    train_set, _ = task.load_splits(config)
+    parts = np.array_split(np.random.default_rng(config.seed).permutation(len(train_set)),
+                           config.num_clients)
+    if config.client_samples:
+        parts = [np.sort(p[: config.client_samples]) for p in parts]
+    model = task.init_model(config)
+    keys, _ = task.split_keys(model, "fedavg")
+    global_arrays = task.get_arrays(model, keys)
+    test = task.test_data(config, device)
+    records = []
+    for server_round in range(1, config.rounds + 1):
+        sync(device)
+        start = time.perf_counter()
+        rng = np.random.default_rng([config.seed, server_round])
+        chosen = sorted(rng.choice(config.num_clients, config.clients_per_round, replace=False))
+        replies, losses = [], []
+        for pid in chosen:
+            client = task.init_model(config)
+            task.set_arrays(client, global_arrays)
+            seed = task.client_seed(config.seed, server_round, int(pid))
+            batches = task.make_batches(train_set, parts[pid], config, device, train=True,
+                                        seed=seed)
+            result = task.train(client, batches, epochs=config.local_epochs,
+                                lr=config.round_lr(server_round), device=device, seed=seed,
+                                speed=speed)
+            replies.append((result.num_examples, task.get_arrays(client, keys)))
+            losses.append(result.loss)
+        total = sum(n for n, _ in replies)
+        global_arrays = {
+            k: sum((n / total) * a[k].double() for n, a in replies).to(global_arrays[k].dtype)
+            for k in keys
+        }
+        task.set_arrays(model, global_arrays)
+        scored = task.evaluate(model, test, device=device)
+        sync(device)
+        records.append({"round": server_round, "accuracy": scored.accuracy, "loss": scored.loss,
+                        "train_loss": float(np.mean(losses)),
+                        "seconds": time.perf_counter() - start})
+    return records
+
+
+def smoke(rounds: int, clients: int, samples: int, batch: int, device: torch.device,
+          data_dir: Path) -> dict:
+    """A few FedAvg rounds of VGG16 FedPara γ=0.1 on fake CIFAR-10 files: fast vs plain path."""
+    write_fake_cifar(data_dir, "cifar10", n_train=clients * samples, n_test=max(samples, 64),
+                     seed=0)
+    config = ExperimentConfig(dataset="cifar10", model="vgg16", parameterization="fedpara",
+                              gamma=0.1, num_clients=clients, clients_per_round=clients,
+                              rounds=rounds, local_epochs=1, batch_size=batch, lr=0.05,
+                              data_dir=str(data_dir), device=str(device))
+    load_dataset("cifar10", data_dir, download=False)  # fail here, clearly, if the files are bad
+    return {
+        "data": f"fake CIFAR-10 ({clients} clients x {samples} images; fedpara.fakedata)",
+        "config": config.to_dict(),
+        "fast": fedavg(config),
+        "plain": fedavg(config.replace(fast_batches=False)),
+    }
+
+
+# main ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=64, help="images per step (the paper's 64)")
+    p.add_argument("--samples", type=int, default=500, help="images per client epoch")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--gammas", type=float, nargs="+", default=[0.1, 0.4])
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=None,
+                   help="default: the device's DEFAULT_PATHS")
+    p.add_argument("--workers", type=int, default=BASELINE_WORKERS, help="baseline's workers")
+    p.add_argument("--eval-samples", type=int, default=CIFAR_TEST,
+                   help="test images timed for the evaluation overhead (scaled to 10,000)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--parallel", type=int, nargs="*", default=[],
+                   help="process counts for the side-by-side clients measurement (e.g. 1 2 4)")
+    p.add_argument("--parallel-work", type=int, default=16, help="client-epochs in that test")
+    p.add_argument("--parallel-model", default="fedpara-0.1")
+    p.add_argument("--smoke-rounds", type=int, default=0, help="FedAvg rounds on fake CIFAR-10")
+    p.add_argument("--smoke-clients", type=int, default=4, help="clients (all train each round)")
+    p.add_argument("--smoke-samples", type=int, default=500, help="images per smoke client")
+    p.add_argument("--smoke-only", action="store_true", help="skip the throughput measurement")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default: benchmarks/results/throughput-<device>.json)")
+    args = p.parse_args(argv)
+    for name in ("batch", "samples", "repeats", "eval_samples", "parallel_work", "smoke_clients",
+                 "smoke_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.smoke_rounds < 0 or any(k < 1 for k in args.parallel):
+        raise ValueError("--smoke-rounds must be >= 0 and --parallel counts >= 1")
+    if args.smoke_only and not args.smoke_rounds:
+        raise ValueError("--smoke-only needs --smoke-rounds N (N >= 1)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dev_name = device_name(device)
+    record = {
+        "benchmark": "throughput",
+        "device": dev_name,
+        "device_type": device.type,
+        "device_slug": slug(dev_name),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    name = "gpu-smoke" if args.smoke_only else "throughput"
+    out = args.out or RESULTS / f"{name}-{record['device_slug']}.json"
+    # the JSON is rewritten after each part, so a run stopped by a time limit keeps what it has
+    if not args.smoke_only:
+        record.update(measure_throughput(args, device, dev_name))
+        write_json(out, record)
+    if args.parallel:
+        record["parallel_clients"] = [
+            parallel_clients(k, args.parallel_model, device, args.samples, args.batch,
+                             args.parallel_work, args.threads) for k in args.parallel]
+        write_json(out, record)
+    if args.smoke_rounds:
+        with tempfile.TemporaryDirectory() as tmp:
+            record["smoke"] = smoke(args.smoke_rounds, args.smoke_clients, args.smoke_samples,
+                                    args.batch, device, Path(tmp))
+    report(record)
+    write_json(out, record)
+    print(f"wrote {out}")
+    return record
+
+
+def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name: str) -> dict:
+    """Everything but the smoke run: images/s per model and path, overheads, projections."""
+    paths = tuple(args.paths or DEFAULT_PATHS["cuda" if device.type == "cuda" else "cpu"])
+    names = model_names(args.gammas)
+
+    torch.manual_seed(0)
+    images, labels = random_cifar(args.samples, seed=0)
+    split = ImageDataset("cifar10", images, labels, train=True)
+    test = ImageDataset("cifar10", *random_cifar(args.eval_samples, seed=1), train=False)
+    models = {n: task.init_model(config_for(n, device, args.batch)) for n in names}
+    batches = {(n, p): path_batches(p, split, n, device, args.batch, args.workers)
+               for n in names for p in paths}
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    # warm-up (cuDNN autotuning, allocator, first worker start), then interleaved repeats
+    for (n, p), (b, s) in batches.items():
+        epoch_seconds(models[n], b, s, device)
+    times: dict[str, dict[str, list[float]]] = {n: {p: [] for p in paths} for n in names}
+    order = list(batches)
+    for r in range(args.repeats):
+        for n, p in order if r % 2 == 0 else reversed(order):
+            times[n][p].append(epoch_seconds(models[n], *batches[n, p], device))
+            print(f"  repeat {r + 1}/{args.repeats} {n:12s} {p:18s} {times[n][p][-1]:.3f} s",
+                  flush=True)
+    ips = {n: {p: args.samples / statistics.median(t) for p, t in times[n].items()}
+           for n in names}
+
+    flops = {n: epoch_flops(n, args.samples, args.batch) for n in names}
+    peak = peak_bf16_flops(dev_name) if device.type == "cuda" else None
+    achieved = {n: {p: flops[n] * ips[n][p] / args.samples for p in paths} for n in names}
+    over = {n: overheads(n, split, test, device, args.batch, args.repeats) for n in names}
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    record = {
+        "load_average": [load_before, load_after],
+        "settings": {"batch": args.batch, "samples_per_epoch": args.samples,
+                     "repeats": args.repeats, "baseline_workers": args.workers,
+                     "models": names, "paths": list(paths), "eval_samples": args.eval_samples,
+                     "speed_default": dataclasses.asdict(task.Speed.default(device))},
+        "epoch_seconds": times,
+        "images_per_second": ips,
+        "ratio_fast_to_baseline": {n: ips[n]["fast"] / ips[n]["baseline"] for n in names
+                                   if {"fast", "baseline"} <= set(paths)},
+        "ratio_fast_to_plain": {n: ips[n]["fast"] / ips[n]["plain"] for n in names
+                                if {"fast", "plain"} <= set(paths)},
+        # time of FedPara per image over the original's, per path (the issue's FedPara/original)
+        "time_ratio_fedpara_to_original": {
+            n: {p: ips["original"][p] / ips[n][p] for p in paths} for n in names[1:]},
+        "flops_per_epoch": flops,
+        "flops_per_image": {n: flops[n] / args.samples for n in names},
+        "achieved_flops_per_second": achieved,
+        "peak_bf16_flops_per_second": peak,
+        "fraction_of_bf16_peak": {n: {p: a / peak for p, a in achieved[n].items()}
+                                  for n in names} if peak else None,
+        "overheads": over,
+    }  # fmt: skip
+    projections = {}
+    for preset in PRESETS:
+        for variant in ("original", "fedpara"):
+            name = preset_model(preset, variant)
+            if name in names:
+                projections[f"{preset}/{variant}"] = {
+                    "model": name,
+                    **{p: project(ips[name][p], over[name], preset)
+                       for p in ("baseline", "fast") if p in paths},
+                }
+    record["projected_full_presets"] = projections
+    return record
+
+
+def report(record: dict) -> None:
+    print(f"\n{record['device']} ({record['device_type']}, {record['threads']} thread(s)), "
+          f"torch {record['torch']}")
+    if "images_per_second" in record:
+        report_throughput(record)
+    if "smoke" in record:
+        for path in ("fast", "plain"):
+            accs = ", ".join(f"{r['accuracy']:.3f}" for r in record["smoke"][path])
+            print(f"smoke FedAvg {path:5s} accuracy by round: {accs}")
+
+
+def report_throughput(record: dict) -> None:
+    print("training images per second:")
+    paths = record["settings"]["paths"]
+    print(f"{'model':14s}" + "".join(f"{p:>20s}" for p in paths))
+    for n, row in record["images_per_second"].items():
+        print(f"{n:14s}" + "".join(f"{row[p]:20.1f}" for p in paths))
+    for key in ("ratio_fast_to_baseline", "ratio_fast_to_plain"):
+        print(f"{key}: " + ", ".join(f"{n} {v:.2f}" for n, v in record[key].items()))
+    for n, row in record["time_ratio_fedpara_to_original"].items():
+        print(f"time ratio {n}/original: " + ", ".join(f"{p} {v:.2f}" for p, v in row.items()))
+    if record["fraction_of_bf16_peak"]:
+        for n, row in record["fraction_of_bf16_peak"].items():
+            print(f"fraction of bf16 peak, {n}: {row.get('fast', math.nan):.2%} (fast)")
+    print("projected wall time of the full presets (minutes):")
+    for key, proj in record["projected_full_presets"].items():
+        cells = ", ".join(f"{p} {v['seconds'] / 60:.1f}" for p, v in proj.items() if p != "model")
+        print(f"  {key:28s} {cells}")
+    for row in record.get("parallel_clients", []):
+        print(f"{row['processes']} process(es) side by side: {row['images_per_second']:.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()
