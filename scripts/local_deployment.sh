@@ -4,7 +4,7 @@
 # started, by PID. What docs/flower.md describes for several machines, on one.
 #
 #   scripts/local_deployment.sh                      # 2 rounds of a small FedPara MLP
-#   scripts/local_deployment.sh "rounds=3 lr=0.05"   # extra run-config overrides
+#   scripts/local_deployment.sh "rounds=3 lr=0.05"   # run-config overrides (they win)
 #
 # Needs the venv (make install) and Fashion-MNIST (Debian's dataset-fashion-mnist). Offline:
 # the app runs in this environment (no `uv sync`), with a private FLWR_HOME. Exit status 0 when
@@ -74,18 +74,28 @@ address = "127.0.0.1:$LINK_PORT"
 insecure = true
 EOF
 
-# 4. submit the app and follow its log until it ends
+# 4. wait until the SuperLink listens, then submit the app and follow its log until it ends
+"$BIN/python" - "$LINK_PORT" <<'EOF'
+import socket, sys, time
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.5)
+else:
+    sys.exit("the SuperLink did not start listening within 60 s")
+EOF
 RESULTS="$WORK/results"
-CONFIG="num-clients=$NUM_NODES clients-per-round=$NUM_NODES rounds=2 partition='iid'"
-CONFIG="$CONFIG client-samples=2000 eval-samples=2000"
-CONFIG="$CONFIG device='cpu' results-dir='$RESULTS' $EXTRA_CONFIG"
-cd "$ROOT"
-for attempt in 1 2 3 4 5 6 7 8 9 10; do  # the SuperLink takes a moment to listen
-  if flwr run . loopback --stream --run-config "$CONFIG" >"$WORK/run.log" 2>&1; then break; fi
-  if grep -q "Successfully started run" "$WORK/run.log"; then break; fi
-  sleep 1
+CONFIG=""
+for pair in "num-clients=$NUM_NODES" "clients-per-round=$NUM_NODES" "rounds=2" \
+            "partition='iid'" "client-samples=2000" "eval-samples=2000" "device='cpu'"; do
+  case " $EXTRA_CONFIG" in *" ${pair%%=*}="*) ;; *) CONFIG="$CONFIG $pair" ;; esac  # extra wins
 done
-cat "$WORK/run.log"
+CONFIG="$CONFIG results-dir='$RESULTS' $EXTRA_CONFIG"
+cd "$ROOT"
+flwr run . loopback --stream --run-config "$CONFIG" 2>&1 | tee "$WORK/run.log"
 
 # 5. `flwr run` exits 0 even when the run failed: ask the SuperLink for its status
 flwr ls loopback --format json >"$WORK/ls.json"

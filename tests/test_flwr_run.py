@@ -90,9 +90,9 @@ def test_flwr_run_on_the_local_simulation_federation(fmnist_dir, tmp_path):
 
 
 def test_loopback_deployment_with_two_supernodes(fmnist_dir):
-    """A SuperLink and two SuperNodes (partition-id 0 and 1) on loopback; ~1 minute."""
+    """A SuperLink and two SuperNodes (partition-id 0 and 1) on loopback, one round (~1 min)."""
     script = REPO / "scripts" / "local_deployment.sh"
-    done = subprocess.run([str(script), f"data-dir='{fmnist_dir}'"], cwd=REPO,
+    done = subprocess.run([str(script), f"rounds=1 data-dir='{fmnist_dir}'"], cwd=REPO,
                           capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "runs: ['finished:completed']" in done.stdout
