@@ -21,7 +21,11 @@ host. The paths:
   fast+bf16, fast+channels-last            (CPU) the fast path with one switch on
 
 Models: the original VGG16-GN and FedPara for each of `--gammas` (10 classes). Models and paths
-are interleaved, the order reversed every repeat; medians are reported.
+are interleaved, the order reversed every repeat; images/s are medians over the repeats, and the
+ratios are medians of the ratios within each repeat (robust to the load of a shared machine).
+
+The data paths alone (baseline, plain, fast: the same images, batches moved to the device, no
+model) are timed as well.
 
 Per-round overhead, measured on the fast path for each model: building a client (init_model and
 its batches), one trip of the model between server and client (state_dict copies, NumPy
@@ -116,6 +120,18 @@ def peak_bf16_flops(name: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
+def _load() -> float | None:
+    """The machine's 1-minute load average (other processes skew CPU timings)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bfloat16 instruction sets named in /proc/cpuinfo (what CPU autocast can use)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    return sorted(flags & {"avx512_bf16", "amx_bf16", "avx_ne_convert"})
+
+
 def random_cifar(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """n random CIFAR-shaped images, uint8 (n, 32, 32, 3), and labels (n,) in 0..9."""
     rng = np.random.default_rng(seed)
@@ -175,11 +191,26 @@ def path_batches(path: str, split: ImageDataset, name: str, device: torch.device
     return batches, dataclasses.replace(speed, **switch)
 
 
+def paired(numerator: list[float], denominator: list[float]) -> float:
+    """Median over repeats of numerator[i] / denominator[i] (measured in the same repeat)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
 def epoch_seconds(model, batches, speed, device: torch.device) -> float:
     """Wall time of one local epoch through task.train (it ends on the host, so it is synced)."""
     sync(device)
     start = time.perf_counter()
     task.train(model, batches, epochs=1, lr=LR, device=device, speed=speed)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def data_seconds(batches, device: torch.device) -> float:
+    """Wall time of one pass over `batches` alone, each batch on the device: the data path."""
+    sync(device)
+    start = time.perf_counter()
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     sync(device)
     return time.perf_counter() - start
 
@@ -316,6 +347,7 @@ def parallel_clients(k: int, name: str, device: torch.device, samples: int, batc
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
+    load_before = _load()
     barrier, results = ctx.Barrier(k), ctx.Queue()
     shares = [work // k + (i < work % k) for i in range(k)]
     procs = [ctx.Process(target=parallel_worker, args=(i, name, str(device), samples, batch,
@@ -330,7 +362,7 @@ def parallel_clients(k: int, name: str, device: torch.device, samples: int, batc
             raise RuntimeError(f"a parallel worker exited with {p.exitcode}")
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     return {"processes": k, "client_epochs": work, "seconds": wall,
-            "images_per_second": work * samples / wall}
+            "images_per_second": work * samples / wall, "load_average": [load_before, _load()]}
 
 
 # FedAvg without Flower -----------------------------------------------------------------------
@@ -450,6 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_type": device.type,
         "device_slug": slug(dev_name),
         "threads": torch.get_num_threads(),
+        "cpu_bf16_flags": cpu_bf16_flags(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -487,7 +520,7 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
     models = {n: task.init_model(config_for(n, device, args.batch)) for n in names}
     batches = {(n, p): path_batches(p, split, n, device, args.batch, args.workers)
                for n in names for p in paths}
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = _load()
 
     # warm-up (cuDNN autotuning, allocator, first worker start), then interleaved repeats
     for (n, p), (b, s) in batches.items():
@@ -501,12 +534,16 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                   flush=True)
     ips = {n: {p: args.samples / statistics.median(t) for p, t in times[n].items()}
            for n in names}
+    # the data path alone: the same images, no model (the fast variants share one data path)
+    data_paths = [p for p in ("baseline", "plain", "fast") if p in paths]
+    data = {p: statistics.median(data_seconds(batches[names[0], p][0], device)
+                                 for _ in range(args.repeats)) for p in data_paths}
 
     flops = {n: epoch_flops(n, args.samples, args.batch) for n in names}
     peak = peak_bf16_flops(dev_name) if device.type == "cuda" else None
     achieved = {n: {p: flops[n] * ips[n][p] / args.samples for p in paths} for n in names}
     over = {n: overheads(n, split, test, device, args.batch, args.repeats) for n in names}
-    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_after = _load()
 
     record = {
         "load_average": [load_before, load_after],
@@ -516,13 +553,15 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                      "speed_default": dataclasses.asdict(task.Speed.default(device))},
         "epoch_seconds": times,
         "images_per_second": ips,
-        "ratio_fast_to_baseline": {n: ips[n]["fast"] / ips[n]["baseline"] for n in names
-                                   if {"fast", "baseline"} <= set(paths)},
-        "ratio_fast_to_plain": {n: ips[n]["fast"] / ips[n]["plain"] for n in names
-                                if {"fast", "plain"} <= set(paths)},
+        "data_seconds_per_epoch": data,
+        # speed ratios: medians of the per-repeat ratios (robust to a shared machine's drift)
+        "ratio_fast_to_baseline": {n: paired(times[n]["baseline"], times[n]["fast"])
+                                   for n in names if {"fast", "baseline"} <= set(paths)},
+        "ratio_fast_to_plain": {n: paired(times[n]["plain"], times[n]["fast"])
+                                for n in names if {"fast", "plain"} <= set(paths)},
         # time of FedPara per image over the original's, per path (the issue's FedPara/original)
         "time_ratio_fedpara_to_original": {
-            n: {p: ips["original"][p] / ips[n][p] for p in paths} for n in names[1:]},
+            n: {p: paired(times[n][p], times["original"][p]) for p in paths} for n in names[1:]},
         "flops_per_epoch": flops,
         "flops_per_image": {n: flops[n] / args.samples for n in names},
         "achieved_flops_per_second": achieved,
@@ -562,6 +601,8 @@ def report_throughput(record: dict) -> None:
     print(f"{'model':14s}" + "".join(f"{p:>20s}" for p in paths))
     for n, row in record["images_per_second"].items():
         print(f"{n:14s}" + "".join(f"{row[p]:20.1f}" for p in paths))
+    print("data path alone, seconds per epoch: " + ", ".join(
+        f"{p} {v:.4f}" for p, v in record["data_seconds_per_epoch"].items()))
     for key in ("ratio_fast_to_baseline", "ratio_fast_to_plain"):
         print(f"{key}: " + ", ".join(f"{n} {v:.2f}" for n, v in record[key].items()))
     for n, row in record["time_ratio_fedpara_to_original"].items():

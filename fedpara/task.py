@@ -15,6 +15,7 @@ device as tensors (data.TensorBatches, crop and flip done there per batch) and, 
 runs under bf16 autocast, in channels-last memory format, with cuDNN autotuning (`Speed`).
 `fast_batches=False` is the plain path: a DataLoader and fp32 contiguous math. On a CPU the fast
 path only changes the data path; the math stays fp32 (see book/performance.md for the timings).
+Evaluation is fp32 on both paths.
 """
 
 from __future__ import annotations
@@ -152,9 +153,10 @@ class Speed:
     def default(cls, device: torch.device | str, fast: bool = True) -> Speed:
         """The fast path's options on `device`: all on for CUDA, all off elsewhere.
 
-        On a CPU, bf16 autocast is slower than fp32 without bf16 hardware (and faster with it),
-        and channels-last gives no consistent gain (book/performance.md), so the CPU default is
-        the plain arithmetic: never slower, and the same numbers as before.
+        On a CPU, what bf16 autocast gains depends on the CPU's bfloat16 instructions, and it
+        would change the numbers of the fp32 histories on record; channels-last gave no
+        consistent gain where measured (book/performance.md). So a CPU keeps the plain
+        arithmetic.
         """
         on = fast and torch.device(device).type == "cuda"
         return cls(bf16=on, channels_last=on, cudnn_benchmark=on)
