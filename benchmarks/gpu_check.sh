@@ -3,6 +3,7 @@
 # (no flwr, no Ray, no internet). From the repository root:
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine: about 3-4 minutes
+#   PYTHON=python bash benchmarks/gpu_check.sh        # when torch is not in python3
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # a quick run on a CPU
 #
 # Steps (each under its own time limit, so the whole stays under 5 minutes; a failed step does
@@ -32,7 +33,7 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   SMOKE=(--smoke-rounds 1 --smoke-clients 2 --smoke-samples 8 --batch 4 --threads 1)
   OVERHEAD=(--repeats 1 --steps 1 --batch 4 --threads 1 --variants original fedpara)
 else
-  THROUGHPUT=(--parallel 1 2 4)
+  THROUGHPUT=(--repeats 3 --parallel 1 2 4)
   SMOKE=(--smoke-rounds 3)
   OVERHEAD=(--bf16 --channels-last)
 fi
@@ -59,7 +60,7 @@ print("\n".join(lines), file=sys.stderr)
 print(slug(device_name(torch.device(sys.argv[2]))))
 '
 SLUG=$("$PY" -c "$ENV_SCRIPT" "$RESULTS/environment.txt" "$DEVICE") \
-  || { echo "cannot import torch or the benchmarks: nothing measured"; exit 1; }
+  || { echo "no torch, no benchmarks or no $DEVICE device here: nothing measured"; exit 1; }
 echo "device slug: $SLUG"
 
 failed=0

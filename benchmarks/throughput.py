@@ -355,11 +355,15 @@ def parallel_clients(k: int, name: str, device: torch.device, samples: int, batc
              for i in range(k)]
     for p in procs:
         p.start()
-    spans = [results.get(timeout=900) for _ in procs]
-    for p in procs:
-        p.join()
-        if p.exitcode != 0:
-            raise RuntimeError(f"a parallel worker exited with {p.exitcode}")
+    try:  # a worker that dies leaves the others at the barrier: stop them all then
+        spans = [results.get(timeout=600) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.terminate()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"parallel workers exited with {[p.exitcode for p in procs]}")
     wall = max(end for _, end in spans) - min(start for start, _ in spans)
     return {"processes": k, "client_epochs": work, "seconds": wall,
             "images_per_second": work * samples / wall, "load_average": [load_before, _load()]}
