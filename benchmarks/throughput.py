@@ -87,8 +87,9 @@ BASELINE_WORKERS = 2  # the Flower baseline's CIFAR train loaders (dataset.py)
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000  # images per split: what a full preset trains and scores
 PRESETS = ("cifar10-iid", "cifar10-noniid", "cifar100-iid", "cifar100-noniid")
 
-# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) from NVIDIA's datasheets, by a
-# substring of torch.cuda.get_device_name; the first match wins.
+# Dense bf16 tensor-core peaks (FLOP/s, without sparsity) as NVIDIA's datasheets give them
+# (written down from memory, not checked on this project's machines), by a substring of
+# torch.cuda.get_device_name; the first match wins.
 PEAK_BF16 = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -96,6 +97,7 @@ PEAK_BF16 = (
     ("H200", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("NVIDIA L4", 121e12),
 )
 
