@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 from fixtures_formats import write_fake_cifar, write_fake_femnist
 
 from fedpara import data
@@ -59,3 +60,13 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one thread for a module: on a shared 2-core machine, OpenMP's thread sync
+    costs more than it saves for small tensors and batches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,13 +21,7 @@ from fedpara.layers import (
 F64 = {"dtype": torch.float64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine OpenMP's thread sync costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weight_params(layer: nn.Module) -> int:

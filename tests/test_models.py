@@ -11,13 +11,7 @@ from fedpara.layers import FactorizedLayer, FedParaConv2d, FedParaLinear, LowRan
 from fedpara.models import MODELS, PARAMETERIZATIONS, build_model, cnn, mlp, vgg16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small batches: on a shared 2-core machine OpenMP's thread sync costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------

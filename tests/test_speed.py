@@ -24,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST_MATH = task.Speed(bf16=True, channels_last=True)  # what CUDA gets, forced on the CPU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_throughput():
