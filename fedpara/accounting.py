@@ -8,7 +8,8 @@
 - local:    nothing (each client trains alone).
 
 Traffic follows the paper's accounting: each participating client downloads and uploads the
-payload once per round, so a run costs 2 × clients per round × payload × rounds.
+payload once per round, so a run costs 2 × clients per round × payload × rounds. The payload
+counts floating-point numbers at their dtype, or at the wire format of fedpara/transport.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from .layers import FactorizedLayer
+from .transport import wire_itemsize
 
 __all__ = ["ALGORITHMS", "comm_cost_gib", "count_params", "global_state_keys", "payload_bytes"]
 
@@ -60,30 +62,37 @@ def global_state_keys(model: nn.Module, algorithm: str = "fedavg") -> list[str]:
     return [k for k in keys if k not in local]
 
 
-def _nbytes(value) -> int:
+def _nbytes(value, float_itemsize: int | None) -> int:
     if hasattr(value, "element_size"):  # torch.Tensor
-        return value.numel() * value.element_size()
-    return int(value.nbytes)  # numpy array
+        numel, itemsize, floating = value.numel(), value.element_size(), value.is_floating_point()
+    else:  # numpy array
+        numel, itemsize, floating = value.size, value.itemsize, value.dtype.kind == "f"
+    return numel * (float_itemsize if floating and float_itemsize else itemsize)
 
 
-def payload_bytes(model_or_state_dict: nn.Module | Mapping, algorithm: str = "fedavg") -> int:
-    """Bytes of one upload (= one download), at the tensors' own dtypes.
+def payload_bytes(model_or_state_dict: nn.Module | Mapping, algorithm: str = "fedavg",
+                  transport: str | None = None) -> int:
+    """Bytes of one upload (= one download).
 
     A model sends the entries `global_state_keys(model, algorithm)` selects. A state_dict (a
     mapping of names to torch tensors or numpy arrays) counts all its entries: select the
-    keys first; with a mapping, `algorithm` must stay "fedavg".
+    keys first; with a mapping, `algorithm` must stay "fedavg". Floating-point entries count
+    at their own dtype, or at the wire format `transport` ("float32", "float16", "bfloat16";
+    see fedpara/transport.py) when it is given.
     """
     _check_algorithm(algorithm)
+    float_itemsize = wire_itemsize(transport) if transport is not None else None
     if isinstance(model_or_state_dict, nn.Module):
         state = model_or_state_dict.state_dict()
-        return sum(_nbytes(state[k]) for k in global_state_keys(model_or_state_dict, algorithm))
+        return sum(_nbytes(state[k], float_itemsize)
+                   for k in global_state_keys(model_or_state_dict, algorithm))
     if isinstance(model_or_state_dict, Mapping):
         if algorithm != "fedavg":
             raise ValueError(
                 "algorithm must be 'fedavg' when passing a state_dict (it counts all its entries); "
                 f"got {algorithm!r}: pass the model instead"
             )
-        return sum(_nbytes(v) for v in model_or_state_dict.values())
+        return sum(_nbytes(v, float_itemsize) for v in model_or_state_dict.values())
     raise ValueError(
         "model_or_state_dict must be an nn.Module or a mapping, "
         f"got {type(model_or_state_dict).__name__}"
@@ -91,9 +100,11 @@ def payload_bytes(model_or_state_dict: nn.Module | Mapping, algorithm: str = "fe
 
 
 def comm_cost_gib(
-    model: nn.Module | Mapping, clients_per_round: int, rounds: int, algorithm: str = "fedavg"
+    model: nn.Module | Mapping, clients_per_round: int, rounds: int, algorithm: str = "fedavg",
+    transport: str | None = None,
 ) -> float:
-    """Total traffic of a run in GiB (2³⁰ bytes): 2 × clients_per_round × payload × rounds.
+    """Total traffic of a run in GiB (2³⁰ bytes): 2 × clients_per_round × payload × rounds,
+    the payload counted as `payload_bytes(model, algorithm, transport)`.
 
     The paper's Figure 3 check: VGG16-GN CIFAR-10, 16 clients × 200 rounds, costs 363.67 GiB
     (original) and 36.88 GiB (FedPara γ=0.1).
@@ -101,4 +112,4 @@ def comm_cost_gib(
     for name, value in (("clients_per_round", clients_per_round), ("rounds", rounds)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return 2 * clients_per_round * payload_bytes(model, algorithm) * rounds / 2**30
+    return 2 * clients_per_round * payload_bytes(model, algorithm, transport) * rounds / 2**30

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedpara import task
 from fedpara.config import ExperimentConfig
+from fedpara.transport import decode, encode
 
 # record keys shared with the ServerApp
 ARRAYS = "arrays"  # the global keys' arrays, server <-> client
@@ -63,7 +64,8 @@ def _partition(context: Context) -> tuple[int, int]:
 def _client_model(config: ExperimentConfig, msg: Message, context: Context):
     """The initial model, overwritten by the global arrays sent and the personal ones kept."""
     model = task.init_model(config)
-    task.set_arrays(model, msg.content.array_records[ARRAYS].to_torch_state_dict())
+    sent = msg.content.array_records[ARRAYS].to_torch_state_dict()
+    task.set_arrays(model, decode(sent, config.transport))
     if LOCAL in context.state.array_records:
         task.set_arrays(model, context.state.array_records[LOCAL].to_torch_state_dict())
     return model
@@ -93,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: partition_id}
     )
-    arrays = ArrayRecord(task.get_arrays(model, global_keys))
+    arrays = ArrayRecord(encode(task.get_arrays(model, global_keys), config.transport))
     content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     return Message(content=content, reply_to=msg)
 

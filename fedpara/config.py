@@ -34,6 +34,7 @@ def _allowed() -> dict[str, tuple[str, ...]]:
     from fedpara.data import DATASETS
     from fedpara.models import MODELS, PARAMETERIZATIONS
     from fedpara.partition import SCHEMES
+    from fedpara.transport import TRANSPORTS
 
     return {
         "dataset": tuple(DATASETS),
@@ -42,6 +43,7 @@ def _allowed() -> dict[str, tuple[str, ...]]:
         "algorithm": tuple(ALGORITHMS),
         "partition": tuple(SCHEMES),
         "evaluation": EVALUATIONS,
+        "transport": TRANSPORTS,
     }
 
 
@@ -59,6 +61,9 @@ class ExperimentConfig:
     gamma: float = 0.1  # FedPara rank rule, in (0, 1] (facts.md §2: not the parameter fraction)
     nonlinear: bool = False  # FedPara with tanh: W = tanh(W1) ⊙ tanh(W2)
     algorithm: str = "fedavg"
+    # the number format of the arrays on the wire (fedpara/transport.py): float32, float16 or
+    # bfloat16; both ends compute in float32, only the copies sent are rounded
+    transport: str = "float32"
     # the federation
     num_clients: int = 4
     clients_per_round: int = 2  # exactly this many train each round, sampled from the seed
@@ -272,6 +277,15 @@ _CIFAR100_PROFILES = {
               "eval_samples": 256},
 }
 
+_FMNIST_NONIID = dict(dataset="fashion-mnist", model="cnn", partition="dirichlet", alpha=0.5,
+                      num_clients=20, clients_per_round=4, rounds=40, local_epochs=1,
+                      batch_size=32, lr=0.1, lr_decay=0.992)
+_FMNIST_NONIID_PROFILES = {
+    "full": {},
+    "quick": {"rounds": 20},
+    "smoke": {"clients_per_round": 2, "rounds": 2, "client_samples": 500, "eval_samples": 2000},
+}
+
 PRESETS: dict[str, Preset] = {
     "cifar10-iid": Preset(
         "Figure 3(a): VGG16-GN on CIFAR-10, IID, 100 clients, 16 per round, 200 rounds, gamma=0.1",
@@ -326,16 +340,21 @@ PRESETS: dict[str, Preset] = {
     # for pFedPara, 3 s for the dense MLP, so 60 rounds take 3-8 minutes.
     "fmnist-noniid": Preset(
         "Fashion-MNIST, small CNN, Dirichlet(0.5) non-IID: FedPara vs low-rank vs original",
-        dict(dataset="fashion-mnist", model="cnn", partition="dirichlet", alpha=0.5,
-             num_clients=20, clients_per_round=4, rounds=40, local_epochs=1, batch_size=32,
-             lr=0.1, lr_decay=0.992),
+        _FMNIST_NONIID,
         _fedavg_variants(0.1),
+        _FMNIST_NONIID_PROFILES,
+    ),
+    # Beyond the paper: fmnist-noniid with every array sent in 16 bits (fedpara/transport.py).
+    # Its float32 references are fmnist-noniid's fedpara and original runs (the same experiment).
+    "fmnist-transport": Preset(
+        "Fashion-MNIST as fmnist-noniid, arrays sent in 16 bits: bfloat16 and float16 on the wire",
+        _FMNIST_NONIID,
         {
-            "full": {},
-            "quick": {"rounds": 20},
-            "smoke": {"clients_per_round": 2, "rounds": 2, "client_samples": 500,
-                      "eval_samples": 2000},
+            "fedpara-bf16": {"parameterization": "fedpara", "gamma": 0.1, "transport": "bfloat16"},
+            "fedpara-fp16": {"parameterization": "fedpara", "gamma": 0.1, "transport": "float16"},
+            "original-bf16": {"parameterization": "original", "transport": "bfloat16"},
         },
+        _FMNIST_NONIID_PROFILES,
     ),
     "fmnist-personal": Preset(
         "Fashion-MNIST, MLP, 2 label shards per client: pFedPara vs FedPer vs FedAvg vs local",

@@ -82,7 +82,7 @@ def planned_traffic_gib(config: ExperimentConfig) -> float:
     from fedpara.task import init_model
 
     return comm_cost_gib(init_model(config), config.clients_per_round, config.rounds,
-                         config.algorithm)
+                         config.algorithm, config.transport)
 
 
 def load_or_train(config: ExperimentConfig, results_dir: str | Path, *, train: bool,

@@ -55,6 +55,7 @@ from fedpara.client_app import (
 )
 from fedpara.config import ExperimentConfig
 from fedpara.history import History, RoundRecord, hardware_info, write_atomic
+from fedpara.transport import decode, encode
 
 log = logging.getLogger("fedpara")
 RoundCallback = Callable[[RoundRecord, History], None]
@@ -116,26 +117,36 @@ class FedParaStrategy(FedAvg):
         chosen = rng.choice(self.config.num_clients, self.config.clients_per_round, replace=False)
         return sorted(int(p) for p in chosen)
 
+    def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global arrays as sent: rounded to the config's transport format."""
+        if self.config.transport == "float32":
+            return arrays
+        return ArrayRecord(encode(arrays.to_torch_state_dict(), self.config.transport))
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         round_config = ConfigRecord({"server-round": server_round, **config})
+        wire = self._wire(arrays)
         return [
-            self._message(p, MessageType.TRAIN, {ARRAYS: arrays, ROUND: round_config}, server_round)
+            self._message(p, MessageType.TRAIN, {ARRAYS: wire, ROUND: round_config}, server_round)
             for p in self.sample(server_round)
         ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Example-weighted mean of the returned arrays; float64 sums, original dtypes."""
+        """Example-weighted mean of the returned arrays, decoded from the transport format;
+        float64 sums, float32 (integer entries: their own dtype) results."""
         replies = list(replies)
         _raise_errors(replies, f"training in round {server_round}")
         contents = sorted((m.content for m in replies), key=lambda c: c[METRICS][PARTITION_ID])
         weights = np.array([float(c[METRICS][NUM_EXAMPLES]) for c in contents])
         weights /= weights.sum()
         self.trained.update(int(c[METRICS][PARTITION_ID]) for c in contents)
+        states = [decode(c[ARRAYS].to_torch_state_dict(), self.config.transport)
+                  for c in contents]
         aggregated = ArrayRecord()
-        for key in contents[0][ARRAYS].keys():
-            arrays = [c[ARRAYS][key].numpy() for c in contents]
+        for key in states[0]:
+            arrays = [state[key].numpy() for state in states]
             mean = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays, strict=True))
             aggregated[key] = Array(np.asarray(mean).astype(arrays[0].dtype))
         train_loss = float(sum(w * float(c[METRICS]["train-loss"])
@@ -148,7 +159,8 @@ class FedParaStrategy(FedAvg):
         if self.config.evaluation != "clients":
             return []
         partitions = sorted(self.trained) if self.config.personalized else sorted(self.nodes)
-        return [self._message(p, MessageType.EVALUATE, {ARRAYS: arrays}, server_round)
+        wire = self._wire(arrays)
+        return [self._message(p, MessageType.EVALUATE, {ARRAYS: wire}, server_round)
                 for p in partitions]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:

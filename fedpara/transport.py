@@ -1,0 +1,73 @@
+"""Wire precision: the number format in which arrays travel between server and clients.
+
+    from fedpara.transport import decode, encode
+    wire = encode(state_dict, "bfloat16")  # what goes into the message: 2 bytes per number
+    state = decode(wire, "bfloat16")  # float32 tensors again, rounded to bfloat16's precision
+
+FedPara cuts the *count* of numbers a round sends; sending each number in 16 bits instead of 32
+halves the bytes again, independently. Both ends keep float32 (the server averages in float64 and
+keeps a float32 global model; clients train in float32): only the copies on the wire are rounded.
+
+- float32: unchanged (the default).
+- float16: IEEE half precision, 11 significant bits, largest value 65504; numbers below 6e-8
+  round to zero.
+- bfloat16: float32's range with 8 significant bits. NumPy (and so Flower's `Array`) has no
+  bfloat16, so each number travels as its 16-bit pattern in an int16 array; `decode` reads the
+  pattern back. Only the receiver's `transport` setting says an int16 array is bfloat16, so both
+  ends must use the same setting (they do: it is part of the `ExperimentConfig` every message
+  carries).
+
+Integer entries (e.g. BatchNorm's `num_batches_tracked`) travel unchanged in every format.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+__all__ = ["TRANSPORTS", "decode", "encode", "wire_itemsize"]
+
+TRANSPORTS = ("float32", "float16", "bfloat16")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_BFLOAT16_CARRIER = torch.int16  # the int type bfloat16's bits travel in
+
+
+def _check(transport: str) -> torch.dtype:
+    if transport not in _DTYPES:
+        raise ValueError(f"transport={transport!r} is not supported; allowed: "
+                         f"{', '.join(TRANSPORTS)}")
+    return _DTYPES[transport]
+
+
+def wire_itemsize(transport: str) -> int:
+    """Bytes per floating-point number on the wire (4 for float32, 2 for the 16-bit formats)."""
+    return _check(transport).itemsize
+
+
+def encode(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Tensor]:
+    """The wire form of `arrays`: floating tensors rounded (to nearest even) to `transport`."""
+    dtype = _check(transport)
+    wire = OrderedDict()
+    for key, value in arrays.items():
+        if value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        if value.dtype == torch.bfloat16:
+            value = value.view(_BFLOAT16_CARRIER)
+        wire[key] = value
+    return wire
+
+
+def decode(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Tensor]:
+    """Inverse of `encode`: float32 tensors (integer entries unchanged)."""
+    _check(transport)
+    state = OrderedDict()
+    for key, value in arrays.items():
+        if transport == "bfloat16" and value.dtype == _BFLOAT16_CARRIER:
+            value = value.view(torch.bfloat16)
+        if value.is_floating_point() and value.dtype != torch.float32:
+            value = value.float()
+        state[key] = value
+    return state
