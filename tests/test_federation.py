@@ -270,6 +270,64 @@ def test_personal_state_persists_between_rounds(fmnist_dir, call_client):
     assert content["metrics"]["correct"] == expected.correct
 
 
+def test_a_bfloat16_client_trains_on_the_rounded_model_and_replies_in_16_bits(
+        fmnist_dir, call_client, one_thread):
+    from fedpara.client_app import ARRAYS
+    from fedpara.server_app import array_bytes
+    from fedpara.transport import decode, encode
+
+    config = smoke_config(fmnist_dir, client_samples=300)
+    model = task.init_model(config)
+    arrays = task.get_arrays(model, task.split_keys(model, "fedavg")[0])
+    rounded = decode(encode(arrays, "bfloat16"), "bfloat16")
+    half, _ = call_client(config.replace(transport="bfloat16"), "train",
+                          encode(arrays, "bfloat16"))
+    full, _ = call_client(config, "train", rounded)  # float32 wire, same rounded start
+    assert array_bytes(half) * 2 == array_bytes(full) == payload_bytes(model)
+    assert array_bytes(half) == payload_bytes(model, transport="bfloat16")
+    got = decode(half[ARRAYS].to_torch_state_dict(), "bfloat16")
+    expected = decode(encode(full[ARRAYS].to_torch_state_dict(), "bfloat16"), "bfloat16")
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not all(torch.equal(got[k], rounded[k]) for k in expected)  # it did train
+
+
+def test_the_server_averages_decoded_arrays_and_keeps_float32(fmnist_dir, call_client):
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedpara.client_app import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID
+    from fedpara.server_app import FedParaStrategy, array_bytes
+    from fedpara.transport import decode, encode
+
+    config = smoke_config(fmnist_dir, transport="float16")
+    strategy = FedParaStrategy(config)
+    strategy.nodes = {p: p + 10 for p in range(config.num_clients)}
+    model = task.init_model(config)
+    global_arrays = task.get_arrays(model, task.split_keys(model, "fedavg")[0])
+    messages = list(strategy.configure_train(1, ArrayRecord(global_arrays),
+                                             ConfigRecord({"lr": 0.1}), grid=None))
+    sent = messages[0].content[ARRAYS].to_torch_state_dict()
+    assert all(v.dtype == torch.float16 for v in sent.values())
+    assert array_bytes(messages[0].content) == payload_bytes(global_arrays, transport="float16")
+
+    torch.manual_seed(1)
+    states = [{k: v + torch.randn_like(v) * 0.01 for k, v in global_arrays.items()}
+              for _ in range(2)]
+    examples = (300, 100)
+    replies = [Message(content=RecordDict({
+        ARRAYS: ArrayRecord(encode(state, "float16")),
+        METRICS: MetricRecord({NUM_EXAMPLES: n, "train-loss": 1.0, PARTITION_ID: p})}),
+        dst_node_id=p + 10, message_type="train")
+        for p, (state, n) in enumerate(zip(states, examples, strict=True))]
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    mean = aggregated.to_torch_state_dict()
+    decoded = [decode(encode(state, "float16"), "float16") for state in states]
+    for key, value in mean.items():
+        expected = (0.75 * decoded[0][key].double() + 0.25 * decoded[1][key].double()).float()
+        assert value.dtype == torch.float32
+        assert torch.equal(value, expected)
+
+
 # the simulation ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,72 @@
+"""Wire precision: 16-bit encodings of the arrays a round sends, and what they cost."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from fedpara.accounting import comm_cost_gib, payload_bytes
+from fedpara.config import ExperimentConfig, get_preset
+from fedpara.models import mlp
+from fedpara.transport import TRANSPORTS, decode, encode, wire_itemsize
+
+# largest relative rounding error of a normal number: half a unit in the last place
+RELATIVE_ERROR = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+WIRE_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.int16}
+
+
+def _state():
+    torch.manual_seed(0)
+    return {"weight": torch.randn(64, 32) * 0.05, "scale": torch.rand(32) * 50 + 1e-3,
+            "steps": torch.tensor(12345, dtype=torch.int64)}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_round_trip_rounds_to_the_format_and_keeps_integers(transport):
+    state = _state()
+    wire = encode(state, transport)
+    assert wire["weight"].dtype == wire["scale"].dtype == WIRE_DTYPE[transport]
+    assert wire["weight"].element_size() == wire_itemsize(transport)
+    assert wire["steps"].dtype == torch.int64 and int(wire["steps"]) == 12345
+    back = decode(ArrayRecord(wire).to_torch_state_dict(), transport)  # through Flower's arrays
+    for key in ("weight", "scale"):
+        assert back[key].dtype == torch.float32
+        error = ((back[key] - state[key]).abs() / state[key].abs()).max().item()
+        assert error <= RELATIVE_ERROR[transport]
+        if transport != "float32":  # the rounding is the format's own, to nearest
+            assert torch.equal(back[key], state[key].to(getattr(torch, transport)).float())
+            assert error > 0
+    assert int(back["steps"]) == 12345
+
+
+def test_float16_flushes_tiny_numbers_that_bfloat16_keeps():
+    tiny = {"w": torch.full((4,), 1e-9)}
+    assert decode(encode(tiny, "float16"), "float16")["w"].abs().max() == 0
+    assert torch.allclose(decode(encode(tiny, "bfloat16"), "bfloat16")["w"], tiny["w"], rtol=2**-8)
+
+
+def test_a_16_bit_wire_halves_the_payload_of_floats_only():
+    model = mlp(parameterization="fedpara", gamma=0.1)
+    full = payload_bytes(model)
+    for transport in ("float16", "bfloat16"):
+        assert payload_bytes(model, transport=transport) * 2 == full
+        assert comm_cost_gib(model, 4, 10, transport=transport) * 2 == comm_cost_gib(model, 4, 10)
+    state = _state()
+    assert payload_bytes(state, transport="bfloat16") == 2 * (64 * 32 + 32) + 8  # int64 stays
+    assert payload_bytes(state, transport="bfloat16") == sum(
+        v.numel() * v.element_size() for v in encode(state, "bfloat16").values())
+
+
+def test_bad_transport_names_the_parameter_and_the_allowed_values():
+    for call in (lambda: encode(_state(), "int8"), lambda: wire_itemsize("fp8"),
+                 lambda: ExperimentConfig(transport="half")):
+        with pytest.raises(ValueError, match=r"transport=.*float32, float16, bfloat16"):
+            call()
+
+
+def test_transport_preset_differs_from_its_reference_only_on_the_wire():
+    for variant, transport in (("fedpara-bf16", "bfloat16"), ("fedpara-fp16", "float16")):
+        config = get_preset("fmnist-transport", variant=variant).to_dict()
+        reference = get_preset("fmnist-noniid", variant="fedpara").to_dict()
+        differ = {k for k in config if config[k] != reference[k]}
+        assert differ == {"transport", "preset", "variant"}
+        assert config["transport"] == transport
