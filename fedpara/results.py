@@ -230,6 +230,7 @@ def run_summary(config: ExperimentConfig, history: History | None, status: str) 
         "preset": config.preset, "variant": config.variant_name, "history": status,
         "profile": config.profile, "rounds": config.rounds,
         "clients / round": config.clients_per_round, "clients": config.num_clients,
+        "wire format": config.transport,
     }
     if history is None:
         row["planned traffic (GiB)"] = round(planned_traffic_gib(config), 4)
