@@ -3,7 +3,10 @@
 `global_state_keys` is the one place that decides which `state_dict` entries travel:
 
 - fedavg:   every entry.
-- pfedpara: every entry except the factorized layers' local parameters (pFedPara's W2 factors).
+- pfedpara: only the W1 factors (x1, y1[, t1]) of the personalized FedPara layers. Everything
+            else stays on the client: the W2 factors, every bias, normalization parameters and
+            any layer that is not a personalized FedPara layer (as the Flower baseline runs
+            pFedPara: the client restores its whole saved state, then overwrites the W1 keys).
 - fedper:   every entry except the personal head, `head.*`.
 - local:    nothing (each client trains alone).
 
@@ -40,7 +43,7 @@ def count_params(model: nn.Module) -> int:
 def global_state_keys(model: nn.Module, algorithm: str = "fedavg") -> list[str]:
     """The `model.state_dict()` keys that `algorithm` sends to the server, in state_dict order.
 
-    For "pfedpara" a model without personalized layers sends everything (as FedAvg);
+    For "pfedpara" a model needs personalized FedPara layers (it sends their W1 factors only);
     "fedper" needs a `model.head` module.
     """
     _check_algorithm(algorithm)
@@ -53,13 +56,16 @@ def global_state_keys(model: nn.Module, algorithm: str = "fedavg") -> list[str]:
         if not isinstance(getattr(model, "head", None), nn.Module):
             raise ValueError("algorithm='fedper' needs a model whose last layer is `model.head`")
         return [k for k in keys if not k.startswith(HEAD)]
-    local = {
+    shared = {
         f"{prefix}.{name}" if prefix else name
         for prefix, module in model.named_modules()
-        if isinstance(module, FactorizedLayer)
-        for name in module.local_parameter_names()
+        if isinstance(module, FactorizedLayer) and module.personalized
+        for name in module.global_parameter_names()
     }
-    return [k for k in keys if k not in local]
+    if not shared:
+        raise ValueError("algorithm='pfedpara' needs a model with personalized FedPara layers "
+                         "(build it with personalized=True)")
+    return [k for k in keys if k in shared]
 
 
 def _nbytes(value, float_itemsize: int | None) -> int:

@@ -25,6 +25,10 @@ PROFILES = ("full", "quick", "smoke")
 EVALUATIONS = ("server", "clients")
 # personalized algorithms keep part of the model on the client, so only clients can score them
 PERSONALIZED = ("fedper", "pfedpara", "local")
+# How pFedPara splits a FedPara layer (accounting.global_state_keys decides what travels):
+# "plus-one" is the paper's W = W1 ⊙ (W2 + 1); "product" keeps W = W1 ⊙ W2 with the same split
+# (beyond the paper). Either way only the W1 factors are sent; W2, biases and norms stay local.
+PERSONAL_SPLITS = ("plus-one", "product")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -44,6 +48,7 @@ def _allowed() -> dict[str, tuple[str, ...]]:
         "partition": tuple(SCHEMES),
         "evaluation": EVALUATIONS,
         "transport": TRANSPORTS,
+        "personal_split": PERSONAL_SPLITS,
     }
 
 
@@ -61,6 +66,10 @@ class ExperimentConfig:
     gamma: float = 0.1  # FedPara rank rule, in (0, 1] (facts.md §2: not the parameter fraction)
     nonlinear: bool = False  # FedPara with tanh: W = tanh(W1) ⊙ tanh(W2)
     algorithm: str = "fedavg"
+    # pFedPara only: the form of its layers (PERSONAL_SPLITS) and a learning-rate multiplier for
+    # the client-local W2 factors (1 = the paper's single learning rate)
+    personal_split: str = "plus-one"
+    local_lr_scale: float = 1.0
     # the number format of the arrays on the wire (fedpara/transport.py): float32, float16 or
     # bfloat16; both ends compute in float32, only the copies sent are rounded
     transport: str = "float32"
@@ -139,6 +148,16 @@ class ExperimentConfig:
                 f"algorithm='pfedpara' needs parameterization='fedpara' (its W2 factors are the "
                 f"personal part), got parameterization={self.parameterization!r}"
             )
+        if self.local_lr_scale <= 0:
+            raise ValueError(f"local_lr_scale={self.local_lr_scale} must be > 0 (a multiplier of "
+                             f"lr for pFedPara's local factors; 1 = the same learning rate)")
+        if self.algorithm != "pfedpara":
+            for name, default in (("personal_split", "plus-one"), ("local_lr_scale", 1.0)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} applies to algorithm='pfedpara' only "
+                        f"(got algorithm={self.algorithm!r}); leave it at {default!r}"
+                    )
         if self.algorithm in PERSONALIZED and self.evaluation != "clients":
             raise ValueError(
                 f"algorithm={self.algorithm!r} keeps part of each model on its client, so it needs "
@@ -259,9 +278,11 @@ _PERSONAL_VARIANTS = {
     "local": {"algorithm": "local", "parameterization": "original"},
 }
 
-# The paper's CIFAR protocol, as the Flower baseline configured it (facts.md §5): SGD without
-# momentum, batch 64, lr 0.1 decayed by 0.992 per round, 5 local epochs.
-_CIFAR = dict(model="vgg16", local_epochs=5, batch_size=64, lr=0.1, lr_decay=0.992)
+# The paper's CIFAR protocol, as the Flower baseline ran it (its README's hyperparameter table,
+# baselines/fedpara in the Flower repository): SGD without momentum, batch 64, lr 0.1 decayed
+# by 0.992 per round, E = 10 local epochs for the IID splits and E = 5 for the non-IID ones.
+_CIFAR = dict(model="vgg16", batch_size=64, lr=0.1, lr_decay=0.992)
+_IID_EPOCHS, _NONIID_EPOCHS = 10, 5
 # quick: same federation, fewer rounds and epochs (a few minutes on a Colab T4);
 # smoke: two clients train on 64 images each, scored on 256 test images (seconds on a CPU).
 _CIFAR10_PROFILES = {
@@ -288,30 +309,32 @@ _FMNIST_NONIID_PROFILES = {
 
 PRESETS: dict[str, Preset] = {
     "cifar10-iid": Preset(
-        "Figure 3(a): VGG16-GN on CIFAR-10, IID, 100 clients, 16 per round, 200 rounds, gamma=0.1",
+        "Figure 3(a): VGG16-GN on CIFAR-10, IID, 100 clients, 16 per round, 200 rounds, E = 10, "
+        "gamma=0.1",
         dict(_CIFAR, dataset="cifar10", partition="iid", num_clients=100, clients_per_round=16,
-             rounds=200),
+             rounds=200, local_epochs=_IID_EPOCHS),
         _fedavg_variants(0.1),
         _CIFAR10_PROFILES,
     ),
     "cifar10-noniid": Preset(
-        "Figure 3(d): as cifar10-iid with a per-class Dirichlet(0.5) split",
+        "Figure 3(d): as cifar10-iid with a per-class Dirichlet(0.5) split and E = 5",
         dict(_CIFAR, dataset="cifar10", partition="dirichlet", alpha=0.5, num_clients=100,
-             clients_per_round=16, rounds=200),
+             clients_per_round=16, rounds=200, local_epochs=_NONIID_EPOCHS),
         _fedavg_variants(0.1),
         _CIFAR10_PROFILES,
     ),
     "cifar100-iid": Preset(
-        "Figure 3(b): VGG16-GN on CIFAR-100, IID, 50 clients, 8 per round, 400 rounds, gamma=0.4",
+        "Figure 3(b): VGG16-GN on CIFAR-100, IID, 50 clients, 8 per round, 400 rounds, E = 10, "
+        "gamma=0.4",
         dict(_CIFAR, dataset="cifar100", partition="iid", num_clients=50, clients_per_round=8,
-             rounds=400),
+             rounds=400, local_epochs=_IID_EPOCHS),
         _fedavg_variants(0.4),
         _CIFAR100_PROFILES,
     ),
     "cifar100-noniid": Preset(
-        "Figure 3(e): as cifar100-iid with a per-class Dirichlet(0.5) split",
+        "Figure 3(e): as cifar100-iid with a per-class Dirichlet(0.5) split and E = 5",
         dict(_CIFAR, dataset="cifar100", partition="dirichlet", alpha=0.5, num_clients=50,
-             clients_per_round=8, rounds=400),
+             clients_per_round=8, rounds=400, local_epochs=_NONIID_EPOCHS),
         _fedavg_variants(0.4),
         _CIFAR100_PROFILES,
     ),

@@ -10,9 +10,11 @@ with X_i: (out, R), Y_i: (in, R) and a core T_i: (R, R, kh, kw). The product rea
 with only 2R(out + in) (or 2R(out + in + R·kh·kw)) parameters, where a conventional low-rank
 factorization with the same budget stops at rank 2R. Variants:
 
-- personalized (pFedPara): W = W1 ⊙ (W2 + 1); the W1 factors are global (sent to the server),
-  the W2 factors stay on the client.
-- nonlinear: W = tanh(W1) ⊙ tanh(W2) (tanh(W1) ⊙ (tanh(W2) + 1) when also personalized).
+- personalized (pFedPara): the W1 factors are global (sent to the server), the W2 factors stay
+  on the client, and the weight is the paper's W = W1 ⊙ (W2 + 1) (`plus_one`, on by default
+  for a personalized layer); `plus_one=False` keeps W = W1 ⊙ W2 with W2 local (a variant
+  beyond the paper, see book/experiments/personalization.md).
+- nonlinear: W = tanh(W1) ⊙ tanh(W2) (tanh(W1) ⊙ (tanh(W2) + 1) with `plus_one`).
 
 `compose_weight()` is the paper's math written with plain autograd ops; it is the reference.
 The forward pass instead calls `_FedParaWeight`, an autograd Function that saves only the
@@ -187,14 +189,14 @@ def _branch_grads(g: Tensor, x: Tensor, y: Tensor, t: Tensor | None = None) -> t
     return gx, gy, gt
 
 
-def _combine(w1: Tensor, w2: Tensor, personalized: bool, nonlinear: bool) -> Tensor:
-    """W = f(W1) ⊙ g(W2): f = tanh or identity, g = f, plus 1 when personalized."""
+def _combine(w1: Tensor, w2: Tensor, plus_one: bool, nonlinear: bool) -> Tensor:
+    """W = f(W1) ⊙ g(W2): f = tanh or identity, g = f, plus 1 when `plus_one` (pFedPara)."""
     if nonlinear:
         w1, w2 = torch.tanh(w1), torch.tanh(w2)
-    return w1 * (w2 + 1) if personalized else w1 * w2
+    return w1 * (w2 + 1) if plus_one else w1 * w2
 
 
-def _combine_grads(g: Tensor, w1: Tensor, w2: Tensor, personalized: bool, nonlinear: bool):
+def _combine_grads(g: Tensor, w1: Tensor, w2: Tensor, plus_one: bool, nonlinear: bool):
     """dL/dW1 and dL/dW2 from g = dL/dW, overwriting the recomputed branches w1 and w2.
 
     w1 and w2 are the branches before any tanh. Working in place spares two dense-sized
@@ -202,9 +204,9 @@ def _combine_grads(g: Tensor, w1: Tensor, w2: Tensor, personalized: bool, nonlin
     """
     if nonlinear:
         a, b = w1.tanh_(), w2.tanh_()
-        g1 = (b + 1 if personalized else b.clone()).mul_(g).mul_(1 - a * a)  # tanh' = 1 - tanh²
+        g1 = (b + 1 if plus_one else b.clone()).mul_(g).mul_(1 - a * a)  # tanh' = 1 - tanh²
         return g1, a.mul_(g).mul_(1 - b * b)
-    g1 = w2.add_(1).mul_(g) if personalized else w2.mul_(g)
+    g1 = w2.add_(1).mul_(g) if plus_one else w2.mul_(g)
     return g1, w1.mul_(g)
 
 
@@ -217,22 +219,22 @@ def _no_autocast(device_type: str):
 class _FedParaWeight(torch.autograd.Function):
     """Memory-saving composition of a FedPara weight; saves only the factors for backward.
 
-    apply(personalized, nonlinear, x1, y1, x2, y2) for the matrix form, or
-    apply(personalized, nonlinear, x1, y1, t1, x2, y2, t2) for the Tucker-2 form.
+    apply(plus_one, nonlinear, x1, y1, x2, y2) for the matrix form, or
+    apply(plus_one, nonlinear, x1, y1, t1, x2, y2, t2) for the Tucker-2 form.
     Plain autograd would keep both dense branches (and the Tucker intermediates) until
     backward; here backward rebuilds W1 and W2 from the factors: one extra GEMM per branch.
     """
 
     @staticmethod
-    def forward(ctx, personalized: bool, nonlinear: bool, *factors: Tensor) -> Tensor:
-        ctx.personalized, ctx.nonlinear = personalized, nonlinear
+    def forward(ctx, plus_one: bool, nonlinear: bool, *factors: Tensor) -> Tensor:
+        ctx.plus_one, ctx.nonlinear = plus_one, nonlinear
         ctx.save_for_backward(*factors)
         half = len(factors) // 2
         with _no_autocast(factors[0].device.type):
             w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
             if nonlinear:
                 w1, w2 = w1.tanh_(), w2.tanh_()
-            if personalized:
+            if plus_one:
                 w2 = w2.add_(1)
             return w1.mul_(w2)
 
@@ -244,7 +246,7 @@ class _FedParaWeight(torch.autograd.Function):
         with _no_autocast(grad.device.type):
             grad = grad.to(factors[0].dtype)
             w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
-            g1, g2 = _combine_grads(grad, w1, w2, ctx.personalized, ctx.nonlinear)
+            g1, g2 = _combine_grads(grad, w1, w2, ctx.plus_one, ctx.nonlinear)
             grads1 = _branch_grads(g1, *factors[:half])[:half]
             grads2 = _branch_grads(g2, *factors[half:])[:half]
         return (None, None, *grads1, *grads2)
@@ -303,25 +305,32 @@ class FactorizedLayer(nn.Module):
     Attributes:
         rank: FedPara's inner rank R per branch, or a low-rank layer's inner dimension.
         personalized: True for pFedPara layers (W2's factors are client-local).
+        plus_one: True when the weight is W1 ⊙ (W2 + 1) (pFedPara's form), else W1 ⊙ W2.
     """
 
     rank: int
     personalized: bool = False
+    plus_one: bool = False
 
     def compose_weight(self) -> Tensor:
         """The dense weight, shaped as in nn.Linear / nn.Conv2d, composed with plain autograd."""
         raise NotImplementedError
 
-    def local_parameter_names(self) -> list[str]:
-        """Relative names of the parameters that never leave the client (pFedPara's W2 factors)."""
-        if not self.personalized:
-            return []
-        return [n for n, _ in self.named_parameters(recurse=False) if n in ("x2", "y2", "t2")]
-
     def global_parameter_names(self) -> list[str]:
-        """Relative names of the parameters that are sent to and averaged by the server."""
-        local = set(self.local_parameter_names())
-        return [n for n, _ in self.named_parameters(recurse=False) if n not in local]
+        """Relative names of the parameters pFedPara sends: W1's factors when personalized
+        (accounting.global_state_keys applies this), every parameter otherwise."""
+        names = [n for n, _ in self.named_parameters(recurse=False)]
+        return [n for n in names if n in ("x1", "y1", "t1")] if self.personalized else names
+
+    def local_parameter_names(self) -> list[str]:
+        """Relative names of the parameters that never leave a pFedPara client: W2's factors
+        and the bias (nothing for a layer that is not personalized)."""
+        shared = set(self.global_parameter_names())
+        return [n for n, _ in self.named_parameters(recurse=False) if n not in shared]
+
+    def local_factor_names(self) -> list[str]:
+        """W2's factors when personalized (what `local_lr_scale` speeds up), else []."""
+        return [n for n in self.local_parameter_names() if n in ("x2", "y2", "t2")]
 
     def _new(self, *shape: int, factory: dict) -> nn.Parameter:
         return nn.Parameter(torch.empty(*shape, **factory))
@@ -349,7 +358,7 @@ class _FedParaMixin(FactorizedLayer):
         """Match the composed weight's variance to Kaiming's 2 / fan_in for the dense layer.
 
         Independent zero-mean branches give Var(W1 ⊙ W2) = Var(W1)·Var(W2), so each branch gets
-        variance √v for the target v. For pFedPara, Var(W1 ⊙ (W2 + 1)) = Var(W1)·(Var(W2) + 1);
+        variance √v for the target v. With `plus_one`, Var(W1 ⊙ (W2 + 1)) = Var(W1)·(Var(W2) + 1);
         both branches get u with u(1 + u) = v, so W starts as W1 times (1 + a small personal
         modulation of std √u). With nonlinear=True those are the variances after tanh; the
         branches get the (larger) variance before tanh that gives them, treating a branch entry
@@ -357,7 +366,7 @@ class _FedParaMixin(FactorizedLayer):
         the gradient of the other branch.
         """
         v = _kaiming_variance(fan_in)
-        branch_var = (math.sqrt(1 + 4 * v) - 1) / 2 if self.personalized else math.sqrt(v)
+        branch_var = (math.sqrt(1 + 4 * v) - 1) / 2 if self.plus_one else math.sqrt(v)
         if self.nonlinear:
             branch_var = _pre_tanh_variance(branch_var)
         terms, per_term = (self.rank**2, 3) if self.tucker else (self.rank, 2)
@@ -370,7 +379,7 @@ class _FedParaMixin(FactorizedLayer):
         return _combine(
             _branch(*self._factors(1)),
             _branch(*self._factors(2)),
-            self.personalized,
+            self.plus_one,
             self.nonlinear,
         )
 
@@ -378,7 +387,7 @@ class _FedParaMixin(FactorizedLayer):
         if not self.recompute:
             return self._compose()
         return _FedParaWeight.apply(
-            self.personalized, self.nonlinear, *self._factors(1), *self._factors(2)
+            self.plus_one, self.nonlinear, *self._factors(1), *self._factors(2)
         )
 
 
@@ -399,6 +408,7 @@ class FedParaLinear(_FedParaMixin):
         gamma: float | None = None,
         bias: bool = True,
         personalized: bool = False,
+        plus_one: bool | None = None,
         nonlinear: bool = False,
         device=None,
         dtype=None,
@@ -413,6 +423,7 @@ class FedParaLinear(_FedParaMixin):
             rank if rank is not None else rank_from_gamma(out_features, in_features, 1, gamma)
         )
         self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
+        self.plus_one = personalized if plus_one is None else bool(plus_one)
         self._make_factors(out_features, in_features, 1, 1, factory)
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
 
@@ -426,7 +437,7 @@ class FedParaLinear(_FedParaMixin):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, personalized={self.personalized}, "
-            f"nonlinear={self.nonlinear}"
+            f"plus_one={self.plus_one}, nonlinear={self.nonlinear}"
         )
 
 
@@ -478,6 +489,7 @@ class FedParaConv2d(_ConvMixin, _FedParaMixin):
         gamma: float | None = None,
         bias: bool = True,
         personalized: bool = False,
+        plus_one: bool | None = None,
         nonlinear: bool = False,
         groups: int = 1,
         device=None,
@@ -497,6 +509,7 @@ class FedParaConv2d(_ConvMixin, _FedParaMixin):
             else rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
         )
         self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
+        self.plus_one = personalized if plus_one is None else bool(plus_one)
         self._make_factors(out_channels, in_channels, kh, kw, factory)
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
 
@@ -510,7 +523,8 @@ class FedParaConv2d(_ConvMixin, _FedParaMixin):
         return self._conv(input, self._shape(self._compose_for_forward()))
 
     def extra_repr(self) -> str:
-        return f"{self._conv_repr()}, personalized={self.personalized}, nonlinear={self.nonlinear}"
+        return (f"{self._conv_repr()}, personalized={self.personalized}, "
+                f"plus_one={self.plus_one}, nonlinear={self.nonlinear}")
 
 
 class LowRankLinear(FactorizedLayer):

@@ -43,14 +43,15 @@ GROUPS = 2  # GroupNorm groups, as in the paper's VGG16-GN
 # helpers
 
 
-def _check(parameterization: str, gamma: float, personalized: bool, nonlinear: bool) -> None:
+def _check(parameterization: str, gamma: float, personalized: bool, nonlinear: bool,
+           plus_one: bool | None = None) -> None:
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(
             f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
         )
-    if (personalized or nonlinear) and parameterization != "fedpara":
+    if (personalized or nonlinear or plus_one) and parameterization != "fedpara":
         raise ValueError(
-            "personalized=True and nonlinear=True require parameterization='fedpara', "
+            "personalized=True, plus_one=True and nonlinear=True require parameterization='fedpara', "
             f"got parameterization={parameterization!r}"
         )
     if parameterization != "original" and not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
@@ -64,23 +65,27 @@ def _dense_init(layer: nn.Conv2d | nn.Linear) -> nn.Module:
     return layer
 
 
-def _conv(in_c: int, out_c: int, p: str, gamma: float, personalized: bool, nonlinear: bool):
+def _conv(in_c: int, out_c: int, p: str, gamma: float, personalized: bool, nonlinear: bool,
+          plus_one: bool | None):
     """A 3×3, padding-1 convolution with bias in parameterization `p`."""
     if p == "original":
         return _dense_init(nn.Conv2d(in_c, out_c, 3, padding=1))
     if p == "lowrank":
         return LowRankConv2d(in_c, out_c, 3, padding=1, gamma=gamma)
     return FedParaConv2d(
-        in_c, out_c, 3, padding=1, gamma=gamma, personalized=personalized, nonlinear=nonlinear
+        in_c, out_c, 3, padding=1, gamma=gamma, personalized=personalized, nonlinear=nonlinear,
+        plus_one=plus_one,
     )
 
 
-def _linear(in_f: int, out_f: int, p: str, gamma: float, personalized: bool, nonlinear: bool):
+def _linear(in_f: int, out_f: int, p: str, gamma: float, personalized: bool, nonlinear: bool,
+            plus_one: bool | None):
     if p == "original":
         return _dense_init(nn.Linear(in_f, out_f))
     if p == "lowrank":
         return LowRankLinear(in_f, out_f, gamma=gamma)
-    return FedParaLinear(in_f, out_f, gamma=gamma, personalized=personalized, nonlinear=nonlinear)
+    return FedParaLinear(in_f, out_f, gamma=gamma, personalized=personalized, nonlinear=nonlinear,
+                         plus_one=plus_one)
 
 
 def _conv_block(in_c: int, out_c: int, *conv_args) -> list[nn.Module]:
@@ -110,6 +115,7 @@ def vgg16(
     in_channels: int = 3,
     personalized: bool = False,
     nonlinear: bool = False,
+    plus_one: bool | None = None,
 ) -> Net:
     """VGG16 with GroupNorm for 32×32 inputs: the paper's CIFAR model, as in the baseline.
 
@@ -120,8 +126,8 @@ def vgg16(
     15,299,748, fedpara γ=0.4 4,531,856 (the paper's 15.25M / 1.55M / 4.53M).
     Needs 32×32 inputs: the five pools take the map to 1×1 before the 512-wide classifier.
     """
-    _check(parameterization, gamma, personalized, nonlinear)
-    conv_args = (parameterization, gamma, personalized, nonlinear)
+    _check(parameterization, gamma, personalized, nonlinear, plus_one)
+    conv_args = (parameterization, gamma, personalized, nonlinear, plus_one)
     layers, c = [], in_channels
     for v in VGG16_LAYERS:
         if v == "M":
@@ -149,6 +155,7 @@ def mlp(
     gamma: float = 0.5,
     personalized: bool = False,
     nonlinear: bool = False,
+    plus_one: bool | None = None,
 ) -> Net:
     """Fully connected ReLU net in_features -> *hidden -> num_classes; all layers factorized.
 
@@ -158,10 +165,10 @@ def mlp(
     parameterization="fedpara", every layer including the head is a FedParaLinear (the baseline's
     pFedPara model at γ=0.5), so with personalized=True each layer has a local W2.
     """
-    _check(parameterization, gamma, personalized, nonlinear)
+    _check(parameterization, gamma, personalized, nonlinear, plus_one)
     if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):
         raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {hidden!r}")
-    args = (parameterization, gamma, personalized, nonlinear)
+    args = (parameterization, gamma, personalized, nonlinear, plus_one)
     layers, f = [], in_features
     for h in hidden:
         layers += [_linear(f, h, *args), nn.ReLU(inplace=True)]
@@ -177,6 +184,7 @@ def cnn(
     gamma: float = 0.1,
     personalized: bool = False,
     nonlinear: bool = False,
+    plus_one: bool | None = None,
 ) -> Net:
     """A small VGG-style CNN with GroupNorm for 28×28 grayscale images, fast on a CPU.
 
@@ -187,8 +195,8 @@ def cnn(
     multiply-adds per 28×28 image.
     Works for any input size ≥ 8×8 (the pooling is global).
     """
-    _check(parameterization, gamma, personalized, nonlinear)
-    args = (parameterization, gamma, personalized, nonlinear)
+    _check(parameterization, gamma, personalized, nonlinear, plus_one)
+    args = (parameterization, gamma, personalized, nonlinear, plus_one)
     layers, c = [], in_channels
     for v in (32, 64, 128):
         layers += [*_conv_block(c, v, *args), nn.MaxPool2d(2, ceil_mode=True)]
@@ -206,8 +214,13 @@ def build_model(
     gamma: float = 0.1,
     personalized: bool = False,
     nonlinear: bool = False,
+    plus_one: bool | None = None,
 ) -> Net:
-    """One of MODELS by name. For "mlp", in_features = in_channels·28·28 (28×28 images)."""
+    """One of MODELS by name. For "mlp", in_features = in_channels·28·28 (28×28 images).
+
+    personalized: FedPara layers whose W2 factors stay on the client (pFedPara); plus_one: the
+    weight is W1 ⊙ (W2 + 1) (default: the same as personalized, the paper's pFedPara).
+    """
     if name not in MODELS:
         raise ValueError(f"name must be one of {MODELS}, got {name!r}")
     kwargs = dict(
@@ -215,6 +228,7 @@ def build_model(
         gamma=gamma,
         personalized=personalized,
         nonlinear=nonlinear,
+        plus_one=plus_one,
     )
     if name == "vgg16":
         return vgg16(num_classes, in_channels=in_channels, **kwargs)

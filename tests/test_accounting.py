@@ -57,25 +57,32 @@ def test_each_algorithm_sends_its_own_keys():
     assert global_state_keys(model, "local") == []
     assert global_state_keys(model, "fedper") == [k for k in keys if not k.startswith("head.")]
     pfedpara = global_state_keys(model, "pfedpara")
-    assert set(keys) - set(pfedpara) == {
+    assert pfedpara == [  # W1's factors only: W2's factors and the biases stay local
         f"{layer}.{factor}"
         for layer in ("classifier.0", "classifier.2", "head")
-        for factor in ("x2", "y2")
-    }
+        for factor in ("x1", "y1")
+    ]
     sizes = {a: payload_bytes(model, a) for a in ALGORITHMS}
     assert sizes["local"] == 0 < sizes["pfedpara"] < sizes["fedper"] < sizes["fedavg"]
     assert comm_cost_gib(model, 10, 100, "pfedpara") == 2 * 10 * 100 * sizes["pfedpara"] / 2**30
 
 
-def test_pfedpara_sends_half_of_the_factors():
+def test_pfedpara_sends_half_of_the_factors_and_no_bias():
     model = mlp(parameterization="fedpara", personalized=True)
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
-    assert payload_bytes(model, "pfedpara") == 4 * ((count_params(model) - biases) // 2 + biases)
+    assert payload_bytes(model, "pfedpara") == 4 * ((count_params(model) - biases) // 2)
 
 
-def test_pfedpara_without_personalized_layers_sends_everything():
-    model = vgg16(parameterization="fedpara")
-    assert global_state_keys(model, "pfedpara") == list(model.state_dict())
+def test_pfedpara_keeps_norms_and_dense_layers_local():
+    model = vgg16(parameterization="fedpara", personalized=True)
+    sent = global_state_keys(model, "pfedpara")
+    assert sent and all(k.rsplit(".", 1)[1] in ("x1", "y1", "t1") for k in sent)
+    assert not any(k.startswith(("classifier.", "head.")) for k in sent)
+
+
+def test_pfedpara_without_personalized_layers_is_an_error():
+    with pytest.raises(ValueError, match="personalized"):
+        global_state_keys(vgg16(parameterization="fedpara"), "pfedpara")
 
 
 @pytest.mark.parametrize(

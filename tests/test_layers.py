@@ -13,6 +13,7 @@ from fedpara.layers import (
     FedParaLinear,
     LowRankConv2d,
     LowRankLinear,
+    _branch,
     _FedParaWeight,
     rank_from_gamma,
     rank_from_param_fraction,
@@ -172,11 +173,11 @@ def test_forward_composes_the_formula_of_each_variant():
         (False, True): torch.tanh(w1) * torch.tanh(w2),
         (True, True): torch.tanh(w1) * (torch.tanh(w2) + 1),
     }
-    for (personalized, nonlinear), w in expected.items():
-        layer.personalized, layer.nonlinear = personalized, nonlinear
+    for (plus_one, nonlinear), w in expected.items():
+        layer.plus_one, layer.nonlinear = plus_one, nonlinear
         torch.testing.assert_close(layer.compose_weight(), w)
         torch.testing.assert_close(
-            _FedParaWeight.apply(personalized, nonlinear, *layer._factors(1), *layer._factors(2)), w
+            _FedParaWeight.apply(plus_one, nonlinear, *layer._factors(1), *layer._factors(2)), w
         )
 
 
@@ -242,13 +243,29 @@ def test_composed_weight_starts_near_kaiming_std(kind, fan, out, k, variant):
 # global and local parameters
 
 
-def test_pfedpara_keeps_the_second_branch_local():
+def test_pfedpara_shares_only_the_first_branch():
     conv = FedParaConv2d(8, 16, 3, rank=4, personalized=True)
-    assert conv.local_parameter_names() == ["x2", "y2", "t2"]
-    assert conv.global_parameter_names() == ["x1", "y1", "t1", "bias"]
+    assert conv.local_parameter_names() == ["x2", "y2", "t2", "bias"]
+    assert conv.local_factor_names() == ["x2", "y2", "t2"]
+    assert conv.global_parameter_names() == ["x1", "y1", "t1"]
     linear = FedParaLinear(8, 16, rank=4, personalized=True, bias=False)
     assert linear.local_parameter_names() == ["x2", "y2"]
     assert linear.global_parameter_names() == ["x1", "y1"]
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["linear", "conv"])
+def test_the_product_split_composes_without_the_plus_one(tucker):
+    torch.manual_seed(0)
+    make = (lambda **k: FedParaConv2d(3, 4, 3, rank=2, **k, **F64)) if tucker else (
+        lambda **k: FedParaLinear(6, 5, rank=2, **k, **F64))
+    layer = make(personalized=True, plus_one=False)
+    assert layer.personalized and not layer.plus_one and layer.local_factor_names()
+    w1 = _branch(*layer._factors(1))
+    w2 = _branch(*layer._factors(2))
+    torch.testing.assert_close(layer.compose_weight().reshape(w1.shape), w1 * w2)
+    # initialized as plain FedPara: the composed weight at about the Kaiming scale
+    fan_in = layer.compose_weight()[0].numel()
+    assert 0.3 <= layer.compose_weight().std().item() / math.sqrt(2 / fan_in) <= 3
 
 
 @pytest.mark.parametrize(
