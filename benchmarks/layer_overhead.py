@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedpara.layers import FedParaConv2d, _FedParaWeight  # noqa: E402
 from fedpara.models import vgg16  # noqa: E402
+from fedpara.storage import write_atomic  # noqa: E402
 
 VARIANTS = ("original", "fedpara", "fedpara_autograd")
 OUT = Path(__file__).parent / "results" / "layer_overhead.json"
@@ -162,12 +162,7 @@ def compose_seconds(layers, how: str) -> float:
 
 
 def write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ Where the files come from (all under `data_dir`):
   each writer's samples are split into that writer's own train and test parts (10% test).
 
 A failed or impossible download raises `DataUnavailableError` saying what was expected where and
-how to place it by hand. An archive is used only if its MD5 matches torchvision's, and extracted
+how to place it by hand. An archive already in `data_dir` (CIFAR's `.tar.gz`, the IDX `.gz` files)
+is used with or without `download`, but only if its MD5 matches torchvision's; one that does not is
+reported as corrupt or truncated, with both MD5 sums and how to replace it. Downloads and extracted
 folders appear only once complete, so an interrupted download is never mistaken for data.
 """
 
@@ -32,10 +34,11 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -43,11 +46,13 @@ import torch.nn.functional as F
 import torchvision.datasets as tvd
 import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets.utils import download_url, extract_archive
+from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
+
+from fedpara.storage import write_atomic
 
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "femnist")
 
-# Debian's `dataset-fashion-mnist` package: the original data, recompressed (facts.md §8)
+# Debian's `dataset-fashion-mnist` package: the original data, recompressed (other MD5 sums)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 FEMNIST_HUB_ID = "flwrlabs/femnist"
@@ -181,17 +186,64 @@ def load_dataset(
     return _load_femnist(root, download)
 
 
-def _unavailable(title: str, folder: Path, reason: str, expected: Sequence[str], how: str):
+def _unavailable(
+    title: str,
+    folder: Path,
+    reason: str,
+    expected: Sequence[str],
+    how: str,
+    lead: str = "To place them by hand",
+):
     files = ", ".join(expected)
     return DataUnavailableError(
         f"{title} is not available in {folder}: {reason}.\n"
         f"Expected files there: {files}.\n"
-        f"To place them by hand: {how}"
+        f"{lead}: {how}"
     )
 
 
 def _missing(folder: Path, names: Sequence[str]) -> list[str]:
     return [n for n in names if not (folder / n).is_file()]
+
+
+# archives: torchvision's URLs and MD5 sums
+
+
+def _wrong_md5(path: Path, md5: str) -> str | None:
+    """The MD5 of the file at `path` if it exists and differs from `md5`, else None."""
+    if not path.is_file():
+        return None
+    actual = calculate_md5(str(path))
+    return actual if actual != md5 else None
+
+
+def _corrupt_archive(
+    title: str, folder: Path, expected: Sequence[str], archive: Path, md5: str, actual: str,
+    url: str, download_error: BaseException | None = None,
+) -> DataUnavailableError:
+    """The error for an archive in the data directory whose MD5 is not the published one."""
+    reason = (
+        f"the archive {archive} is corrupt or truncated: its MD5 is {actual}, expected {md5} "
+        f"({archive.stat().st_size:,} bytes)"
+    )
+    if download_error is not None:
+        reason += f", and downloading it again failed ({download_error})"
+    how = (
+        f"delete {archive} and run again with download on (the default of load_dataset and "
+        f"of `python -m fedpara.run`), or place a good copy of {url} (MD5 {md5}) at exactly "
+        f"{archive}"
+    )
+    return _unavailable(title, folder, reason, expected, how, lead="To fix it")
+
+
+def _download(url: str, dest: Path, md5: str) -> None:
+    """Download `url` to `dest`, which appears only once complete and with MD5 `md5`."""
+    part = dest.with_name(f".{dest.name}.part")
+    try:
+        download_url(url, str(dest.parent), part.name, md5)  # RuntimeError on a wrong MD5
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 # CIFAR: torchvision's archive and pickled batches
@@ -200,31 +252,38 @@ def _missing(folder: Path, names: Sequence[str]) -> list[str]:
 def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, ImageDataset]:
     tv = _TORCHVISION[name]
     folder = root / tv.base_folder
+    archive = root / tv.filename
     train_files = [f for f, _ in tv.train_list]
     test_files = [f for f, _ in tv.test_list]
     expected = [*train_files, *test_files, tv.meta["filename"]]
     title = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name]
     how = (
         f"download {tv.url} (MD5 {tv.tgz_md5}) and run `tar xzf {tv.filename} -C {root}`, "
-        f"or put the archive itself at {root / tv.filename} and call load_dataset again."
+        f"or put the archive itself at {archive} and call load_dataset again."
     )
 
     missing = _missing(folder, expected)
-    if missing and download and not folder.exists():
-        try:
-            _fetch_cifar(tv, root)
-        except (
-            OSError,
-            RuntimeError,
-        ) as err:  # URLError is an OSError; MD5 mismatch a RuntimeError
-            raise _unavailable(
-                title, folder, f"the download failed ({err})", expected, how
-            ) from err
-        missing = _missing(folder, expected)
+    if missing and not folder.exists():  # an archive in root is used even without download
+        actual = _wrong_md5(archive, tv.tgz_md5)
+        if download and (actual is not None or not archive.is_file()):
+            try:
+                _download(tv.url, archive, tv.tgz_md5)
+            except (OSError, RuntimeError) as err:  # URLError is an OSError
+                if actual is not None:
+                    raise _corrupt_archive(title, folder, expected, archive, tv.tgz_md5, actual,
+                                           tv.url, err) from err
+                reason = f"the download failed ({err})"
+                raise _unavailable(title, folder, reason, expected, how) from err
+            actual = None
+        if actual is not None:
+            raise _corrupt_archive(title, folder, expected, archive, tv.tgz_md5, actual, tv.url)
+        if archive.is_file():
+            _extract_cifar(tv, root)
+            missing = _missing(folder, expected)
     if missing:
         reason = f"missing {', '.join(missing)}"
         if folder.exists():
-            reason += f" (an incomplete folder: delete {folder} and retry)"
+            reason += f" (an incomplete folder: delete {folder} and run again)"
         raise _unavailable(title, folder, reason, expected, how)
 
     splits = []
@@ -232,19 +291,21 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Im
         try:
             data, labels = _read_cifar_batches(folder, files, _INFO[name].num_classes)
         except (OSError, ValueError) as err:
-            reason = f"a file is incomplete or corrupted ({err}); delete {folder} and retry"
+            reason = (
+                f"a file is incomplete or corrupted ({err}); delete {folder} and run again "
+                f"(it is extracted again from {archive}, downloaded if need be)"
+            )
             raise _unavailable(title, folder, reason, expected, how) from err
         splits.append(ImageDataset(name, data, labels, train=train))
     return splits[0], splits[1]
 
 
-def _fetch_cifar(tv: type, root: Path) -> None:
-    """Download torchvision's archive (skipped if present with the right MD5) and extract it.
+def _extract_cifar(tv: type, root: Path) -> None:
+    """Extract torchvision's archive (its MD5 already checked) into `root`.
 
     The folder is extracted next to its final place and renamed into it, so it exists only
-    when complete; an archive whose MD5 does not match is downloaded again.
+    when complete.
     """
-    download_url(tv.url, str(root), tv.filename, tv.tgz_md5)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
     try:
         extract_archive(str(root / tv.filename), str(tmp))
@@ -292,12 +353,35 @@ def _load_idx(name: str, root: Path, download: bool) -> tuple[ImageDataset, Imag
 
     if _missing(raw, expected) and name == "fashion-mnist" and DEBIAN_FASHION_MNIST.is_dir():
         for f in _missing(raw, expected):
-            _gunzip_atomic(DEBIAN_FASHION_MNIST / f"{f}.gz", raw / f)
-    if _missing(raw, expected) and download:
-        try:
-            _fetch_idx(tv, raw)
-        except (OSError, RuntimeError) as err:
-            raise _unavailable(title, raw, f"the download failed ({err})", expected, how) from err
+            src = DEBIAN_FASHION_MNIST / f"{f}.gz"
+            try:
+                _gunzip_atomic(src, raw / f)
+            except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
+                reason = f"Debian's copy {src} is corrupt or truncated ({err!r})"
+                fix = (
+                    "reinstall the package: apt-get install --reinstall dataset-fashion-mnist "
+                    f"(or place the four decompressed files in {raw})"
+                )
+                raise _unavailable(title, raw, reason, expected, fix, lead="To fix it") from err
+    for gz_name, md5 in tv.resources:  # a .gz already in raw/ is used even without download
+        target, gz = raw / gz_name.removesuffix(".gz"), raw / gz_name
+        if target.is_file():
+            continue
+        actual = _wrong_md5(gz, md5)
+        url = f"{tv.mirrors[0]}{gz_name}"
+        if download and (actual is not None or not gz.is_file()):
+            try:
+                _fetch_idx(tv, gz, md5)
+            except (OSError, RuntimeError) as err:
+                if actual is not None:
+                    raise _corrupt_archive(title, raw, expected, gz, md5, actual, url, err) from err
+                reason = f"the download failed ({err})"
+                raise _unavailable(title, raw, reason, expected, how) from err
+            actual = None
+        if actual is not None:
+            raise _corrupt_archive(title, raw, expected, gz, md5, actual, url)
+        if gz.is_file():
+            _gunzip_atomic(gz, target)
     if missing := _missing(raw, expected):
         raise _unavailable(title, raw, f"missing {', '.join(missing)}", expected, how)
 
@@ -306,48 +390,31 @@ def _load_idx(name: str, root: Path, download: bool) -> tuple[ImageDataset, Imag
         try:
             tvset = tv(str(root), train=train, download=False)
         except (RuntimeError, ValueError, AssertionError, KeyError) as err:
-            reason = f"a file is incomplete or corrupted ({err!r}); delete {raw} and retry"
+            reason = (
+                f"a file is incomplete or corrupted ({err!r}); delete {raw} and run again "
+                "with download on"
+            )
             raise _unavailable(title, raw, reason, expected, how) from err
         data = tvset.data.numpy()[..., None]  # (N, 28, 28, 1)
         splits.append(ImageDataset(name, data, tvset.targets.numpy(), train=train))
     return splits[0], splits[1]
 
 
-def _fetch_idx(tv: type, raw: Path) -> None:
-    """Download each missing `.gz` (MD5-checked, first mirror that answers), then gunzip it."""
-    for gz_name, md5 in tv.resources:
-        target = raw / gz_name.removesuffix(".gz")
-        if target.is_file():
-            continue
-        errors = []
-        for mirror in tv.mirrors:
-            try:
-                download_url(f"{mirror}{gz_name}", str(raw), gz_name, md5)
-                break
-            except (OSError, RuntimeError) as err:
-                errors.append(f"{mirror}: {err}")
-        else:
-            raise OSError(f"could not download {gz_name} ({'; '.join(errors)})")
-        _gunzip_atomic(raw / gz_name, target)
-
-
-def _write_atomic(dst: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write `dst` through a temporary file in the same folder, so it never exists half-written."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _fetch_idx(tv: type, gz: Path, md5: str) -> None:
+    """Download `gz` (MD5-checked) from the first of torchvision's mirrors that answers."""
+    errors = []
+    for mirror in tv.mirrors:
+        try:
+            _download(f"{mirror}{gz.name}", gz, md5)
+            return
+        except (OSError, RuntimeError) as err:
+            errors.append(f"{mirror}: {err}")
+    raise OSError(f"could not download {gz.name} ({'; '.join(errors)})")
 
 
 def _gunzip_atomic(src: Path, dst: Path) -> None:
     with gzip.open(src, "rb") as fin:
-        _write_atomic(dst, lambda fout: shutil.copyfileobj(fin, fout, 1 << 20))
+        write_atomic(dst, lambda fout: shutil.copyfileobj(fin, fout, 1 << 20))
 
 
 # FEMNIST: the Hugging Face dataset, split per writer
@@ -364,7 +431,7 @@ def _load_femnist(root: Path, download: bool) -> tuple[ImageDataset, ImageDatase
     )
     if not (folder / "state.json").is_file():
         if folder.exists():
-            reason = f"an incomplete copy (no state.json): delete {folder} and retry"
+            reason = f"an incomplete copy (no state.json): delete {folder} and run again"
             raise _unavailable("FEMNIST", folder, reason, expected, how)
         if not download:
             raise _unavailable("FEMNIST", folder, "no saved copy", expected, how)
@@ -374,8 +441,11 @@ def _load_femnist(root: Path, download: bool) -> tuple[ImageDataset, ImageDatase
             reason = f"the download of {FEMNIST_HUB_ID} from the Hugging Face Hub failed ({err})"
             raise _unavailable("FEMNIST", folder, reason, expected, how) from err
 
-    ds = datasets.load_from_disk(str(folder))
-    images, labels, writers = _femnist_arrays(ds, root)
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except (OSError, ValueError, KeyError) as err:  # a cut .arrow file: pyarrow's OSError
+        raise _corrupt_femnist(folder, expected, how, err) from err
+    images, labels, writers = _femnist_arrays(ds, root, folder, expected, how)
     test = femnist_test_mask(writers, FEMNIST_TEST_FRACTION, FEMNIST_SPLIT_SEED)
     train_set = ImageDataset(
         "femnist", images[~test], labels[~test], train=True, writer_ids=writers[~test]
@@ -384,6 +454,18 @@ def _load_femnist(root: Path, download: bool) -> tuple[ImageDataset, ImageDatase
         "femnist", images[test], labels[test], train=False, writer_ids=writers[test]
     )
     return train_set, test_set
+
+
+def _corrupt_femnist(folder: Path, expected: Sequence[str], how: str, err: BaseException):
+    """The error for a saved copy that does not read back (the Hub publishes no MD5 of it)."""
+    shards = ", ".join(f"{p.name} ({p.stat().st_size:,} bytes)"
+                       for p in sorted(folder.glob("data-*.arrow")))
+    reason = (
+        f"the saved copy there is corrupt or truncated ({err!r}; its data files: "
+        f"{shards or 'none'})"
+    )
+    fix = f"delete {folder} and run again with download on, or {how}"
+    return _unavailable("FEMNIST", folder, reason, expected, fix, lead="To fix it")
 
 
 def _fetch_femnist(root: Path, folder: Path) -> None:
@@ -399,34 +481,42 @@ def _fetch_femnist(root: Path, folder: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _femnist_arrays(ds, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _femnist_arrays(
+    ds, root: Path, folder: Path, expected: Sequence[str], how: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Images (N, 28, 28, 1) uint8, labels (N,) and writer ids (N,) of the saved dataset.
 
     Decoding ~800k PNGs takes a while, so the arrays are cached in `femnist-arrays.npz`,
-    keyed by the saved dataset's fingerprint.
+    keyed by the saved dataset's fingerprint; a cache that does not read back is rebuilt.
     """
     import datasets
 
     cache = root / "femnist-arrays.npz"
     if cache.is_file():
-        with np.load(cache) as z:
-            if str(z["fingerprint"]) == ds._fingerprint:
-                return z["images"], z["labels"], z["writer_ids"]
+        try:
+            with np.load(cache) as z:
+                if str(z["fingerprint"]) == ds._fingerprint:
+                    return z["images"], z["labels"], z["writer_ids"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # derived from the saved copy: written again below
 
-    meta = ds.select_columns(["character", "writer_id"]).with_format("numpy")[:]
-    labels = meta["character"]
-    if labels.dtype.kind in "US":  # a plain string column: LEAF's order 0-9, A-Z, a-z
-        classes = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-        labels = np.array([classes.index(c) for c in labels])
-    pixels = ds.select_columns(["image"]).cast_column("image", datasets.Image(mode="L"))
-    pixels = pixels.with_format("numpy")
-    images = np.empty((len(ds), 28, 28, 1), dtype=np.uint8)
-    for start in range(0, len(ds), 10_000):
-        images[start : start + 10_000, ..., 0] = pixels[start : start + 10_000]["image"]
+    try:
+        meta = ds.select_columns(["character", "writer_id"]).with_format("numpy")[:]
+        labels = meta["character"]
+        if labels.dtype.kind in "US":  # a plain string column: LEAF's order 0-9, A-Z, a-z
+            classes = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+            labels = np.array([classes.index(c) for c in labels])
+        pixels = ds.select_columns(["image"]).cast_column("image", datasets.Image(mode="L"))
+        pixels = pixels.with_format("numpy")
+        images = np.empty((len(ds), 28, 28, 1), dtype=np.uint8)
+        for start in range(0, len(ds), 10_000):
+            images[start : start + 10_000, ..., 0] = pixels[start : start + 10_000]["image"]
+    except (OSError, ValueError, KeyError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise _corrupt_femnist(folder, expected, how, err) from err
     labels, writers = labels.astype(np.int64), meta["writer_id"].astype(str)
 
     arrays = dict(images=images, labels=labels, writer_ids=writers, fingerprint=ds._fingerprint)
-    _write_atomic(cache, lambda f: np.savez(f, **arrays))
+    write_atomic(cache, lambda f: np.savez(f, **arrays))
     return images, labels, writers
 
 

@@ -1,7 +1,8 @@
 """Tiny datasets written in the real on-disk formats, for tests and smoke runs without a network.
 
-    from fedpara.fakedata import write_fake_cifar, write_fake_femnist
+    from fedpara.fakedata import write_fake_cifar, write_fake_femnist, write_fake_idx
     write_fake_cifar(root, "cifar10", n_train=500, n_test=100)
+    write_fake_idx(root, "mnist", n_train=60, n_test=20)
     write_fake_femnist(root, n_writers=20, per_writer=30)
     train, test = load_dataset("cifar10", data_dir=root, download=False)
 
@@ -10,20 +11,23 @@ neither dataset: what such a run reports is a test of the machinery, never a res
 
 Each class has its own fixed template image plus noise, so a model can learn something from
 the fake data in a smoke run. The files follow the real layouts: torchvision's CIFAR pickled
-batches (`cifar-10-batches-py/` or `cifar-100-python/`, optionally as the `.tar.gz` archive) and
-the Hugging Face `flwrlabs/femnist` columns saved with `save_to_disk` into `<root>/femnist/`.
-(Fake CIFAR files do not match torchvision's MD5 sums; `fedpara.data` checks the files' structure
-and the archive's MD5, so tests of the archive path patch the expected MD5.)
+batches (`cifar-10-batches-py/` or `cifar-100-python/`, optionally as the `.tar.gz` archive),
+the gzipped IDX files of MNIST and Fashion-MNIST (`MNIST/raw/` or `FashionMNIST/raw/`), and the
+Hugging Face `flwrlabs/femnist` columns saved with `save_to_disk` into `<root>/femnist/`.
+(Fake archives do not match torchvision's MD5 sums; `fedpara.data` checks the files' structure
+and the archives' MD5, so tests of the archive paths patch the expected MD5.)
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import pickle
 import shutil
 import tarfile
 import tempfile
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +137,45 @@ def write_fake_cifar(
         os.replace(folder, root / folder_name)
     shutil.rmtree(work, ignore_errors=True)
     return {"train": splits["train"], "test": splits["test"], "archive_md5": md5}
+
+
+def write_fake_idx(
+    root: str | os.PathLike, name: str = "mnist", n_train: int = 60, n_test: int = 20,
+    seed: int = 0,
+) -> dict:
+    """Write a small MNIST or Fashion-MNIST as torchvision's gzipped IDX files under `root`.
+
+    `<root>/MNIST/raw/` (or `FashionMNIST/raw/`) gets `train-images-idx3-ubyte.gz`,
+    `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`:
+    big-endian IDX headers (magic 0x803 for the uint8 images N×28×28, 0x801 for the labels N),
+    the same as the files torchvision downloads, not decompressed.
+    Returns {"train": (images (N, 28, 28) uint8, labels (N,)), "test": (...),
+    "md5": {gz file name: its MD5}}.
+    """
+    folders = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+    if name not in folders:
+        raise ValueError(f"name must be 'mnist' or 'fashion-mnist', got {name!r}")
+    raw = Path(root) / folders[name] / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    templates = np.random.default_rng(1234).random((10, 28, 28)) < 0.3
+    result: dict = {"md5": {}}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        labels = _labels(rng, n, 10)
+        noise = rng.integers(0, 60, (n, 28, 28))
+        images = np.where(templates[labels], 255 - noise, noise).astype(np.uint8)
+        result[split] = (images, labels)
+        files = {
+            f"{prefix}-images-idx3-ubyte.gz": struct.pack(">IIII", 0x803, n, 28, 28)
+            + images.tobytes(),
+            f"{prefix}-labels-idx1-ubyte.gz": struct.pack(">II", 0x801, n)
+            + labels.astype(np.uint8).tobytes(),
+        }
+        for file, content in files.items():
+            packed = gzip.compress(content, mtime=0)
+            (raw / file).write_bytes(packed)
+            result["md5"][file] = hashlib.md5(packed).hexdigest()
+    return result
 
 
 def write_fake_femnist(

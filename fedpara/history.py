@@ -12,12 +12,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from fedpara.storage import write_atomic  # also imported from here by server_app and results
 
 GIB = 2**30
 
@@ -162,18 +163,3 @@ class History:
         """`<results_dir>/<preset>/<variant>-<profile>.json` for an ExperimentConfig."""
         return Path(results_dir) / config.preset / f"{config.variant_name}-{config.profile}.json"
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -3,7 +3,7 @@
 - `fmnist_dir`: a data_dir where `load_dataset("fashion-mnist", data_dir)` works at once (the
   Debian package's files, decompressed once per session); `fmnist`: its (train, test) splits.
 - `fake_cifar10_dir`, `fake_femnist_dir`: data_dirs holding tiny datasets in the real formats
-  (see `fixtures_formats.py`), for `load_dataset(..., data_dir=..., download=False)`.
+  (written by `fedpara.fakedata`), for `load_dataset(..., data_dir=..., download=False)`.
 - `offline`: every socket connection fails, as on this workplace's machines, so download code
   takes its real failure path and a machine with internet never downloads in a test.
 """
@@ -14,9 +14,9 @@ import socket
 
 import pytest
 import torch
-from fixtures_formats import write_fake_cifar, write_fake_femnist
 
 from fedpara import data
+from fedpara.fakedata import write_fake_cifar, write_fake_femnist
 
 
 @pytest.fixture(scope="session")

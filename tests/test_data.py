@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets as tvd
-from fixtures_formats import write_fake_cifar, write_fake_femnist
 
 from fedpara import data
 from fedpara.data import (
@@ -23,6 +23,7 @@ from fedpara.data import (
     make_loader,
     random_crop_flip,
 )
+from fedpara.fakedata import write_fake_cifar, write_fake_femnist, write_fake_idx
 
 # helpers
 
@@ -89,6 +90,50 @@ def test_truncated_idx_file_is_reported_not_loaded(tmp_path, monkeypatch):
         (raw / name.removesuffix(".gz")).write_bytes(header + bytes(1000))
     with pytest.raises(DataUnavailableError, match="incomplete or corrupted"):
         load_dataset("fashion-mnist", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_idx_archives_in_raw_are_used_when_their_md5_matches(tmp_path, monkeypatch, offline,
+                                                             download):
+    written = write_fake_idx(tmp_path, "mnist", n_train=30, n_test=10)
+    monkeypatch.setattr(tvd.MNIST, "resources", list(written["md5"].items()))
+    train, test = load_dataset("mnist", data_dir=tmp_path, download=download)
+    np.testing.assert_array_equal(train.data[..., 0], written["train"][0])
+    np.testing.assert_array_equal(test.labels, written["test"][1])
+    assert not list((tmp_path / "MNIST" / "raw").glob(".*"))  # no temporary files left
+
+
+def test_truncated_idx_archive_is_named_as_corrupt(tmp_path, monkeypatch, offline):
+    written = write_fake_idx(tmp_path, "mnist", n_train=30, n_test=10)
+    monkeypatch.setattr(tvd.MNIST, "resources", list(written["md5"].items()))
+    raw = tmp_path / "MNIST" / "raw"
+    gz = raw / "t10k-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:-100])
+    url = f"{tvd.MNIST.mirrors[0]}{gz.name}"
+    for download in (True, False):
+        with pytest.raises(DataUnavailableError) as err:
+            load_dataset("mnist", data_dir=tmp_path, download=download)
+        msg = str(err.value)
+        assert_names_the_corrupt_archive(msg, gz, written["md5"][gz.name], url)
+        assert ("downloading it again failed" in msg) == download
+        assert not (raw / "t10k-images-idx3-ubyte").exists()
+    gz.unlink()  # the fix the message gives, with a good copy placed by hand
+    write_fake_idx(tmp_path, "mnist", n_train=30, n_test=10)
+    assert len(load_dataset("mnist", data_dir=tmp_path, download=False)[1]) == 10
+
+
+def test_corrupt_debian_fashion_mnist_says_to_reinstall_it(tmp_path, monkeypatch):
+    debian = tmp_path / "debian"
+    write_fake_idx(debian, "fashion-mnist")
+    for gz in (debian / "FashionMNIST" / "raw").iterdir():
+        gz.write_bytes(gz.read_bytes()[:-20])  # cut short: gzip's EOFError
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian / "FashionMNIST" / "raw")
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "data", download=False)
+    msg = str(err.value)
+    assert "corrupt or truncated" in msg and str(debian / "FashionMNIST" / "raw") in msg
+    assert "apt-get install --reinstall dataset-fashion-mnist" in msg
+    assert not list((tmp_path / "data" / "FashionMNIST" / "raw").iterdir())  # nothing half-written
 
 
 def test_mnist_offline_error_names_dataset_folder_files_and_remedy(tmp_path, offline):
@@ -170,25 +215,39 @@ def test_cifar_train_items_are_random_crops_and_flips(fake_cifar10_dir):
     assert len(set(found)) > 1  # not the same transform every time
 
 
-def test_cifar_archive_is_extracted_when_its_md5_matches(tmp_path, monkeypatch, offline):
+@pytest.mark.parametrize("download", [True, False])
+def test_cifar_archive_is_extracted_when_its_md5_matches(tmp_path, monkeypatch, offline, download):
     written = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, archive=True)
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", written["archive_md5"])
-    train, test = load_dataset("cifar10", data_dir=tmp_path, download=True)
+    train, test = load_dataset("cifar10", data_dir=tmp_path, download=download)
     np.testing.assert_array_equal(train.data, written["train"][0])
     assert len(test) == 10
     assert not list(tmp_path.glob(".extract-*"))
 
 
-def test_partial_cifar_archive_is_never_treated_as_valid(tmp_path, monkeypatch, offline):
+def assert_names_the_corrupt_archive(msg: str, archive, expected_md5: str, url: str) -> None:
+    """The message calls the archive corrupt, gives both MD5 sums and the two ways to fix it."""
+    actual = hashlib.md5(archive.read_bytes()).hexdigest()
+    assert f"the archive {archive} is corrupt or truncated" in msg
+    assert f"its MD5 is {actual}, expected {expected_md5}" in msg
+    assert f"delete {archive} and run again with download on" in msg
+    assert f"place a good copy of {url} (MD5 {expected_md5}) at exactly {archive}" in msg
+
+
+def test_partial_cifar_archive_is_named_as_corrupt_and_never_used(tmp_path, monkeypatch, offline):
     written = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, archive=True)
     monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", written["archive_md5"])
     archive = tmp_path / tvd.CIFAR10.filename
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])  # a cut download
-    with pytest.raises(DataUnavailableError, match="download failed"):
-        load_dataset("cifar10", data_dir=tmp_path, download=True)
-    assert not (tmp_path / tvd.CIFAR10.base_folder).exists()
-    with pytest.raises(DataUnavailableError, match="missing data_batch_1"):
-        load_dataset("cifar10", data_dir=tmp_path, download=False)
+    for download in (True, False):
+        with pytest.raises(DataUnavailableError) as err:
+            load_dataset("cifar10", data_dir=tmp_path, download=download)
+        msg = str(err.value)
+        assert_names_the_corrupt_archive(msg, archive, written["archive_md5"], tvd.CIFAR10.url)
+        assert ("downloading it again failed" in msg) == download
+        assert not (tmp_path / tvd.CIFAR10.base_folder).exists()
+        assert archive.is_file()  # left for the user to inspect or delete
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tvd.CIFAR10.filename]
 
 
 def test_cifar_offline_error_names_dataset_folder_files_and_remedy(tmp_path, offline):
@@ -251,6 +310,28 @@ def test_femnist_split_is_deterministic_and_cached(fake_femnist_dir):
     b_train, b_test = load_dataset("femnist", data_dir=fake_femnist_dir, download=False)
     np.testing.assert_array_equal(a_test.data, b_test.data)
     np.testing.assert_array_equal(a_train.writer_ids, b_train.writer_ids)
+
+
+def test_truncated_femnist_copy_is_named_as_corrupt(tmp_path):
+    write_fake_femnist(tmp_path, n_writers=3, per_writer=10)
+    shard = next((tmp_path / "femnist").glob("data-*.arrow"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset("femnist", data_dir=tmp_path, download=False)
+    msg = str(err.value)
+    assert "corrupt or truncated" in msg and f"{shard.name} ({shard.stat().st_size:,} bytes)" in msg
+    assert f"delete {tmp_path / 'femnist'} and run again with download on" in msg
+
+
+def test_corrupt_femnist_cache_is_rebuilt(tmp_path):
+    write_fake_femnist(tmp_path, n_writers=3, per_writer=10)
+    first = load_dataset("femnist", data_dir=tmp_path, download=False)
+    cache = tmp_path / "femnist-arrays.npz"
+    cache.write_bytes(cache.read_bytes()[:1000])
+    again = load_dataset("femnist", data_dir=tmp_path, download=False)
+    np.testing.assert_array_equal(first[0].data, again[0].data)
+    with np.load(cache) as z:  # written again in full
+        assert len(z["images"]) == 30
 
 
 def test_femnist_test_mask_takes_a_tenth_of_each_writer():
