@@ -259,7 +259,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Im
     title = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name]
     how = (
         f"download {tv.url} (MD5 {tv.tgz_md5}) and run `tar xzf {tv.filename} -C {root}`, "
-        f"or put the archive itself at {archive} and call load_dataset again."
+        f"or put the archive itself at {archive} and run again."
     )
 
     missing = _missing(folder, expected)

@@ -9,13 +9,19 @@
 
 The history goes to results/<preset>/<variant>-<profile>.json (or --out); checkpoints to
 checkpoints/<preset>/<variant>-<profile>/ unless `--set checkpoint_dir=...`. A bad config fails
-before any data is loaded, with a message naming the field, and exit status 2.
+before any data is loaded, with a message naming the field, and exit status 2. A run that cannot
+start or finish (a missing or corrupt dataset, a download that fails, a checkpoint from another
+experiment or one that does not read back, a file that cannot be written) prints one paragraph
+to stderr: what went wrong, where, and the step that fixes it; exit status 1. `--verbose` adds
+the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
+import traceback
 from pathlib import Path
 
 from fedpara.config import PRESETS, PROFILES, ExperimentConfig, get_preset, parse_overrides
@@ -33,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set rounds=5 --set device=cpu")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Flower's and Ray's logs, and the traceback of an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=Path, help="history JSON path (default: under --results-dir)")
     p.add_argument("--results-dir", default="results", type=Path)
@@ -64,6 +71,67 @@ def write_run_config(config: ExperimentConfig, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+class RunFailure(Exception):
+    """A run that cannot go on; the message says what went wrong, where, and how to fix it."""
+
+
+def check_checkpoint(config: ExperimentConfig) -> None:
+    """For --resume: the checkpoint it would start from reads back and is from this experiment.
+
+    Checked here, before Ray starts: inside the simulation the same error would end the run
+    with Flower's log instead of this message.
+    """
+    from fedpara.server_app import latest_checkpoint, load_checkpoint
+
+    path = latest_checkpoint(config.checkpoint_dir)
+    if path is None:
+        return
+    try:
+        load_checkpoint(path, config)
+    except ValueError as err:  # another experiment's, or past `rounds`
+        raise RunFailure(
+            f"cannot resume: {err}.\n"
+            f"To fix it: resume with the settings that run used (the fields named above), or "
+            f"give this run its own folder with --set checkpoint_dir=..., or run without --resume "
+            f"to start afresh (that deletes the round-*.pt files in {config.checkpoint_dir})."
+        ) from err
+    except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        raise RunFailure(
+            f"cannot resume: the checkpoint {path} does not read back, it is corrupt or "
+            f"truncated ({err!r}).\n"
+            f"To fix it: delete {path} to resume from the checkpoint before it, or run without "
+            f"--resume to start afresh."
+        ) from err
+
+
+def check_data(config: ExperimentConfig) -> None:
+    """The dataset loads (downloaded if need be), before Ray starts.
+
+    With server evaluation `run_experiment` loads it first itself; with client evaluation only
+    the clients would, inside Ray, each failing with a long log.
+    """
+    if config.evaluation != "server":
+        from fedpara.data import load_dataset
+
+        load_dataset(config.dataset, config.data_dir or None)
+
+
+def _failure(err: BaseException) -> str | None:
+    """One paragraph for stderr (what went wrong and where, and the step that fixes it), or
+    None for an error that is not one of the expected ones (a bug: keep its traceback)."""
+    from fedpara.data import DataUnavailableError
+
+    if isinstance(err, RunFailure | DataUnavailableError):  # they carry their own fix
+        return f"error: {err}"
+    what = str(err).rstrip(".")
+    if isinstance(err, OSError):
+        return (f"error: {what}.\nTo fix it: check that this path exists and can be written "
+                f"(or choose another one), then run again.")
+    if isinstance(err, ValueError):
+        return f"error: {what}.\nTo fix it: correct the value it names and run again."
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list:
@@ -75,8 +143,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {err}\nFix the --preset, --variant or --set value it names "
+              f"(--list shows the presets and their variants).", file=sys.stderr)
         return 2
+    try:
+        return _run(config, args)
+    except Exception as err:
+        message = _failure(err)
+        if message is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        hint = "" if args.verbose else "\n(--verbose shows the traceback.)"
+        print(message + hint, file=sys.stderr)
+        return 1
+
+
+def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
     if args.write_run_config:
         write_run_config(config, args.write_run_config)
         print(f"wrote {args.write_run_config}; run it with: flwr run . --run-config "
@@ -85,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedpara.experiment import run_experiment
 
+    if args.resume:
+        check_checkpoint(config)
+    check_data(config)
     history = run_experiment(config, resume=args.resume, verbose=args.verbose,
                              progress=not args.no_progress)
     path = history.save(args.out or History.default_path(config, args.results_dir))

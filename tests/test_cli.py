@@ -8,14 +8,21 @@ import sys
 import tomllib
 
 import pytest
+import torch
 
 from fedpara.config import ExperimentConfig, get_preset
+from fedpara.fakedata import write_fake_cifar, write_fake_idx
 from fedpara.history import History
 from fedpara.run import main
+from fedpara.server_app import checkpoint_path
+
+# downloads fail at once in a subprocess too, on any machine: every URL goes through a dead proxy
+NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+              "no_proxy": ""}
 
 
-def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+def run_cli(*args: str, cwd, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     return subprocess.run([sys.executable, "-m", "fedpara.run", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -36,26 +43,123 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
     assert "round" in done.stderr  # the progress bar (tqdm writes to stderr)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "fmnist-noniid", "--set", "clients_per_round=50"], "clients_per_round"),
-    (["--preset", "fmnist-noniid", "--set", "gamma=2"], "gamma"),
-    (["--preset", "fmnist-noniid", "--variant", "pfedpara"], "variant"),
+@pytest.mark.parametrize("args, messages", [
+    (["--set", "clients_per_round=50"], ["clients_per_round"]),
+    (["--set", "gamma=2"], ["gamma"]),
+    (["--variant", "pfedpara"], ["variant"]),
+    (["--set", "model=resnet"], ["model='resnet'", "vgg16, mlp, cnn"]),
     (["--preset", "fmnist-personal", "--set", "parameterization=original",
-      "--variant", "pfedpara"], "parameterization"),
-    (["--preset", "nope"], "preset"),
-    (["--preset", "fmnist-noniid", "--set", "colour=red"], "colour"),
+      "--variant", "pfedpara"], ["parameterization"]),
+    (["--preset", "nope"], ["preset"]),
+    (["--set", "colour=red"], ["colour"]),
 ])
-def test_bad_config_exits_with_status_2_before_loading_data(args, message, tmp_path, capsys):
-    assert main(args) == 2
+def test_bad_config_exits_with_status_2_before_loading_data(args, messages, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "fmnist-noniid", *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and message in err
+    assert err.startswith("error:") and all(m in err for m in messages)
+    assert "Traceback" not in err
     assert not (tmp_path / "data").exists()
 
 
-def test_bad_config_from_the_shell_exits_2(tmp_path):
-    done = run_cli("--preset", "fmnist-noniid", "--set", "model=resnet", cwd=tmp_path)
-    assert done.returncode == 2
-    assert "model='resnet'" in done.stderr and "vgg16, mlp, cnn" in done.stderr
+# a run that cannot start: one paragraph on stderr, exit status 1, the traceback only on request
+
+SMOKE = ["--variant", "fedpara", "--profile", "smoke", "--set", "device=cpu", "--no-progress"]
+
+
+def failure(capsys, *args: str, status: int = 1) -> str:
+    assert main(list(args)) == status
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "\n\n" not in err.strip()  # one paragraph
+    return err
+
+
+@pytest.mark.parametrize("preset", ["cifar10-iid", "fmnist-personal"])  # server / client scoring
+def test_missing_dataset_offline_names_folder_and_fix(preset, tmp_path, capsys, offline,
+                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dataset = [] if preset == "cifar10-iid" else ["--set", "dataset=mnist"]
+    variant = "fedpara" if preset == "cifar10-iid" else "pfedpara"
+    err = failure(capsys, "--preset", preset, *SMOKE, "--variant", variant, *dataset,
+                  "--set", f"data_dir={tmp_path / 'data'}")
+    assert "is not available in" in err and str(tmp_path / "data") in err
+    assert "the download failed" in err and "To place them by hand:" in err
+    assert "Traceback" not in err and "--verbose shows the traceback" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_verbose_shows_the_traceback(tmp_path, capsys, offline, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "cifar10-iid", *SMOKE, "--verbose",
+                 "--set", f"data_dir={tmp_path / 'data'}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)") and "DataUnavailableError" in err
+    assert "\nerror: CIFAR-10 is not available" in err and "--verbose shows" not in err
+
+
+def test_corrupt_archive_from_the_shell_exits_1_with_one_paragraph(tmp_path):
+    write_fake_idx(tmp_path / "data", "mnist", n_train=20, n_test=10)
+    gz = tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"  # the first read
+    gz.write_bytes(gz.read_bytes()[:-10])
+    done = run_cli("--preset", "fmnist-personal", *SMOKE, "--variant", "pfedpara",
+                   "--set", "dataset=mnist", "--set", f"data_dir={tmp_path / 'data'}",
+                   cwd=tmp_path, env=NO_NETWORK)
+    assert done.returncode == 1, done.stderr[-3000:]
+    err = done.stderr
+    assert err.startswith("error: MNIST is not available") and "\n\n" not in err.strip()
+    assert f"the archive {gz} is corrupt or truncated" in err and "Traceback" not in err
+    assert f"delete {gz} and run again" in err and f"at exactly {gz}" in err
+    assert "expected f68b3c2dcbeaaa9fbdd348bbdeb94873" in err  # torchvision's MD5 of the file
+
+
+def test_corrupt_archive_in_the_data_dir_is_named(tmp_path, capsys, offline, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_fake_cifar(tmp_path / "data", "cifar10", n_train=20, n_test=10, archive=True)
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:500])
+    err = failure(capsys, "--preset", "cifar10-iid", *SMOKE, "--set", f"data_dir={archive.parent}")
+    assert f"the archive {archive} is corrupt or truncated: its MD5 is" in err
+    assert f"delete {archive} and run again" in err
+
+
+def write_checkpoint(folder, config, server_round=1):
+    torch.save({"round": server_round, "config": config.to_dict()},
+               checkpoint_path(folder, server_round))
+
+
+def test_checkpoint_of_another_experiment_is_refused_before_the_run(tmp_path, capsys,
+                                                                    monkeypatch, fmnist_dir):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    write_checkpoint(folder, get_preset("fmnist-noniid", variant="fedpara", profile="smoke",
+                                        seed=7))
+    err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, "--resume",
+                  "--set", f"checkpoint_dir={folder}", "--set", f"data_dir={fmnist_dir}")
+    assert "cannot resume" in err and "different experiment" in err and "seed" in err
+    assert "--set checkpoint_dir=" in err and "without --resume" in err and "Traceback" not in err
+    assert list(folder.iterdir()) == [checkpoint_path(folder, 1)]  # nothing deleted
+
+
+def test_unreadable_checkpoint_is_named(tmp_path, capsys, monkeypatch, fmnist_dir):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    write_checkpoint(folder, get_preset("fmnist-noniid", variant="fedpara", profile="smoke"))
+    path = checkpoint_path(folder, 2)
+    path.write_bytes(checkpoint_path(folder, 1).read_bytes()[:300])  # the newest one, cut short
+    err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, "--resume",
+                  "--set", f"checkpoint_dir={folder}", "--set", f"data_dir={fmnist_dir}")
+    assert f"the checkpoint {path} does not read back, it is corrupt or truncated" in err
+    assert f"delete {path} to resume from the checkpoint before it" in err
+
+
+def test_unwritable_output_is_one_paragraph(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    err = failure(capsys, "--preset", "fmnist-noniid", "--write-run-config",
+                  str(tmp_path / "file" / "run.toml"))
+    assert str(tmp_path / "file" / "run.toml") in err and "can be written" in err
 
 
 def test_list_names_every_preset(capsys):
