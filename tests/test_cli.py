@@ -10,7 +10,7 @@ import tomllib
 import pytest
 import torch
 
-from fedpara.config import ExperimentConfig, get_preset
+from fedpara.config import PRESETS, ExperimentConfig, get_preset
 from fedpara.fakedata import write_fake_cifar, write_fake_idx
 from fedpara.history import History
 from fedpara.run import main
@@ -164,9 +164,10 @@ def test_unwritable_output_is_one_paragraph(tmp_path, capsys):
 
 def test_list_names_every_preset(capsys):
     assert main(["--list"]) == 0
-    out = capsys.readouterr().out
-    for name in ("cifar10-iid", "cifar100-noniid", "femnist-personal", "fmnist-personal"):
-        assert name in out
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(PRESETS)
+    for line, preset in zip(lines, PRESETS.values(), strict=True):
+        assert all(variant in line for variant in preset.variants)
 
 
 def test_run_config_file_matches_the_preset(tmp_path, capsys):

@@ -1,12 +1,10 @@
-"""Models and conversion: the paper's VGG16 sizes, the `head` convention, training, fedparafy."""
+"""Models: the paper's VGG16 sizes, the `head` convention, training."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fedpara.accounting import count_params
-from fedpara.convert import fedparafy
 from fedpara.layers import FactorizedLayer, FedParaConv2d, FedParaLinear, LowRankConv2d
 from fedpara.models import MODELS, PARAMETERIZATIONS, build_model, cnn, mlp, vgg16
 
@@ -132,73 +130,3 @@ def test_vgg16_fedpara_gradients_reach_every_factor():
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-
-
-# ----------------------------------------------------------------------------------------------
-# fedparafy
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 32, 3, padding=1)
-        self.block = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 1))
-        self.depthwise = nn.Conv2d(64, 64, 3, padding=1, groups=64)
-        self.tiny = nn.Conv2d(64, 2, 1)
-        self.fc = nn.Linear(2, 10)
-        self.big_fc = nn.Linear(128, 128)
-
-    def forward(self, x):
-        x = self.tiny(self.depthwise(self.block(self.stem(x))))
-        return self.big_fc(torch.cat([self.fc(x.mean((2, 3)))] * 12 + [torch.zeros(len(x), 8)], 1))
-
-
-def test_fedparafy_swaps_convolutions_keeps_names_and_reports_skips():
-    torch.manual_seed(0)
-    model = Toy()
-    x = torch.randn(2, 3, 8, 8)
-    before = count_params(model)
-    model, changes = fedparafy(model, gamma=0.1)
-    report = {c.name: c for c in changes}
-    assert [c.name for c in changes] == ["stem", "block.0", "block.2", "depthwise", "tiny"]
-    assert {n for n, c in report.items() if c.replaced} == {"stem", "block.0", "block.2"}
-    assert "grouped" in report["depthwise"].reason
-    assert report["tiny"].reason == "would not shrink"
-    assert isinstance(model.block[0], FedParaConv2d) and isinstance(model.fc, nn.Linear)
-    assert {"stem.x1", "block.0.t2", "block.2.y1", "depthwise.weight", "fc.weight"} <= set(
-        model.state_dict()
-    )
-    replaced = [c for c in changes if c.replaced]
-    assert count_params(model) == before - sum(
-        c.dense_params - c.factorized_params for c in replaced
-    )
-    assert model(x).shape == (2, 128)
-
-
-def test_fedparafy_converts_linear_layers_when_asked():
-    model, changes = fedparafy(Toy(), gamma=0.5, linear=True, personalized=True)
-    assert isinstance(model.big_fc, FedParaLinear) and model.big_fc.personalized
-    assert isinstance(model.fc, nn.Linear)  # 2 -> 10 would not shrink
-    assert next(c for c in changes if c.name == "fc").reason == "would not shrink"
-
-
-def test_fedparafy_converts_torchvision_resnet18():
-    torchvision = pytest.importorskip("torchvision")
-    model, changes = fedparafy(torchvision.models.resnet18(num_classes=10), gamma=0.1)
-    assert len(changes) == 20 and all(c.replaced for c in changes)
-    assert isinstance(model.layer4[1].conv2, FedParaConv2d)
-    assert count_params(model) < 1_000_000
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"parameterization": "original"}, "parameterization"),
-        ({"gamma": 0.0}, "gamma"),
-        ({"parameterization": "lowrank", "personalized": True}, "personalized"),
-    ],
-)
-def test_fedparafy_rejects_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        fedparafy(Toy(), **kwargs)
