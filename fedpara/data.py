@@ -238,7 +238,7 @@ def _corrupt_archive(
 
 def _download(url: str, dest: Path, md5: str) -> None:
     """Download `url` to `dest`, which appears only once complete and with MD5 `md5`."""
-    part = dest.with_name(f".{dest.name}.part")
+    part = dest.with_name(f".{dest.name}.{os.getpid()}.part")  # one per process: clients race
     try:
         download_url(url, str(dest.parent), part.name, md5)  # RuntimeError on a wrong MD5
         os.replace(part, dest)

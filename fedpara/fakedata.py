@@ -25,12 +25,14 @@ import hashlib
 import os
 import pickle
 import shutil
+import struct
 import tarfile
 import tempfile
-import struct
 from pathlib import Path
 
 import numpy as np
+
+from fedpara.storage import write_atomic
 
 FEMNIST_CLASSES = list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -173,7 +175,7 @@ def write_fake_idx(
         }
         for file, content in files.items():
             packed = gzip.compress(content, mtime=0)
-            (raw / file).write_bytes(packed)
+            write_atomic(raw / file, packed)
             result["md5"][file] = hashlib.md5(packed).hexdigest()
     return result
 

@@ -1,4 +1,4 @@
-"""fedpara.convert: fedparafy swaps a model's layers for FedPara ones and reports what it skipped."""
+"""fedpara.convert: fedparafy swaps layers for FedPara ones and reports what it skipped."""
 
 import pytest
 import torch
