@@ -15,28 +15,44 @@ Personalized runs are scored by each client on its own held-out data, but a hist
 the weighted mean. `score_clients` recomputes every client's accuracy from the run's final
 checkpoint (the global arrays plus each client's personal arrays) and checks that the weighted
 mean equals the history's last accuracy; `ClientScores` stores the result next to the history.
+
+An experiment chapter opens with one call, `open_chapter(presets, chapter=..., profile=...)`:
+it finds the repository, the results and data folders (writing tiny fake data for a smoke run
+of a dataset this machine lacks), builds the config of every preset x variant, loads each
+stored history or trains it, and returns a `Chapter` with the configs, the runs, the tables a
+chapter shows (`summary`, `protocol`, `plan`) and the Markdown notice above its results.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedpara.config import ExperimentConfig
+from fedpara.config import PRESETS, ExperimentConfig, get_preset
 from fedpara.history import History, write_atomic
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = [
+    "FAKE_DATA_WRITERS",
     "MAY_DIFFER",
+    "PROTOCOL_FIELDS",
+    "Chapter",
     "ClientScores",
     "client_accuracies",
     "client_scores_path",
     "differing_fields",
+    "find_root",
     "load_client_scores",
     "load_or_train",
     "how_to_run",
+    "open_chapter",
     "planned_traffic_gib",
     "run_summary",
     "run_command",
@@ -279,3 +295,255 @@ def client_accuracies(config: ExperimentConfig, history: History,
         return {int(p): float(a) for p, a in zip(ids, accuracies, strict=True)}
     scores = load_client_scores(config, history, results_dir)
     return scores.accuracies() if scores is not None else None
+
+
+# one call to open an experiment chapter ------------------------------------------------------
+
+# Tiny fake datasets in the real on-disk formats (fedpara.fakedata), written for smoke runs of
+# chapters whose data this machine does not have. The sizes give every smoke client its samples:
+# CIFAR-10 100 clients x 64, CIFAR-100 50 clients x 100, FEMNIST 12 writers x 25 images.
+def _fake_cifar10(folder: Path, seed: int) -> None:
+    from fedpara.fakedata import write_fake_cifar
+
+    write_fake_cifar(folder, "cifar10", n_train=6400, n_test=256, seed=seed)
+
+
+def _fake_cifar100(folder: Path, seed: int) -> None:
+    from fedpara.fakedata import write_fake_cifar
+
+    write_fake_cifar(folder, "cifar100", n_train=5000, n_test=256, seed=seed)
+
+
+def _fake_femnist(folder: Path, seed: int) -> None:
+    from fedpara.fakedata import write_fake_femnist
+
+    write_fake_femnist(folder, n_writers=12, per_writer=25, seed=seed)
+
+
+FAKE_DATA_WRITERS: dict[str, Callable[[Path, int], None]] = {
+    "cifar10": _fake_cifar10, "cifar100": _fake_cifar100, "femnist": _fake_femnist,
+}
+# the fields of a config that say what a run computes, for `Chapter.protocol`
+PROTOCOL_FIELDS = (
+    "dataset", "model", "algorithm", "parameterization", "gamma", "partition", "alpha",
+    "shards_per_client", "num_clients", "clients_per_round", "rounds", "local_epochs",
+    "batch_size", "lr", "lr_decay", "evaluation", "transport",
+)
+
+
+def find_root(start: str | Path | None = None) -> Path:
+    """The repository root: the first of `start` (default: the working directory) and its
+    parents that holds the book's `_toc.yml`; `start` itself when none does."""
+    start = Path(start or Path.cwd()).resolve()
+    return next((p for p in (start, *start.parents) if (p / "_toc.yml").is_file()), start)
+
+
+def _names(value: str | Sequence[str]) -> list[str]:
+    """"a,b" or ["a", "b"] -> ["a", "b"] (blanks dropped)."""
+    items = value.split(",") if isinstance(value, str) else value
+    return [item.strip() for item in items if item.strip()]
+
+
+@dataclass
+class Chapter:
+    """What an experiment chapter works with: its configs, their runs, and tables about them.
+
+    Made by `open_chapter`. `configs` and `runs` are keyed by (preset, variant), in the order
+    of the presets and of each preset's variants; `runs[key]` is `load_or_train`'s
+    (history or None, status).
+    """
+
+    name: str  # the chapter, as `make execute CHAPTER=<name>` knows it
+    profile: str
+    root: Path
+    results_dir: Path
+    data_dir: str
+    fake_data: bool
+    configs: dict[tuple[str, str], ExperimentConfig]
+    runs: dict[tuple[str, str], tuple[History | None, str]]
+
+    @property
+    def presets(self) -> list[str]:
+        return list(dict.fromkeys(preset for preset, _ in self.configs))
+
+    @property
+    def histories(self) -> dict[tuple[str, str], History]:
+        """The runs that have a history (stored or just trained)."""
+        return {key: history for key, (history, _) in self.runs.items() if history is not None}
+
+    def histories_of(self, preset: str) -> dict[str, History]:
+        """Variant -> history, for one preset (what `fedpara.plots.plot_curves` takes)."""
+        return {variant: h for (p, variant), h in self.histories.items() if p == preset}
+
+    @property
+    def missing(self) -> list[ExperimentConfig]:
+        """The configs without a history: the runs still to make."""
+        return [config for key, config in self.configs.items() if self.runs[key][0] is None]
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        """One row per run (`run_summary`), indexed by (preset, variant); blanks are "" where
+        a column applies to other runs only (a stored run has no planned traffic, and so on).
+        Show `summary.T` for one column per run."""
+        import pandas as pd
+
+        rows = [run_summary(config, *self.runs[key]) for key, config in self.configs.items()]
+        table = pd.DataFrame(rows).set_index(["preset", "variant"])
+        return table.astype(object).where(table.notna(), "")
+
+    @cached_property
+    def protocol(self) -> pd.DataFrame:
+        """The settings each run computes with (`PROTOCOL_FIELDS`), one row per field and one
+        column per (preset, variant), read from the configs. A setting that does not apply is
+        "" (alpha without a Dirichlet split, gamma for the original model, ...)."""
+        import pandas as pd
+
+        def applies(config: ExperimentConfig, name: str) -> bool:
+            return {"alpha": config.partition == "dirichlet",
+                    "shards_per_client": config.partition == "shard",
+                    "gamma": config.parameterization != "original"}.get(name, True)
+
+        columns = {key: {name: getattr(c, name) if applies(c, name) else ""
+                         for name in PROTOCOL_FIELDS}
+                   for key, c in self.configs.items()}
+        table = pd.DataFrame(columns)
+        table.columns.names = ["preset", "variant"]
+        return table
+
+    @cached_property
+    def plan(self) -> pd.DataFrame:
+        """What each run will cost before it is made: one row per (preset, variant) with the
+        rounds, clients per round, MiB a client sends up per round, the planned traffic of the
+        whole run (up + down, GiB; `planned_traffic_gib`) and its command."""
+        import pandas as pd
+
+        rows = []
+        for (preset, variant), config in self.configs.items():
+            total = planned_traffic_gib(config)
+            per_client = total * 2**30 / (2 * config.clients_per_round * config.rounds)
+            rows.append({"preset": preset, "variant": variant, "rounds": config.rounds,
+                         "clients / round": config.clients_per_round,
+                         "MiB up per client and round": round(per_client / 2**20, 3),
+                         "planned traffic (GiB)": round(total, 4),
+                         "command": run_command(config)})
+        return pd.DataFrame(rows).set_index(["preset", "variant"])
+
+    def notice(self, why_missing: str = "") -> str:
+        """Markdown for the top of the results: a danger box for fake data, a warning for a
+        shortened (quick or smoke) profile, and, for the runs not made yet, the paragraph
+        "No runs yet" (`why_missing` says why) with the commands that make them."""
+        parts = []
+        if self.fake_data:
+            datasets = ", ".join(sorted({c.dataset for c in self.configs.values()}))
+            parts.append(
+                f":::{{danger}}\n**FAKE DATA.** These runs used tiny {datasets} files written "
+                f"for them in the real on-disk format (`fedpara.fakedata`, in `{self.data_dir}`):"
+                " a template image per class plus noise. Nothing on this page is a result about "
+                f"{datasets}; it only shows that the chapter's machinery works.\n:::")
+        if self.profile != "full" and self.histories:
+            kind = ("a test of the machinery, not a result" if self.profile == "smoke"
+                    else "shortened runs")
+            parts.append(f":::{{warning}}\nThese are **{self.profile}**-profile runs: {kind}. "
+                         "The full profile is what the chapter is about.\n:::")
+        if not self.histories:
+            parts.append(f"**No runs yet.** No {self.profile}-profile run of "
+                         f"{', '.join(f'`{p}`' for p in self.presets)} is stored in "
+                         f"`{self._shown(self.results_dir)}`. {why_missing}".rstrip())
+        if self.missing:
+            parts.append(how_to_run(self.missing, self.name))
+        return "\n\n".join(parts)
+
+    def _shown(self, path: Path) -> str:
+        """A path relative to the repository root when it lies inside it."""
+        path = Path(path).resolve()
+        return path.relative_to(self.root).as_posix() + "/" if path.is_relative_to(
+            self.root) else str(path)
+
+
+def open_chapter(
+    presets: str | Sequence[str],
+    *,
+    chapter: str,
+    profile: str = "full",
+    variants: str | Sequence[str] = "",
+    data_dir: str | Path = "",
+    device: str = "auto",
+    seed: int = 0,
+    train: bool = False,
+    retrain: bool = False,
+    results_dir: str | Path = "",
+    fake_data: bool | None = None,
+    checkpoints: bool = True,
+    progress: bool = True,
+    root: str | Path | None = None,
+    **overrides: Any,
+) -> Chapter:
+    """Everything an experiment chapter does before its first result, in one call.
+
+        page = open_chapter("fmnist-noniid,fmnist-personal", chapter="fashion_mnist",
+                            profile=profile, variants=variants, data_dir=data_dir,
+                            device=device, seed=seed, train=train, retrain=retrain,
+                            results_dir=results_dir)
+        display(Markdown(page.notice()))   # fake data / shortened profile / runs to make
+        page.summary.T                     # one column per run: what ran, where
+        plot_curves(page.histories_of("fmnist-noniid"))
+
+    - `presets`: comma-separated names (or a list) of `fedpara.config.PRESETS`; every variant
+      of each (`PRESETS[name].variants`), or those in `variants` ("a,b" or a list; empty: all).
+      A name in `variants` that no preset has is skipped; none left raises ValueError.
+    - `chapter`: the chapter's name for `make execute CHAPTER=...` (in the commands shown).
+    - `root`: the repository, by default found from the working directory (`find_root`).
+    - `results_dir`: where histories are read and written; "" = `<root>/results`.
+    - `data_dir`: "" = $FEDPARA_DATA, else `<root>/data`.
+    - `fake_data`: None = only for the smoke profile of a dataset in `FAKE_DATA_WRITERS`.
+      True writes that dataset's tiny fake files to `<root>/_build/fake-data` and uses them
+      (and, unless `results_dir` is given, `<root>/_build/fake-data/results`), so smoke
+      histories never land next to real ones.
+    - `checkpoints`: True puts each run's checkpoints where `python -m fedpara.run` does,
+      `<results_dir>/../checkpoints/<preset>/<variant>-<profile>/` (per-client scores of
+      personalized runs are computed from the last one); False: none.
+    - `train=False` never trains: runs without a matching stored history stay missing.
+      `train=True` trains those (`retrain=True`: all), saving each history where it is read.
+    - `overrides`: further config fields for every run (e.g. `rounds=3`); a run made with them
+      is another experiment, so only a history made with them too counts.
+    """
+    root = find_root(root)
+    preset_names = _names(presets)
+    unknown = [name for name in preset_names if name not in PRESETS]
+    if not preset_names or unknown:
+        raise ValueError(f"presets={presets!r}: expected names of {', '.join(PRESETS)}")
+    datasets = {PRESETS[name].base.get("dataset") for name in preset_names}
+    if fake_data is None:
+        fake_data = profile == "smoke" and datasets <= set(FAKE_DATA_WRITERS)
+    if fake_data:
+        missing_writers = sorted(str(d) for d in datasets - set(FAKE_DATA_WRITERS))
+        if missing_writers:
+            raise ValueError(f"fake_data=True: no fake-data writer for {missing_writers}; "
+                             f"available: {', '.join(FAKE_DATA_WRITERS)}")
+        folder = root / "_build" / "fake-data"
+        for dataset in sorted(datasets):
+            FAKE_DATA_WRITERS[dataset](folder, seed)
+        data_dir = folder
+        results_dir = results_dir or folder / "results"
+    results = Path(results_dir) if results_dir else root / "results"
+    data_dir = str(data_dir or os.environ.get("FEDPARA_DATA") or root / "data")
+    chosen = set(_names(variants))
+    configs = {}
+    for preset in preset_names:
+        for variant in PRESETS[preset].variants:
+            if chosen and variant not in chosen:
+                continue
+            extra = dict(overrides)
+            if checkpoints and "checkpoint_dir" not in extra:
+                extra["checkpoint_dir"] = str(results.parent / "checkpoints" / preset
+                                              / f"{variant}-{profile}")
+            configs[preset, variant] = get_preset(preset, variant=variant, profile=profile,
+                                                  seed=seed, data_dir=data_dir, device=device,
+                                                  **extra)
+    if not configs:
+        raise ValueError(f"variants={variants!r}: none of them is a variant of {presets!r}")
+    runs = {key: load_or_train(config, results, train=train, retrain=retrain,
+                               progress=progress)
+            for key, config in configs.items()}
+    return Chapter(name=chapter, profile=profile, root=root, results_dir=results,
+                   data_dir=data_dir, fake_data=bool(fake_data), configs=configs, runs=runs)

@@ -135,3 +135,91 @@ def test_client_accuracies_prefer_the_history_then_stored_scores(tmp_path):
     if hasattr(last, "client_accuracy"):  # histories that record per-client accuracies
         last.scored_clients, last.client_accuracy = [2, 3], [0.7, 0.8]
         assert client_accuracies(config, history, tmp_path) == {2: 0.7, 3: 0.8}
+
+
+# open_chapter: the setup every experiment chapter shares ------------------------------------
+
+
+def _repository(tmp_path):
+    """A folder that looks like the repository root to find_root (it holds _toc.yml)."""
+    (tmp_path / "_toc.yml").write_text("root: intro\n")
+    return tmp_path
+
+
+def test_open_chapter_without_runs_shows_the_plan(tmp_path):
+    from fedpara.config import PRESETS
+    from fedpara.results import find_root, open_chapter
+
+    root = _repository(tmp_path)
+    (root / "book").mkdir()
+    assert find_root(root / "book") == root
+    page = open_chapter("fmnist-noniid", chapter="fashion_mnist", profile="smoke",
+                        root=root / "book", device="cpu")
+    assert list(page.configs) == [("fmnist-noniid", v) for v in PRESETS["fmnist-noniid"].variants]
+    assert page.results_dir == root / "results" and page.data_dir == str(root / "data")
+    assert not page.fake_data and page.histories == {} and len(page.missing) == 3
+    config = page.configs["fmnist-noniid", "fedpara"]
+    assert config.checkpoint_dir == str(root / "checkpoints" / "fmnist-noniid" / "fedpara-smoke")
+    assert page.plan.loc[("fmnist-noniid", "fedpara"), "planned traffic (GiB)"] == pytest.approx(
+        planned_traffic_gib(config), abs=1e-4)
+    assert page.plan.loc[("fmnist-noniid", "fedpara"), "command"] == run_command(config)
+    assert "planned traffic (GiB)" in page.summary.columns
+    assert not page.summary.isna().any().any()
+    assert page.protocol.loc["rounds", ("fmnist-noniid", "fedpara")] == config.rounds
+    assert page.protocol.loc["shards_per_client", ("fmnist-noniid", "fedpara")] == ""
+    notice = page.notice("This machine has no GPU.")
+    assert "**No runs yet.**" in notice and "This machine has no GPU." in notice
+    assert "make execute CHAPTER=fashion_mnist PROFILE=smoke" in notice
+    assert "FAKE DATA" not in notice and "warning" not in notice
+    assert not (root / "results").exists(), "train=False never writes"
+
+
+def test_open_chapter_shows_a_stored_run_and_the_runs_still_missing(tmp_path):
+    from fedpara.results import open_chapter
+
+    root = _repository(tmp_path)
+    results = root / "elsewhere"
+    made = stored(CONFIG, results, device="cuda")  # where it ran may differ
+    page = open_chapter(["fmnist-noniid"], chapter="fashion_mnist", profile="smoke",
+                        variants="fedpara,original", root=root, results_dir=results,
+                        checkpoints=False)
+    assert list(page.configs) == [("fmnist-noniid", "fedpara"), ("fmnist-noniid", "original")]
+    assert page.configs["fmnist-noniid", "fedpara"].checkpoint_dir == ""
+    assert page.runs["fmnist-noniid", "fedpara"][1] == "stored"
+    assert page.histories_of("fmnist-noniid")["fedpara"].created == made.created
+    assert [c.variant for c in page.missing] == ["original"]
+    summary = page.summary
+    assert summary.loc[("fmnist-noniid", "fedpara"), "final accuracy"] == 0.5
+    assert summary.loc[("fmnist-noniid", "original"), "final accuracy"] == ""  # not nan
+    assert summary.loc[("fmnist-noniid", "fedpara"), "planned traffic (GiB)"] == ""
+    notice = page.notice()
+    assert "No runs yet" not in notice and "a test of the machinery, not a result" in notice
+    assert "--variant original --profile smoke" in notice
+    assert "--variant fedpara" not in notice
+
+
+def test_open_chapter_uses_fake_data_for_a_smoke_run_of_missing_data(tmp_path):
+    from fedpara.results import open_chapter
+
+    root = _repository(tmp_path)
+    page = open_chapter("cifar10-iid", chapter="cifar10", profile="smoke", variants="fedpara",
+                        root=root)
+    fake = root / "_build" / "fake-data"
+    assert page.fake_data and page.data_dir == str(fake)
+    assert (fake / "cifar-10-batches-py" / "test_batch").is_file()
+    assert page.results_dir == fake / "results", "smoke histories on fake data stay apart"
+    assert "FAKE DATA" in page.notice()
+    full = open_chapter("cifar10-iid", chapter="cifar10", root=root, variants="fedpara")
+    assert not full.fake_data and full.results_dir == root / "results"
+
+
+def test_open_chapter_rejects_unknown_presets_and_variants(tmp_path):
+    from fedpara.results import open_chapter
+
+    root = _repository(tmp_path)
+    with pytest.raises(ValueError, match="presets"):
+        open_chapter("no-such-preset", chapter="x", root=root)
+    with pytest.raises(ValueError, match="variants"):
+        open_chapter("fmnist-noniid", chapter="x", variants="no-such-variant", root=root)
+    with pytest.raises(ValueError, match="fake-data writer"):
+        open_chapter("fmnist-noniid", chapter="x", fake_data=True, root=root)
