@@ -27,6 +27,9 @@ ROUND = "round"  # ConfigRecord: "server-round", "lr"
 METRICS = "metrics"  # MetricRecord of a reply
 NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
 PARTITION_ID = "partition-id"
+CHANGE = "relative-change"  # per tracked parameter: how far local training moved it
+OWN_CORRECT = "own-correct"  # client evaluation: held-out hits right after local training
+OWN_EXAMPLES = "own-examples"
 NUM_PARTITIONS = "num-partitions"
 # query actions
 QUERY_PARTITION = "query.partition"  # which partition does this node hold?
@@ -83,18 +86,25 @@ def train(msg: Message, context: Context) -> Message:
 
     # 1. the model: global arrays from the server, personal ones from the last round
     model = _client_model(config, msg, context)
+    before = task.snapshot(model)
     # 2. train locally; every random draw is seeded by (seed, round, client)
     seed = task.client_seed(config.seed, server_round, partition_id)
     data = task.client_data(config, partition_id, seed=seed)
-    result = task.train(model, data.train, epochs=config.local_epochs, lr=lr,
-                        device=task.resolve_device(config.device), seed=seed)
+    device = task.resolve_device(config.device)
+    result = task.train(model, data.train, epochs=config.local_epochs, lr=lr, device=device,
+                        seed=seed, lr_scale=task.lr_scales(model, config))
     # 3. keep the personal part, send the global part
     global_keys, local_keys = task.split_keys(model, config.algorithm)
     if local_keys:
         context.state[LOCAL] = ArrayRecord(task.get_arrays(model, local_keys))
     metrics = MetricRecord(
-        {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: partition_id}
+        {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: partition_id,
+         # how far training moved each parameter (task.tracked_parameters order)
+         CHANGE: task.relative_changes(before, model)}
     )
+    if config.evaluation == "clients":  # the model right after local training, on own data
+        own = task.evaluate(model, data.holdout, device=device)
+        metrics[OWN_CORRECT], metrics[OWN_EXAMPLES] = own.correct, own.num_examples
     arrays = ArrayRecord(encode(task.get_arrays(model, global_keys), config.transport))
     content = RecordDict({ARRAYS: arrays, METRICS: metrics})
     return Message(content=content, reply_to=msg)

@@ -46,6 +46,13 @@ class RoundRecord:
     eval_bytes_down: int = 0  # global arrays sent for client evaluation (not in cum_bytes)
     scored_clients: list[int] = field(default_factory=list)  # client evaluation: partition ids
     client_accuracy: list[float] = field(default_factory=list)  # their accuracies, same order
+    # client evaluation: the round's trained clients (`clients` order) on their own held-out
+    # data right after local training, before the server's average replaces the shared part
+    accuracy_after_training: float = float("nan")  # weighted by held-out examples
+    client_accuracy_after_training: list[float] = field(default_factory=list)
+    # ‖θ_after − θ_before‖ / ‖θ_before‖ of each parameter but the biases over a round's local
+    # training, the mean over the round's clients (fedpara.task.tracked_parameters)
+    parameter_change: dict[str, float] = field(default_factory=dict)
 
 
 def hardware_info(device: str | None = None) -> dict[str, Any]:
@@ -126,6 +133,10 @@ class History:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; NaN (nothing was scored) becomes null."""
         def clean(value: Any) -> Any:
+            if isinstance(value, list):
+                return [clean(v) for v in value]
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
             return None if isinstance(value, float) and math.isnan(value) else value
 
         return {
@@ -137,8 +148,15 @@ class History:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
+        def nan(value: Any) -> Any:
+            if isinstance(value, list):
+                return [nan(v) for v in value]
+            if isinstance(value, dict):
+                return {k: nan(v) for k, v in value.items()}
+            return float("nan") if value is None else value
+
         def record(values: dict[str, Any]) -> RoundRecord:
-            return RoundRecord(**{k: float("nan") if v is None else v for k, v in values.items()})
+            return RoundRecord(**{k: nan(v) for k, v in values.items()})
 
         return cls(
             config=data["config"],

@@ -42,11 +42,14 @@ from flwr.serverapp.strategy import FedAvg
 from fedpara import task
 from fedpara.client_app import (
     ARRAYS,
+    CHANGE,
     EXPERIMENT,
     LOCAL,
     METRICS,
     NUM_EXAMPLES,
     NUM_PARTITIONS,
+    OWN_CORRECT,
+    OWN_EXAMPLES,
     PARTITION_ID,
     QUERY_GET_LOCAL,
     QUERY_PARTITION,
@@ -151,7 +154,17 @@ class FedParaStrategy(FedAvg):
             aggregated[key] = Array(np.asarray(mean).astype(arrays[0].dtype))
         train_loss = float(sum(w * float(c[METRICS]["train-loss"])
                                for w, c in zip(weights, contents, strict=True)))
-        return aggregated, MetricRecord({"train-loss": train_loss})
+        metrics = MetricRecord({"train-loss": train_loss})
+        # how far local training moved each tracked parameter, the mean over the clients
+        changes = np.array([list(c[METRICS][CHANGE]) for c in contents], dtype=np.float64)
+        metrics[CHANGE] = changes.mean(axis=0).tolist()
+        if all(OWN_CORRECT in c[METRICS] for c in contents):  # client evaluation
+            correct = [int(c[METRICS][OWN_CORRECT]) for c in contents]
+            seen = [int(c[METRICS][OWN_EXAMPLES]) for c in contents]
+            metrics["own-accuracy"] = sum(correct) / sum(seen) if sum(seen) else float("nan")
+            metrics["own-client-accuracy"] = [k / n if n else float("nan")
+                                              for k, n in zip(correct, seen, strict=True)]
+        return aggregated, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -338,6 +351,11 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
             per_client = {"scored_clients": list(metrics["scored-clients"]),
                           "client_accuracy": list(metrics["client-accuracy"])}
         untrained = config.num_clients - len(strategy.trained) if config.personalized else 0
+        tracked = dict(zip(task.tracked_parameters(model), train_metrics[CHANGE], strict=True))
+        if "own-accuracy" in train_metrics:
+            per_client.update(
+                accuracy_after_training=float(train_metrics["own-accuracy"]),
+                client_accuracy_after_training=list(train_metrics["own-client-accuracy"]))
 
         # 5. record, checkpoint, report
         cum_bytes += bytes_up + bytes_down
@@ -348,6 +366,7 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
             train_loss=float(train_metrics["train-loss"]), clients=strategy.sample(server_round),
             eval_examples=examples, eval_clients=scored, untrained_clients=untrained,
             eval_bytes_down=sum(array_bytes(m.content) for m in eval_messages),
+            parameter_change=tracked,
             **per_client,
         )
         history.append(record)

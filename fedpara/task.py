@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from fedpara.accounting import global_state_keys
 from fedpara.config import ExperimentConfig
 from fedpara.data import TensorBatches, as_tensors, dataset_info, load_dataset, make_loader
+from fedpara.layers import FactorizedLayer
 from fedpara.models import build_model
 from fedpara.partition import holdout_indices, partition
 
@@ -77,18 +78,21 @@ def resolve_device(name: str) -> torch.device:
 def init_model(config: ExperimentConfig) -> nn.Module:
     """The initial model: the same weights on the server and on every client (seeded).
 
-    pFedPara uses personalized FedPara layers, W = W1 ⊙ (W2 + 1); `nonlinear` applies tanh to
-    each branch. Each call returns a fresh copy of a model built once per process, so a client
-    called back to back pays a copy of the weights, not their random initialization.
+    pFedPara uses personalized FedPara layers, W = W1 ⊙ (W2 + 1) (or W1 ⊙ W2 with
+    personal_split="product"); `nonlinear` applies tanh to each branch. Each call returns a
+    fresh copy of a model built once per process, so a client called back to back pays a copy
+    of the weights, not their random initialization.
     """
+    personalized = config.algorithm == "pfedpara"
+    plus_one = personalized and config.personal_split == "plus-one"
     return copy.deepcopy(_initial_model(config.dataset, config.model, config.parameterization,
-                                        config.gamma, config.algorithm == "pfedpara",
+                                        config.gamma, personalized, plus_one,
                                         config.nonlinear, config.seed))
 
 
 @functools.lru_cache(maxsize=4)
 def _initial_model(dataset: str, model: str, parameterization: str, gamma: float,
-                   personalized: bool, nonlinear: bool, seed: int) -> nn.Module:
+                   personalized: bool, plus_one: bool, nonlinear: bool, seed: int) -> nn.Module:
     """The seeded initial model of these settings (never handed out: init_model copies it)."""
     info = dataset_info(dataset)
     # on the CPU whatever the default device, and without touching the caller's random state
@@ -101,6 +105,7 @@ def _initial_model(dataset: str, model: str, parameterization: str, gamma: float
             parameterization=parameterization,
             gamma=gamma,
             personalized=personalized,
+            plus_one=plus_one,
             nonlinear=nonlinear,
         )
 
@@ -129,6 +134,19 @@ def set_arrays(model: nn.Module, arrays: Mapping[str, Tensor | np.ndarray]) -> N
     with torch.no_grad():
         for key, value in arrays.items():
             state[key].copy_(torch.as_tensor(value))
+
+
+def lr_scales(model: nn.Module, config: ExperimentConfig) -> dict[str, float]:
+    """Parameter name -> learning-rate multiplier: pFedPara's local W2 factors get
+    `config.local_lr_scale` (empty when it is 1 or the algorithm is not pFedPara)."""
+    if config.algorithm != "pfedpara" or config.local_lr_scale == 1.0:
+        return {}
+    return {
+        f"{prefix}.{name}" if prefix else name: config.local_lr_scale
+        for prefix, module in model.named_modules()
+        if isinstance(module, FactorizedLayer)
+        for name in module.local_factor_names()
+    }
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -193,8 +211,12 @@ def _cudnn_benchmark(enabled: bool):
 
 def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
           device: torch.device | str = "cpu", seed: int | None = None,
-          speed: Speed | None = None) -> TrainResult:
+          speed: Speed | None = None, lr_scale: Mapping[str, float] | None = None
+          ) -> TrainResult:
     """`epochs` passes of SGD (no momentum, no weight decay) over `batches` at learning rate `lr`.
+
+    `lr_scale` maps parameter names to a multiplier of `lr` (see `lr_scales`); the others
+    train at `lr`.
 
     `seed` seeds torch's global generator first (dropout, DataLoader augmentation); the shuffling
     of TensorBatches comes from the generator it was built with. `speed` defaults to the fast
@@ -211,7 +233,8 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
     model.to(device).train()
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights (and FedPara cores) only
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    optimizer = torch.optim.SGD(_param_groups(model, lr, lr_scale or {}), lr=lr, momentum=0.0,
+                                weight_decay=0.0)
     total, seen = torch.zeros((), device=device), 0
     try:
         with _cudnn_benchmark(speed.cudnn_benchmark and device.type == "cuda"):
@@ -226,6 +249,42 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
         if speed.channels_last:
             model.to(memory_format=torch.contiguous_format)
     return TrainResult(loss=float(total) / max(seen, 1), num_examples=_num_samples(batches))
+
+
+def tracked_parameters(model: nn.Module) -> list[str]:
+    """The parameters whose per-round change a client reports: all but biases, in model order."""
+    return [name for name, _ in model.named_parameters() if not name.endswith("bias")]
+
+
+def snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """Copies of the tracked parameters, to measure how far training moves them."""
+    named = dict(model.named_parameters())
+    return {name: named[name].detach().clone() for name in tracked_parameters(model)}
+
+
+def relative_changes(before: Mapping[str, Tensor], model: nn.Module) -> list[float]:
+    """‖θ_after − θ_before‖ / ‖θ_before‖ for each tracked parameter, in `tracked_parameters` order."""
+    named = dict(model.named_parameters())
+    changes = []
+    for name, old in before.items():
+        new = named[name].detach().to(old.device)
+        changes.append(float((new - old).norm() / old.norm().clamp_min(1e-12)))
+    return changes
+
+
+def _param_groups(model: nn.Module, lr: float, lr_scale: Mapping[str, float]) -> list[dict]:
+    """SGD parameter groups: one at `lr`, one per distinct multiplier in `lr_scale`."""
+    named = dict(model.named_parameters())
+    unknown = sorted(set(lr_scale) - set(named))
+    if unknown:
+        raise ValueError(f"lr_scale names parameters the model lacks: {', '.join(unknown[:5])}")
+    bad = {k: v for k, v in lr_scale.items() if not v > 0}
+    if bad:
+        raise ValueError(f"lr_scale multipliers must be > 0, got {bad}")
+    groups: dict[float, list[Tensor]] = {}
+    for name, p in named.items():
+        groups.setdefault(float(lr_scale.get(name, 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items()]
 
 
 @torch.no_grad()

@@ -76,6 +76,12 @@ def test_presets_follow_the_papers_protocol():
     (dict(nonlinear=True, parameterization="lowrank"), "nonlinear"),
     (dict(rounds=0), "rounds"),
     (dict(color="red"), "color"),
+    (dict(algorithm="pfedpara", evaluation="clients", personal_split="diagonal"),
+     "personal_split"),
+    (dict(algorithm="pfedpara", evaluation="clients", local_lr_scale=0.0), "local_lr_scale"),
+    (dict(algorithm="pfedpara", evaluation="clients", local_lr_scale=-2.0), "local_lr_scale"),
+    (dict(personal_split="product"), "personal_split"),
+    (dict(algorithm="fedper", evaluation="clients", local_lr_scale=10.0), "local_lr_scale"),
 ])
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -124,7 +130,9 @@ def test_learning_rate_decays_per_round_and_is_never_zero():
 
 def _record(r: int, cum: int) -> RoundRecord:
     return RoundRecord(round=r, accuracy=0.5 + r / 10, loss=1.0 / r, bytes_up=10, bytes_down=10,
-                       cum_bytes=cum, wall_seconds=1.5, train_loss=0.9, clients=[0, 1])
+                       cum_bytes=cum, wall_seconds=1.5, train_loss=0.9, clients=[0, 1],
+                       accuracy_after_training=0.9, client_accuracy_after_training=[0.8, 1.0],
+                       parameter_change={"head.x1": 0.01, "head.x2": 0.002})
 
 
 def test_history_saves_atomically_and_loads_back(tmp_path):
@@ -141,9 +149,13 @@ def test_history_saves_atomically_and_loads_back(tmp_path):
     assert loaded.cumulative_gib() == [20 / 2**30, 40 / 2**30]
     with pytest.raises(ValueError, match="round"):
         history.append(_record(4, 60))
-    # a round where nothing was scored (NaN) is stored as JSON null and read back as NaN
+    # a round where nothing was scored (NaN) is stored as JSON null and read back as NaN,
+    # also inside a list of per-client scores
     history.records[0].accuracy = float("nan")
+    history.records[0].client_accuracy_after_training = [float("nan"), 1.0]
     assert "NaN" not in history.save(path).read_text()
+    again = History.load(path).records[0]
+    assert math.isnan(again.accuracy) and math.isnan(again.client_accuracy_after_training[0])
     assert math.isnan(History.load(path).records[0].accuracy)
 
 
@@ -250,8 +262,9 @@ def test_personalized_client_sends_only_the_global_part(
     assert list(context.state[LOCAL].keys()) == local_keys
     if kept is not None:
         assert local_keys == kept
-    else:  # pFedPara keeps the second factor pair (W2) of every layer
-        assert local_keys == [k for k in model.state_dict() if k.rsplit(".", 1)[-1] in ("x2", "y2")]
+    else:  # pFedPara keeps the second factor pair (W2) and the bias of every layer
+        assert local_keys == [k for k in model.state_dict()
+                              if k.rsplit(".", 1)[-1] in ("x2", "y2", "bias")]
 
 
 def test_personal_state_persists_between_rounds(fmnist_dir, call_client):
@@ -419,6 +432,25 @@ def test_personalized_evaluation_scores_only_clients_that_trained(pfedpara_run):
         assert min(r.client_accuracy) <= r.accuracy <= max(r.client_accuracy)
     # smoke-sized: after averaging W1 over clients of other classes, still well above chance
     assert history.records[-1].accuracy > 0.25
+
+
+def test_personalized_rounds_record_the_mechanism(pfedpara_run):
+    """Own accuracy right after local training, per trained client, and how far training
+    moved each factor: what the personalization chapter plots."""
+    config, history = pfedpara_run
+    tracked = task.tracked_parameters(task.init_model(config))
+    assert any(k.endswith(".x2") for k in tracked) and not any(k.endswith("bias") for k in tracked)
+    for r in history.records:
+        assert len(r.client_accuracy_after_training) == len(r.clients)
+        assert min(r.client_accuracy_after_training) <= r.accuracy_after_training <= max(
+            r.client_accuracy_after_training)
+        assert list(r.parameter_change) == tracked
+        assert all(0 < v < 10 for v in r.parameter_change.values())
+    # local training fits a client's own two classes: better than the refreshed model on average
+    last = history.records[-1]
+    refreshed = dict(zip(last.scored_clients, last.client_accuracy, strict=True))
+    after = dict(zip(last.clients, last.client_accuracy_after_training, strict=True))
+    assert sum(after.values()) / len(after) >= sum(refreshed[c] for c in after) / len(after) - 0.05
 
 
 def test_resumed_run_equals_the_uninterrupted_run(pfedpara_run, tmp_path):

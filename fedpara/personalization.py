@@ -1,0 +1,129 @@
+"""Reading the personalization mechanism out of stored runs: what averaging does to a client.
+
+    from fedpara.personalization import refresh_gap, factor_movement, plot_refresh_gap
+    gap = refresh_gap(history)          # per round: own accuracy after training vs after refresh
+    moves = factor_movement(history)    # per layer: how far training moved W1's vs W2's factors
+
+A personalized round has two moments a client can be scored at on its own held-out data:
+right after its local training (`RoundRecord.client_accuracy_after_training`) and after the
+server's average has replaced the shared part of its model (the round's client evaluation,
+`RoundRecord.client_accuracy`). The gap between them is what averaging takes away from the
+client. `parameter_change` holds how far local training moved each parameter, relative to its
+norm, averaged over the round's clients. Imports without Flower or torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from fedpara.history import History
+
+__all__ = ["factor_movement", "plot_factor_movement", "plot_refresh_gap", "refresh_gap"]
+
+# pFedPara's factors by branch: W1 is sent and averaged, W2 stays on the client
+_BRANCH = re.compile(r"^(?P<layer>.+)\.(?P<factor>[xyt])(?P<branch>[12])$")
+
+
+def refresh_gap(history: History) -> dict[str, list[float]]:
+    """Per round, the mean own held-out accuracy of that round's trained clients right after
+    local training and after the round's refresh (the same clients, unweighted means).
+
+    Returns {"round", "after_training", "after_refresh"}; rounds recorded before these fields
+    existed (or with server evaluation) are left out.
+    """
+    out: dict[str, list[float]] = {"round": [], "after_training": [], "after_refresh": []}
+    for r in history.records:
+        if not r.client_accuracy_after_training or not r.scored_clients:
+            continue
+        refreshed = dict(zip(r.scored_clients, r.client_accuracy, strict=True))
+        pairs = [(a, refreshed[c]) for c, a in zip(r.clients, r.client_accuracy_after_training,
+                                                   strict=True)
+                 if c in refreshed and not math.isnan(a)]
+        if not pairs:
+            continue
+        out["round"].append(r.round)
+        out["after_training"].append(float(np.mean([a for a, _ in pairs])))
+        out["after_refresh"].append(float(np.mean([b for _, b in pairs])))
+    return out
+
+
+def factor_movement(history: History, last: int | None = None) -> dict[str, dict[str, float]]:
+    """Per FedPara layer, the mean relative change of its W1 factors and of its W2 factors over
+    a round's local training, averaged over the last `last` rounds (all when None).
+
+    Returns {layer: {"W1": ..., "W2": ...}} (the mean over the branch's factors x, y[, t]);
+    empty for a model without FedPara layers.
+    """
+    if last is not None and (not isinstance(last, int) or last < 1):
+        raise ValueError(f"last={last!r} must be None or an integer >= 1 (rounds averaged)")
+    records = [r for r in history.records if r.parameter_change]
+    if last is not None:
+        records = records[-last:]
+    sums: dict[str, dict[str, list[float]]] = {}
+    for r in records:
+        for name, change in r.parameter_change.items():
+            match = _BRANCH.match(name)
+            if match:
+                layer = sums.setdefault(match["layer"], {"W1": [], "W2": []})
+                layer[f"W{match['branch']}"].append(change)
+    return {layer: {w: float(np.mean(v)) for w, v in branches.items() if v}
+            for layer, branches in sums.items()}
+
+
+def plot_refresh_gap(histories: Mapping[str, History], *, title: str | None = None,
+                     ax: Axes | None = None) -> Figure:
+    """Own held-out accuracy after local training (solid) and after the refresh (dashed),
+    one colour per run, against rounds."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    else:
+        fig = ax.figure
+    for i, (name, history) in enumerate(histories.items()):
+        gap = refresh_gap(history)
+        if not gap["round"]:
+            continue
+        colour = f"C{i}"
+        ax.plot(gap["round"], 100 * np.array(gap["after_training"]), color=colour,
+                label=f"{name}: after local training")
+        ax.plot(gap["round"], 100 * np.array(gap["after_refresh"]), color=colour, ls="--",
+                label=f"{name}: after the refresh")
+    ax.set_xlabel("round")
+    ax.set_ylabel("own held-out accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncols=2)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_factor_movement(movement: Mapping[str, Mapping[str, float]], *,
+                         title: str | None = None, ax: Axes | None = None) -> Figure:
+    """Bars per layer: relative change of the W1 factors (sent) and the W2 factors (kept)
+    over one round of local training, on a log axis."""
+    if not movement:
+        raise ValueError("movement is empty: the run has no FedPara layers or no recorded changes")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
+    else:
+        fig = ax.figure
+    layers = list(movement)
+    x = np.arange(len(layers))
+    for offset, branch, label in ((-0.2, "W1", "W1 factors (sent, averaged)"),
+                                  (0.2, "W2", "W2 factors (kept on the client)")):
+        values = [movement[layer].get(branch, np.nan) for layer in layers]
+        ax.bar(x + offset, values, width=0.4, label=label)
+    ax.set_xticks(x, layers)
+    ax.set_yscale("log")
+    ax.set_ylabel("relative change in one round")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig

@@ -1,0 +1,70 @@
+"""fedpara.task without Flower: pFedPara's learning-rate multiplier and the per-round diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedpara import task
+from fedpara.config import ExperimentConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def pfedpara_config(**changes) -> ExperimentConfig:
+    values = dict(dataset="fashion-mnist", model="mlp", parameterization="fedpara", gamma=0.5,
+                  algorithm="pfedpara", evaluation="clients", device="cpu")
+    return ExperimentConfig(**{**values, **changes})
+
+
+def test_lr_scales_name_the_local_factors_only():
+    config = pfedpara_config(local_lr_scale=30.0)
+    model = task.init_model(config)
+    scales = task.lr_scales(model, config)
+    assert set(scales) == {f"{layer}.{f}" for layer in ("classifier.0", "classifier.2", "head")
+                           for f in ("x2", "y2")}
+    assert set(scales.values()) == {30.0}
+    assert task.lr_scales(model, pfedpara_config()) == {}  # a multiplier of 1 changes nothing
+
+
+def test_a_step_with_lr_scale_is_sgd_with_that_learning_rate_per_parameter():
+    config = pfedpara_config(local_lr_scale=7.0)
+    model = task.init_model(config)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    task.train(model, [(x, y)], epochs=1, lr=0.05, lr_scale=task.lr_scales(model, config))
+    for (name, p), g in zip(model.named_parameters(), grads, strict=True):
+        lr = 0.05 * (7.0 if name.rsplit(".", 1)[1] in ("x2", "y2") else 1.0)
+        torch.testing.assert_close(p.detach(), before[name] - lr * g)
+
+
+def test_the_product_split_builds_layers_without_the_plus_one():
+    paper = task.init_model(pfedpara_config())
+    product = task.init_model(pfedpara_config(personal_split="product"))
+    assert all(m.plus_one for m in paper.modules() if hasattr(m, "plus_one") and m.personalized)
+    layers = [m for m in product.modules() if getattr(m, "personalized", False)]
+    assert layers and not any(m.plus_one for m in layers)
+    # the same factors are sent either way
+    assert task.split_keys(paper, "pfedpara") == task.split_keys(product, "pfedpara")
+
+
+def test_bad_lr_scale_names_the_problem():
+    model = task.init_model(pfedpara_config())
+    with pytest.raises(ValueError, match="lacks"):
+        task.train(model, [], epochs=1, lr=0.1, lr_scale={"nope.x2": 2.0})
+    with pytest.raises(ValueError, match="> 0"):
+        task.train(model, [], epochs=1, lr=0.1, lr_scale={"head.x2": 0.0})
+
+
+def test_relative_changes_follow_the_tracked_parameters():
+    model = task.init_model(pfedpara_config())
+    before = task.snapshot(model)
+    assert list(before) == task.tracked_parameters(model)
+    assert all(v == 0 for v in task.relative_changes(before, model))
+    with torch.no_grad():
+        model.head.x1.mul_(1.5)  # moves head.x1 by half its norm, nothing else
+    changes = dict(zip(before, task.relative_changes(before, model), strict=True))
+    assert changes.pop("head.x1") == pytest.approx(0.5)
+    assert set(changes.values()) == {0.0}
