@@ -24,8 +24,20 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fedpara.history import History
+from fedpara.plots import final_accuracy
 
-__all__ = ["factor_movement", "plot_factor_movement", "plot_refresh_gap", "refresh_gap"]
+__all__ = [
+    "PFEDPARA_VARIANTS",
+    "factor_movement",
+    "plot_factor_movement",
+    "plot_refresh_gap",
+    "refresh_gap",
+    "verdict",
+]
+
+# the pFedPara variants of the personalization presets (fedpara.config), the paper's first
+PFEDPARA_VARIANTS = ("pfedpara", "pfedpara-lr30", "pfedpara-product")
+COMPETITORS = ("fedper", "local", "fedavg")
 
 # pFedPara's factors by branch: W1 is sent and averaged, W2 stays on the client
 _BRANCH = re.compile(r"^(?P<layer>.+)\.(?P<factor>[xyt])(?P<branch>[12])$")
@@ -97,7 +109,8 @@ def plot_refresh_gap(histories: Mapping[str, History], *, title: str | None = No
     ax.set_xlabel("round")
     ax.set_ylabel("own held-out accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncols=2)
+    if ax.lines:
+        ax.legend(fontsize=8, ncols=2)
     if title:
         ax.set_title(title)
     return fig
@@ -127,3 +140,27 @@ def plot_factor_movement(movement: Mapping[str, Mapping[str, float]], *,
     if title:
         ax.set_title(title)
     return fig
+
+
+def verdict(preset: str, histories: Mapping[str, History], window: int = 3) -> str:
+    """One Markdown sentence group: the best pFedPara variant of a personalization preset
+    against FedPer, local-only and FedAvg (final accuracy = the mean of the last `window`
+    rounds), with its traffic relative to FedAvg's. "" unless all of them have a history."""
+    mine = [v for v in PFEDPARA_VARIANTS if v in histories]
+    if "pfedpara" not in mine or not set(COMPETITORS) <= set(histories):
+        return ""
+    acc = {v: final_accuracy(h, window) for v, h in histories.items()}
+    best = max(mine, key=lambda v: acc[v])
+    traffic = (histories[best].cumulative_gib()[-1]
+               / histories["fedavg"].cumulative_gib()[-1])
+    lost = [o for o in COMPETITORS if acc[best] < acc[o]]
+    text = (f"On `{preset}` the best pFedPara variant is `{best}` at {acc[best]:.1%} (the "
+            f"paper's form, `pfedpara`: {acc['pfedpara']:.1%}), with {traffic:.2f} times "
+            f"FedAvg's traffic; FedPer reaches {acc['fedper']:.1%}, FedAvg {acc['fedavg']:.1%} "
+            f"and local-only {acc['local']:.1%}. ")
+    if not lost:
+        return text + f"`{best}` is at or above all three."
+    kept = [o for o in COMPETITORS if o not in lost]
+    gap = max(acc[o] for o in lost) - acc[best]
+    return text + (f"`{best}` is at or above {', '.join(kept) or 'none of them'} and below "
+                   f"{', '.join(lost)}, {gap:.1%} behind the best of those.")

@@ -1,0 +1,82 @@
+"""fedpara.personalization: the refresh gap, the factor movement and the verdict, on histories
+written by hand (no training)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+
+from fedpara.history import History, RoundRecord
+from fedpara.personalization import (
+    factor_movement,
+    plot_factor_movement,
+    plot_refresh_gap,
+    refresh_gap,
+    verdict,
+)
+
+
+def record(r, accuracy=0.5, gib=1.0, **fields):
+    return RoundRecord(round=r, accuracy=accuracy, loss=1.0, bytes_up=0, bytes_down=0,
+                       cum_bytes=int(gib * 2**30 * r), wall_seconds=1.0, **fields)
+
+
+def test_refresh_gap_pairs_each_trained_client_with_its_refreshed_score():
+    history = History(config={})
+    # round 1: clients 0 and 2 trained; the evaluation scores 0, 2 (and nobody else yet)
+    history.append(record(1, clients=[0, 2], client_accuracy_after_training=[0.9, 0.7],
+                          scored_clients=[0, 2], client_accuracy=[0.5, 0.3]))
+    # round 2: client 1 trained; the evaluation scores everyone who has trained
+    history.append(record(2, clients=[1], client_accuracy_after_training=[1.0],
+                          scored_clients=[0, 1, 2], client_accuracy=[0.5, 0.6, 0.3]))
+    history.append(record(3))  # an old-style record without the fields: left out
+    gap = refresh_gap(history)
+    assert gap["round"] == [1, 2]
+    assert gap["after_training"] == pytest.approx([0.8, 1.0])
+    assert gap["after_refresh"] == pytest.approx([0.4, 0.6])  # the same clients only
+
+
+def test_factor_movement_averages_each_branch_over_the_last_rounds():
+    history = History(config={})
+    for r, scale in ((1, 100.0), (2, 1.0), (3, 3.0)):
+        history.append(record(r, parameter_change={
+            "classifier.0.x1": 0.04 * scale, "classifier.0.y1": 0.02 * scale,
+            "classifier.0.x2": 0.002 * scale, "classifier.0.y2": 0.004 * scale,
+            "head.weight": 0.5}))  # a dense layer: not a FedPara branch
+    moves = factor_movement(history, last=2)
+    assert list(moves) == ["classifier.0"]
+    assert moves["classifier.0"]["W1"] == pytest.approx(0.03 * 2)  # mean of rounds 2 and 3
+    assert moves["classifier.0"]["W2"] == pytest.approx(0.003 * 2)
+    with pytest.raises(ValueError, match="last"):
+        factor_movement(history, last=0)
+    fig = plot_factor_movement(moves, title="t")
+    assert fig.axes[0].get_yscale() == "log"
+    with pytest.raises(ValueError, match="empty"):
+        plot_factor_movement({})
+    assert plot_refresh_gap({"a": history}).axes  # nothing to draw is not an error
+
+
+def histories(accuracies, gib):
+    out = {}
+    for name, acc in accuracies.items():
+        h = History(config={})
+        for r in (1, 2, 3):
+            h.append(record(r, accuracy=acc, gib=gib.get(name, 1.0)))
+        out[name] = h
+    return out
+
+
+def test_verdict_names_the_best_variant_and_what_it_beats():
+    runs = histories({"pfedpara": 0.70, "pfedpara-lr30": 0.85, "fedper": 0.80, "local": 0.60,
+                      "fedavg": 0.75}, gib={"pfedpara": 0.25, "pfedpara-lr30": 0.25})
+    text = verdict("p", runs)
+    assert "`pfedpara-lr30` at 85.0%" in text and "0.25 times" in text
+    assert "at or above all three" in text
+    runs["fedper"] = histories({"fedper": 0.90}, {})["fedper"]
+    text = verdict("p", runs)
+    assert "below fedper, 5.0% behind" in text and "at or above local, fedavg" in text
+    del runs["local"]
+    assert verdict("p", runs) == ""  # a competitor without a run: no verdict
