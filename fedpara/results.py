@@ -325,7 +325,8 @@ FAKE_DATA_WRITERS: dict[str, Callable[[Path, int], None]] = {
 }
 # the fields of a config that say what a run computes, for `Chapter.protocol`
 PROTOCOL_FIELDS = (
-    "dataset", "model", "algorithm", "parameterization", "gamma", "partition", "alpha",
+    "dataset", "model", "algorithm", "parameterization", "gamma", "personal_split",
+    "local_lr_scale", "partition", "alpha",
     "shards_per_client", "num_clients", "clients_per_round", "rounds", "local_epochs",
     "batch_size", "lr", "lr_decay", "evaluation", "transport",
 )
@@ -394,21 +395,24 @@ class Chapter:
     @cached_property
     def protocol(self) -> pd.DataFrame:
         """The settings each run computes with (`PROTOCOL_FIELDS`), one row per field and one
-        column per (preset, variant), read from the configs. A setting that does not apply is
-        "" (alpha without a Dirichlet split, gamma for the original model, ...)."""
+        column per (preset, variant), read from the configs. A setting that does not apply to
+        a run is "" (alpha without a Dirichlet split, gamma for the original model, ...); one
+        that applies to none of them is left out."""
         import pandas as pd
 
         def applies(config: ExperimentConfig, name: str) -> bool:
             return {"alpha": config.partition == "dirichlet",
                     "shards_per_client": config.partition == "shard",
-                    "gamma": config.parameterization != "original"}.get(name, True)
+                    "gamma": config.parameterization != "original",
+                    "personal_split": config.algorithm == "pfedpara",
+                    "local_lr_scale": config.algorithm == "pfedpara"}.get(name, True)
 
         columns = {key: {name: getattr(c, name) if applies(c, name) else ""
                          for name in PROTOCOL_FIELDS}
                    for key, c in self.configs.items()}
         table = pd.DataFrame(columns)
         table.columns.names = ["preset", "variant"]
-        return table
+        return table[(table != "").any(axis=1)]  # a setting that applies to no run: left out
 
     @cached_property
     def plan(self) -> pd.DataFrame:

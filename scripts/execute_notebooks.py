@@ -9,20 +9,28 @@ notebook in memory -- the same as `jupytext --to ipynb -o - SRC | papermill - OU
 executed by papermill, which overrides the cell tagged `parameters`. The executed copy goes to
 `book/generated/<name>.ipynb`, which is what the book renders; the book build never re-executes it.
 
+One source can make several chapters: `SHARED_SOURCES` maps such a chapter to its source, the
+parameters that make it that chapter (e.g. its presets) and its title, which replaces the
+source's first heading in the executed copy. `book/experiments/cifar.md` makes `cifar10` and
+`cifar100` this way; every other source `<name>.md` is the chapter `<name>`, with no fixed
+parameters. Command-line `-p` overrides come last, after a chapter's fixed parameters.
+
 Papermill first writes into `_build/papermill/<name>.ipynb`. The copy in `book/generated/` is
 replaced (atomically) only when every cell succeeded; after a failing cell the partial notebook
 stays in `_build/papermill/` for inspection, the last good copy is kept, and the exit code is 1.
 
 `--render` is what `make book` runs: for each experiment whose executed copy is missing, or was
-made from an older version of its source, it runs the notebook with `train=False` -- the notebook
-then shows the stored history of its preset and profile if there is one, else the command that
-produces it and its communication cost. It never trains.
+made from an older version of its source or of its fixed parameters and title (`chapter_digest`),
+it runs the notebook with `train=False` -- the notebook then shows the stored history of its
+preset and profile if there is one, else the command that produces it and its communication
+cost. It never trains.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,19 +47,69 @@ PROFILES = ("full", "quick", "smoke")
 METADATA_KEY = (
     "fedpara_book"  # notebook metadata: which source (and which version of it) made a copy
 )
+# chapters made from a shared source: name -> source stem in SOURCES_DIR, fixed parameters, title
+SHARED_SOURCES: dict[str, dict] = {
+    "cifar10": {
+        "source": "cifar",
+        "parameters": {"chapter": "cifar10", "presets": "cifar10-iid,cifar10-noniid"},
+        "title": "CIFAR-10, Figure 3 (a) and (d): no runs yet, the plan for a GPU",
+    },
+    "cifar100": {
+        "source": "cifar",
+        "parameters": {"chapter": "cifar100", "presets": "cifar100-iid,cifar100-noniid"},
+        "title": "CIFAR-100, Figure 3 (b) and (e): no runs yet, the plan for a GPU",
+    },
+}
 
 
 # helpers
 
 
 def experiment_names() -> list[str]:
-    """Names of the experiment notebooks, e.g. ["fashion_mnist"], from book/experiments/*.md."""
-    return sorted(path.stem for path in SOURCES_DIR.glob("*.md"))
+    """Names of the experiment chapters, e.g. ["cifar10", "fashion_mnist"]: the sources in
+    book/experiments/*.md, a shared source replaced by the chapters of SHARED_SOURCES."""
+    stems = {path.stem for path in SOURCES_DIR.glob("*.md")}
+    shared = {name for name, entry in SHARED_SOURCES.items() if entry["source"] in stems}
+    used = {SHARED_SOURCES[name]["source"] for name in shared}
+    return sorted((stems - used) | shared)
+
+
+def chapter_source(name: str) -> tuple[Path, dict, str | None]:
+    """(source, fixed parameters, title or None) of experiment chapter `name`."""
+    entry = SHARED_SOURCES.get(name)
+    if entry is None:
+        return SOURCES_DIR / f"{name}.md", {}, None
+    return SOURCES_DIR / f"{entry['source']}.md", dict(entry["parameters"]), entry["title"]
 
 
 def source_digest(source: Path) -> str:
     """SHA-256 of a source file: identifies the version of the source a copy was made from."""
     return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def chapter_digest(name: str) -> str:
+    """What a chapter's executed copy is made from: its source's digest, or, for a chapter of
+    SHARED_SOURCES, the digest of its source together with its fixed parameters and title (a
+    copy is stale when any of them changed)."""
+    source, fixed, title = chapter_source(name)
+    if not fixed and title is None:
+        return source_digest(source)
+    extra = json.dumps({"parameters": fixed, "title": title}, sort_keys=True).encode()
+    return hashlib.sha256(source.read_bytes() + b"\0" + extra).hexdigest()
+
+
+def set_title(notebook, title: str) -> None:
+    """Replace the first Markdown heading of level 1 (`# ...`) of `notebook` with `title`."""
+    for cell in notebook.cells:
+        if cell.cell_type != "markdown":
+            continue
+        lines = cell.source.split("\n")
+        for i, line in enumerate(lines):
+            if line.startswith("# "):
+                lines[i] = f"# {title}"
+                cell.source = "\n".join(lines)
+                return
+    raise ValueError("the notebook has no '# ' heading to replace with its chapter's title")
 
 
 def stored_run(generated: Path) -> tuple[str | None, dict]:
@@ -75,20 +133,25 @@ def run_notebook(
     work_dir: Path = WORK_DIR,
     cwd: Path = GENERATED_DIR,
     log_output: bool = True,
+    digest: str | None = None,
+    title: str | None = None,
 ) -> None:
     """Execute the jupytext source `source` with papermill and write the result to `output`.
 
     The notebook runs in `cwd` (by default book/generated/, where its executed copy lives, so
     paths resolve as they do for a reader who opens that copy). `output` is written only if
     every cell succeeds; otherwise papermill's `PapermillExecutionError` propagates and the
-    partial notebook is left at `work_dir / output.name`.
+    partial notebook is left at `work_dir / output.name`. `digest` (default: the source's) is
+    stored in the copy's metadata; `title`, if given, replaces the source's first heading.
     """
     notebook = jupytext.read(source)
+    if title is not None:
+        set_title(notebook, title)
     notebook.metadata[METADATA_KEY] = {
         "source": source.resolve().relative_to(ROOT).as_posix()
         if source.resolve().is_relative_to(ROOT)
         else source.name,
-        "source_sha256": source_digest(source),
+        "source_sha256": digest or source_digest(source),
     }
     notebook.metadata.pop("jupytext", None)  # the executed copy is a plain notebook, not a pairing
     for folder in (work_dir, output.parent, cwd):
@@ -110,16 +173,18 @@ def run_notebook(
 def render_parameters(name: str) -> dict | None:
     """Parameters for a render-only run of experiment `name`, or None if its copy is current.
 
-    A missing copy is rendered for the full profile; a copy made from an older source is
-    rendered again with the parameters it was made with, except that it does not train.
+    A missing copy is rendered for the full profile; a copy made from an older source (or
+    older fixed parameters or title) is rendered again with the parameters it was made with,
+    except that it does not train and that the chapter's fixed parameters are the current ones.
     """
+    _, fixed, _ = chapter_source(name)
     generated = GENERATED_DIR / f"{name}.ipynb"
     if not generated.exists():
-        return {"profile": "full", "train": False}
+        return {"profile": "full", **fixed, "train": False}
     digest, parameters = stored_run(generated)
-    if digest == source_digest(SOURCES_DIR / f"{name}.md"):
+    if digest == chapter_digest(name):
         return None
-    return {**parameters, "train": False}
+    return {**parameters, **fixed, "train": False}
 
 
 # command line
@@ -165,11 +230,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             parameters.update(overrides)
         else:
-            parameters = {"profile": args.profile, "train": True, **overrides}
+            parameters = {"profile": args.profile, "train": True,
+                          **chapter_source(name)[1], **overrides}
         output = GENERATED_DIR / f"{name}.ipynb"
+        source, _, title = chapter_source(name)
         print(f"[execute] {name}: {parameters} -> {output.relative_to(ROOT)}", flush=True)
         try:
-            run_notebook(SOURCES_DIR / f"{name}.md", output, parameters)
+            run_notebook(source, output, parameters, digest=chapter_digest(name), title=title)
         except papermill.PapermillExecutionError as error:
             partial = (WORK_DIR / output.name).relative_to(ROOT)
             print(

@@ -168,7 +168,7 @@ def test_execution_never_reruns_experiments():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_committed_executed_copy_is_from_the_current_source(name):
     digest, parameters = driver.stored_run(ROOT / "book" / "generated" / f"{name}.ipynb")
-    assert digest == driver.source_digest(ROOT / "book" / "experiments" / f"{name}.md"), (
+    assert digest == driver.chapter_digest(name), (
         f"book/generated/{name}.ipynb was made from an older source: run `make book` (renders "
         "from stored histories) or `make execute CHAPTER={name}`"
     )
@@ -237,14 +237,15 @@ def _outputs(notebook) -> tuple[list[str], str]:
 
 
 def _defaults(name: str) -> dict:
-    """The values of an experiment notebook's `parameters` cell."""
-    source = driver.SOURCES_DIR / f"{name}.md"
+    """The values of an experiment notebook's `parameters` cell, with the chapter's fixed
+    parameters (a chapter of a shared source) applied."""
+    source, fixed, _ = driver.chapter_source(name)
     cell = next(
         c.source for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", [])
     )
     defaults: dict = {}
     exec(cell, defaults)
-    return defaults
+    return {**defaults, **fixed}
 
 
 # chapters that have no real data on this machine: their smoke profile runs on fake files
@@ -264,19 +265,24 @@ def test_every_experiment_notebook_takes_the_same_parameters():
 def test_render_only_run_never_trains(name, tmp_path):
     """train=False with no stored history: the command and the planned traffic, no simulation."""
     output = tmp_path / f"{name}.ipynb"
+    source, fixed, title = driver.chapter_source(name)
     driver.run_notebook(
-        driver.SOURCES_DIR / f"{name}.md",
+        source,
         output,
-        {"profile": "full", "train": False, "results_dir": str(tmp_path / "results")},
+        {**fixed, "profile": "full", "train": False, "results_dir": str(tmp_path / "results")},
         work_dir=tmp_path / "work",
         log_output=False,
+        title=title,
     )
-    errors, text = _outputs(nbformat.read(output, as_version=4))
+    notebook = nbformat.read(output, as_version=4)
+    errors, text = _outputs(notebook)
     assert errors == []
     assert f"make execute CHAPTER={name} PROFILE=full" in text
     assert "planned traffic (GiB)" in text
     if name in FAKE_DATA_CHAPTERS:
-        assert "Nothing was run for this page" in text and "FAKE DATA" not in text
+        assert "No runs yet" in text and "FAKE DATA" not in text
+        assert "no runs yet" in notebook.cells[0].source.lower(), "the title says so"
+        assert "NaN" not in text and "None" not in text, "no table of missing values"
     assert "a test of the machinery" not in text
     assert not (tmp_path / "results").exists(), "a render-only run must not write histories"
 
@@ -291,10 +297,12 @@ def test_smoke_profile_runs_through_papermill(name, tmp_path, fmnist_dir, monkey
     variant = next(iter(PRESETS[preset].variants))
     results = tmp_path / "results"
     output = tmp_path / f"{name}.ipynb"
+    source, fixed, _ = driver.chapter_source(name)
     driver.run_notebook(
-        driver.SOURCES_DIR / f"{name}.md",
+        source,
         output,
         {
+            **fixed,
             "profile": "smoke",
             "presets": preset,
             "variants": variant,
@@ -326,3 +334,55 @@ def test_smoke_profile_runs_through_papermill(name, tmp_path, fmnist_dir, monkey
     assert any(
         o.get("data", {}).get("image/png") for c in notebook.cells for o in c.get("outputs", [])
     ), "the smoke run should plot its curves"
+
+
+# chapters made from one shared source ------------------------------------------------------------
+
+
+def test_shared_source_makes_each_chapter_with_its_parameters_and_title():
+    for name, entry in driver.SHARED_SOURCES.items():
+        source, fixed, title = driver.chapter_source(name)
+        assert source == driver.SOURCES_DIR / f"{entry['source']}.md" and source.is_file()
+        assert name in EXPERIMENTS and entry["source"] not in EXPERIMENTS
+        assert fixed["chapter"] == name, "the page's commands name its own chapter"
+        notebook = jupytext.read(source)
+        driver.set_title(notebook, title)
+        assert notebook.cells[0].source.splitlines()[0] == f"# {title}"
+        # the copy is stale when the source or the chapter's parameters change
+        digest = driver.chapter_digest(name)
+        assert digest != driver.source_digest(source)
+        other = {**entry, "parameters": {**entry["parameters"], "seed": 1}}
+        original = driver.SHARED_SOURCES[name]
+        try:
+            driver.SHARED_SOURCES[name] = other
+            assert driver.chapter_digest(name) != digest
+        finally:
+            driver.SHARED_SOURCES[name] = original
+    assert driver.chapter_digest("fashion_mnist") == driver.source_digest(
+        driver.SOURCES_DIR / "fashion_mnist.md"
+    ), "a chapter with a source of its own: the digest of its source alone"
+
+
+def test_render_parameters_apply_the_chapters_fixed_parameters(tmp_path, monkeypatch):
+    sources, generated = tmp_path / "experiments", tmp_path / "generated"
+    sources.mkdir(), generated.mkdir()
+    (sources / "shared.md").write_text("# shared\n")
+    monkeypatch.setattr(driver, "SOURCES_DIR", sources)
+    monkeypatch.setattr(driver, "GENERATED_DIR", generated)
+    monkeypatch.setattr(
+        driver,
+        "SHARED_SOURCES",
+        {"one": {"source": "shared", "parameters": {"presets": "a"}, "title": "One"}},
+    )
+    assert driver.experiment_names() == ["one"]
+    assert driver.render_parameters("one") == {"profile": "full", "presets": "a", "train": False}
+    notebook = nbformat.v4.new_notebook(
+        metadata={
+            driver.METADATA_KEY: {"source_sha256": driver.chapter_digest("one")},
+            "papermill": {"parameters": {"profile": "quick", "presets": "a", "train": True}},
+        }
+    )
+    nbformat.write(notebook, generated / "one.ipynb")
+    assert driver.render_parameters("one") is None
+    driver.SHARED_SOURCES["one"]["parameters"] = {"presets": "b"}  # the table changed
+    assert driver.render_parameters("one") == {"profile": "quick", "presets": "b", "train": False}
