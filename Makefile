@@ -23,7 +23,8 @@ test: $(STAMP)
 # (and cached) by the build; experiment chapters are rendered from book/generated/ (never re-run).
 # `make execute` reruns the experiment notebooks with papermill, then rebuilds the book:
 #   make execute [PROFILE=full|quick|smoke] [CHAPTER=fashion_mnist] [PARAMS="-p device cuda"]
-# `make colab` refreshes the committed .ipynb twin of every chapter (the Colab buttons open them).
+# `make colab` writes the repository url of _config.yml into the README's chapter table and the
+# chapters' install cells, then refreshes the committed .ipynb twin of every chapter.
 PROFILE ?= full
 CHAPTER ?=
 PARAMS  ?=
@@ -41,4 +42,5 @@ execute: $(STAMP)
 	$(MAKE) book
 
 colab: $(STAMP)
+	$(BIN)/python scripts/sync_repository.py
 	$(BIN)/jupytext --update --to ipynb $(NOTEBOOK_SOURCES)

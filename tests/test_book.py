@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path, PurePosixPath
 
 import jupytext
@@ -386,3 +387,20 @@ def test_render_parameters_apply_the_chapters_fixed_parameters(tmp_path, monkeyp
     assert driver.render_parameters("one") is None
     driver.SHARED_SOURCES["one"]["parameters"] = {"presets": "b"}  # the table changed
     assert driver.render_parameters("one") == {"profile": "quick", "presets": "b", "train": False}
+
+
+def test_readme_and_install_cells_agree_with_the_repository_url():
+    """`make colab` writes _config.yml's url everywhere it is repeated; nothing has drifted."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import sync_repository
+    finally:
+        sys.path.pop(0)
+    assert sync_repository.sync(check=True) == [], "run `make colab`"
+    readme = (ROOT / "README.md").read_text()
+    url, branch = sync_repository.repository()
+    for page in sync_repository.toc_pages():
+        assert f"`{page}`" in readme, page
+        if sync_repository._runs_code(ROOT, page):
+            link = f"{url.removeprefix('https://github.com/')}/blob/{branch}/{page}.ipynb"
+            assert link in readme and (ROOT / f"{page}.ipynb").is_file(), page
