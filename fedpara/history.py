@@ -21,6 +21,7 @@ from typing import Any
 from fedpara.storage import write_atomic  # also imported from here by server_app and results
 
 GIB = 2**30
+FINAL_WINDOW = 3  # rounds: the book's "final accuracy" is the mean of the last 3 (noisy curves)
 
 
 @dataclass
@@ -122,7 +123,16 @@ class History:
 
     @property
     def final_accuracy(self) -> float:
+        """The last round's accuracy (see `mean_accuracy` for the book's final accuracy)."""
         return self.records[-1].accuracy if self.records else float("nan")
+
+    def mean_accuracy(self, last: int = FINAL_WINDOW) -> float:
+        """Mean accuracy of the last `last` rounds, skipping rounds that scored nothing (NaN
+        when none did): the book's "final accuracy" with the default window."""
+        if not isinstance(last, int) or isinstance(last, bool) or last < 1:
+            raise ValueError(f"last={last!r} must be an integer >= 1 (rounds averaged)")
+        scored = [r.accuracy for r in self.records[-last:] if not math.isnan(r.accuracy)]
+        return sum(scored) / len(scored) if scored else float("nan")
 
     @property
     def wall_seconds(self) -> float:

@@ -63,10 +63,11 @@ def gib_to_reach(history: History, target: float) -> float:
 
 
 def final_accuracy(history: History, window: int = 1) -> float:
-    """Mean accuracy of the last `window` rounds (non-IID curves are noisy: use a few)."""
+    """Mean accuracy of the last `window` rounds (non-IID curves are noisy: use a few);
+    `History.mean_accuracy` with the window the book uses, FINAL_WINDOW."""
     _check_nonempty(history)
     _check_window(window)
-    return float(np.nanmean(history.column("accuracy")[-window:]))
+    return history.mean_accuracy(window)
 
 
 def accuracy_within(history: History, budget_gib: float, window: int = 1) -> float:

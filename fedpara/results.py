@@ -240,7 +240,8 @@ def load_client_scores(config: ExperimentConfig, history: History,
 
 def run_summary(config: ExperimentConfig, history: History | None, status: str) -> dict[str, Any]:
     """One table row: the protocol, then what the stored run measured and where it ran, or
-    (no run) the traffic it will cost. Accuracy is a fraction; traffic in GiB; time in minutes.
+    (no run) the traffic it will cost. Accuracy is a fraction (final accuracy: the mean of the
+    last `FINAL_WINDOW` rounds, fedpara.history); traffic in GiB; time in minutes.
     Values are rounded for display (4 decimals; MiB 3, minutes 1)."""
     row: dict[str, Any] = {
         "preset": config.preset, "variant": config.variant_name, "history": status,
@@ -255,7 +256,7 @@ def run_summary(config: ExperimentConfig, history: History | None, status: str) 
     first = history.records[0]
     row.update({
         "rounds run": len(history),
-        "final accuracy": round(history.final_accuracy, 4),
+        "final accuracy": round(history.mean_accuracy(), 4),
         "traffic (GiB)": round(history.cumulative_gib()[-1], 4),
         "MiB / round": round((first.bytes_up + first.bytes_down) / 2**20, 3),
         "training time (min)": round(history.wall_seconds / 60, 1),
