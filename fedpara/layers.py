@@ -16,10 +16,13 @@ factorization with the same budget stops at rank 2R. Variants:
   beyond the paper, see book/experiments/personalization.md).
 - nonlinear: W = tanh(W1) ⊙ tanh(W2) (tanh(W1) ⊙ (tanh(W2) + 1) with `plus_one`).
 
-`compose_weight()` is the paper's math written with plain autograd ops; it is the reference.
-The forward pass instead calls `_FedParaWeight`, an autograd Function that saves only the
-factors and rebuilds W1 and W2 in backward, so the dense-sized branches are not kept alive
-between forward and backward. The tests check it against the reference with gradcheck.
+`_reference_weight` writes the paper's formulas one line each (X_i Y_iᵀ, one einsum per
+Tucker-2 branch, W1 ⊙ (W2 + 1)). It is the reference the tests check the two fast paths
+against: `compose_weight()` (the branches in a cheaper contraction
+order, `_branch`, then plain autograd) and the forward pass, which calls `_FedParaWeight`, an
+autograd Function that saves only the factors and rebuilds W1 and W2 in backward, so the
+dense-sized branches are not kept alive between forward and backward. `_FedParaWeight` also
+works under torch.func (vmap, grad), for training many clients' copies as one program.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "FactorizedLayer",
@@ -156,7 +158,31 @@ def rank_from_param_fraction(
 
 
 # ----------------------------------------------------------------------------------------------
-# the composition: branches, the Hadamard combination, and their gradients
+# the paper's formulas: the reference composition
+
+
+def _reference_weight(plus_one: bool, nonlinear: bool, *factors: Tensor) -> Tensor:
+    """The composed weight written as the paper's formulas, with plain autograd ops.
+
+    Takes `_FedParaWeight.apply`'s arguments: factors (x1, y1, x2, y2) for the matrix form,
+    (x1, y1, t1, x2, y2, t2) for the Tucker-2 form. Training never calls it: the tests check
+    the fast contraction order (`_branch`), the layers' `compose_weight()` and the
+    memory-saving `_FedParaWeight` against it.
+    """
+    if len(factors) == 4:
+        x1, y1, x2, y2 = factors
+        w1, w2 = x1 @ y1.T, x2 @ y2.T  # W_i = X_i Y_iᵀ (Prop. 1)
+    else:
+        x1, y1, t1, x2, y2, t2 = factors
+        w1 = torch.einsum("or,is,rskl->oikl", x1, y1, t1)  # W1 = T1 ×1 X1 ×2 Y1 (Prop. 3)
+        w2 = torch.einsum("or,is,rskl->oikl", x2, y2, t2)  # W2 = T2 ×1 X2 ×2 Y2
+    if nonlinear:
+        w1, w2 = torch.tanh(w1), torch.tanh(w2)
+    return w1 * (w2 + 1) if plus_one else w1 * w2  # pFedPara: W1 ⊙ (W2 + 1); FedPara: W1 ⊙ W2
+
+
+# ----------------------------------------------------------------------------------------------
+# the fast composition: contraction order, in-place combination, and the gradients
 
 
 def _tucker_inner(y: Tensor, t: Tensor) -> Tensor:
@@ -167,8 +193,9 @@ def _tucker_inner(y: Tensor, t: Tensor) -> Tensor:
 def _branch(x: Tensor, y: Tensor, t: Tensor | None = None) -> Tensor:
     """One dense branch: x yᵀ (out, in), or the Tucker-2 tensor t ×1 x ×2 y (out, in, kh, kw).
 
-    Contraction order matters: the core is first merged with the small input factor
-    (R²·in·kh·kw multiply-adds), leaving one GEMM of out·R·in·kh·kw for the dense tensor.
+    The reference's branch (`_reference_weight`) in a chosen contraction order: the core is
+    first merged with the small input factor (R²·in·kh·kw multiply-adds), leaving one GEMM of
+    out·R·in·kh·kw for the dense tensor.
     """
     if t is None:
         return x @ y.T
@@ -196,18 +223,44 @@ def _combine(w1: Tensor, w2: Tensor, plus_one: bool, nonlinear: bool) -> Tensor:
     return w1 * (w2 + 1) if plus_one else w1 * w2
 
 
-def _combine_grads(g: Tensor, w1: Tensor, w2: Tensor, plus_one: bool, nonlinear: bool):
-    """dL/dW1 and dL/dW2 from g = dL/dW, overwriting the recomputed branches w1 and w2.
+def _combine_in_place(w1: Tensor, w2: Tensor, plus_one: bool, nonlinear: bool) -> Tensor:
+    """`_combine`, overwriting the fresh branches w1 and w2 (no dense-sized allocation)."""
+    if nonlinear:
+        w1, w2 = w1.tanh_(), w2.tanh_()
+    if plus_one:
+        w2 = w2.add_(1)
+    return w1.mul_(w2)
 
-    w1 and w2 are the branches before any tanh. Working in place spares two dense-sized
+
+def _combine_grads(g: Tensor, w1: Tensor, w2: Tensor, plus_one: bool, nonlinear: bool,
+                   in_place: bool) -> tuple[Tensor, Tensor]:
+    """dL/dW1 and dL/dW2 from g = dL/dW, with w1 and w2 the branches before any tanh.
+
+    With `in_place`, the recomputed w1 and w2 are overwritten: that spares two dense-sized
     allocations per layer, which on a CPU cost more than the multiplications themselves.
+    Both ways multiply in the same order, so they give the same bits.
     """
     if nonlinear:
-        a, b = w1.tanh_(), w2.tanh_()
-        g1 = (b + 1 if plus_one else b.clone()).mul_(g).mul_(1 - a * a)  # tanh' = 1 - tanh²
-        return g1, a.mul_(g).mul_(1 - b * b)
-    g1 = w2.add_(1).mul_(g) if plus_one else w2.mul_(g)
-    return g1, w1.mul_(g)
+        a, b = (w1.tanh_(), w2.tanh_()) if in_place else (torch.tanh(w1), torch.tanh(w2))
+        if in_place:  # tanh' = 1 - tanh²; g1 is done before a is overwritten
+            g1 = (b + 1 if plus_one else b.clone()).mul_(g).mul_(1 - a * a)
+            return g1, a.mul_(g).mul_(1 - b * b)
+        return (b + 1 if plus_one else b) * g * (1 - a * a), a * g * (1 - b * b)
+    if in_place:
+        return (w2.add_(1) if plus_one else w2).mul_(g), w1.mul_(g)
+    return (w2 + 1 if plus_one else w2) * g, w1 * g
+
+
+def _in_place_allowed() -> bool:
+    """Whether the composition may overwrite its own intermediates.
+
+    Yes in plain eager autograd. No under a torch.func transform: vmap may batch one operand
+    of an in-place op and not the other (the gradient but not the factors, or one branch only),
+    which an in-place op cannot hold. No when grad mode is on inside backward (create_graph,
+    torch.func.grad): autograd then records the backward, and overwriting what it saved fails.
+    """
+    transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    return not torch.is_grad_enabled() and not transforms_active()
 
 
 def _no_autocast(device_type: str):
@@ -220,33 +273,42 @@ class _FedParaWeight(torch.autograd.Function):
     """Memory-saving composition of a FedPara weight; saves only the factors for backward.
 
     apply(plus_one, nonlinear, x1, y1, x2, y2) for the matrix form, or
-    apply(plus_one, nonlinear, x1, y1, t1, x2, y2, t2) for the Tucker-2 form.
+    apply(plus_one, nonlinear, x1, y1, t1, x2, y2, t2) for the Tucker-2 form; the same value
+    as `_reference_weight(plus_one, nonlinear, *factors)`.
     Plain autograd would keep both dense branches (and the Tucker intermediates) until
     backward; here backward rebuilds W1 and W2 from the factors: one extra GEMM per branch.
+
+    Works under torch.func (vmap, grad, functional_call): forward and backward are plain torch
+    ops, so torch generates the vmap rule; the in-place shortcuts run only in eager autograd
+    (`_in_place_allowed`). The backward is itself differentiable there.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, plus_one: bool, nonlinear: bool, *factors: Tensor) -> Tensor:
-        ctx.plus_one, ctx.nonlinear = plus_one, nonlinear
-        ctx.save_for_backward(*factors)
+    def forward(plus_one: bool, nonlinear: bool, *factors: Tensor) -> Tensor:
         half = len(factors) // 2
         with _no_autocast(factors[0].device.type):
             w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
-            if nonlinear:
-                w1, w2 = w1.tanh_(), w2.tanh_()
-            if plus_one:
-                w2 = w2.add_(1)
-            return w1.mul_(w2)
+            combine = _combine_in_place if _in_place_allowed() else _combine
+            return combine(w1, w2, plus_one, nonlinear)
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        plus_one, nonlinear, *factors = inputs
+        ctx.plus_one, ctx.nonlinear = plus_one, nonlinear
+        ctx.save_for_backward(*factors)
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
         factors = ctx.saved_tensors
         half = len(factors) // 2
         with _no_autocast(grad.device.type):
             grad = grad.to(factors[0].dtype)
             w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
-            g1, g2 = _combine_grads(grad, w1, w2, ctx.plus_one, ctx.nonlinear)
+            g1, g2 = _combine_grads(
+                grad, w1, w2, ctx.plus_one, ctx.nonlinear, in_place=_in_place_allowed()
+            )
             grads1 = _branch_grads(g1, *factors[:half])[:half]
             grads2 = _branch_grads(g2, *factors[half:])[:half]
         return (None, None, *grads1, *grads2)
@@ -279,8 +341,9 @@ def _normal_rms_(factor: Tensor, std: float) -> None:
     """Gaussian draw rescaled to a root-mean-square of exactly `std`.
 
     Small factors (y of a 3-channel input has 3·R entries) would otherwise put a large random
-    scale into the composed weight: with plain draws, a 1→16 conv's composed std varies 40-fold
-    across seeds (5th-95th percentile 0.05-2.2× Kaiming); rescaled, 0.55-1.4×.
+    scale into the composed weight, different from seed to seed. The composed weight's std
+    against Kaiming's is checked in tests/test_layers.py and discussed in the Initialization
+    section of book/hadamard_layers.md.
     """
     factor.normal_()
     factor.mul_(std / factor.square().mean().sqrt())
@@ -300,17 +363,54 @@ def _factor_std(branch_variance: float, terms: int, factors_per_term: int) -> fl
 
 
 class FactorizedLayer(nn.Module):
-    """Common interface of the factorized layers.
+    """Common interface and constructor steps of the factorized layers.
 
     Attributes:
         rank: FedPara's inner rank R per branch, or a low-rank layer's inner dimension.
+        gamma: the γ the rank came from (None when `rank` was given).
         personalized: True for pFedPara layers (W2's factors are client-local).
         plus_one: True when the weight is W1 ⊙ (W2 + 1) (pFedPara's form), else W1 ⊙ W2.
+
+    A subclass constructor checks its sizes, calls `FactorizedLayer.__init__` (rank), registers
+    its factors with `_new` and draws them, then calls `_add_bias`, the last parameter.
     """
 
     rank: int
     personalized: bool = False
     plus_one: bool = False
+
+    def __init__(
+        self,
+        out_size: int,
+        in_size: int,
+        kernel_size: tuple[int, int],
+        *,
+        rank: int | None,
+        gamma: float | None,
+        rank_scale: int = 1,
+        device=None,
+        dtype=None,
+    ):
+        """Exactly one of `rank` or `gamma`; given γ, rank = rank_scale · rank_from_gamma(...)
+        (2 for a low-rank layer: the budget of the FedPara layer at that γ)."""
+        super().__init__()
+        _check_rank_or_gamma(rank, gamma)
+        self.gamma = gamma
+        self.rank = (
+            rank
+            if rank is not None
+            else rank_scale * rank_from_gamma(out_size, in_size, kernel_size, gamma)
+        )
+        self._factory = {"device": device, "dtype": dtype}  # for the constructor only
+
+    def _new(self, *shape: int) -> nn.Parameter:
+        """An uninitialized factor (the constructor draws it)."""
+        return nn.Parameter(torch.empty(*shape, **self._factory))
+
+    def _add_bias(self, out_size: int, bias: bool) -> None:
+        """The bias (zeros, registered after the factors) or None; ends the constructor."""
+        self.bias = nn.Parameter(torch.zeros(out_size, **self._factory)) if bias else None
+        del self._factory
 
     def compose_weight(self) -> Tensor:
         """The dense weight, shaped as in nn.Linear / nn.Conv2d, composed with plain autograd."""
@@ -332,26 +432,50 @@ class FactorizedLayer(nn.Module):
         """W2's factors when personalized (what `local_lr_scale` speeds up), else []."""
         return [n for n in self.local_parameter_names() if n in ("x2", "y2", "t2")]
 
-    def _new(self, *shape: int, factory: dict) -> nn.Parameter:
-        return nn.Parameter(torch.empty(*shape, **factory))
 
+class _FedParaLayer(FactorizedLayer):
+    """Factors x1, y1[, t1] (branch 1, global); x2, y2[, t2] (branch 2, local if personalized).
 
-class _FedParaMixin(FactorizedLayer):
-    """Factors x1, y1[, t1] (branch 1, global); x2, y2[, t2] (branch 2, local if personalized)."""
+    The constructor shared by FedParaLinear and FedParaConv2d (kernel (1, 1): matrix form).
+    """
 
-    def _make_factors(self, out_f: int, in_f: int, kh: int, kw: int, factory: dict) -> None:
-        r, taps = self.rank, kh * kw
-        self.tucker = taps > 1
-        for i in (1, 2):
-            setattr(self, f"x{i}", self._new(out_f, r, factory=factory))
-            setattr(self, f"y{i}", self._new(in_f, r, factory=factory))
-            if self.tucker:
-                setattr(self, f"t{i}", self._new(r, r, kh, kw, factory=factory))
-        self._init_factors(in_f * taps)
+    def __init__(
+        self,
+        out_size: int,
+        in_size: int,
+        kernel_size: tuple[int, int],
+        *,
+        rank: int | None,
+        gamma: float | None,
+        bias: bool,
+        personalized: bool,
+        plus_one: bool | None,
+        nonlinear: bool,
+        device,
+        dtype,
+    ):
+        super().__init__(
+            out_size, in_size, kernel_size, rank=rank, gamma=gamma, device=device, dtype=dtype
+        )
+        self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
+        self.plus_one = personalized if plus_one is None else bool(plus_one)
+        (kh, kw), r = kernel_size, self.rank
+        self.tucker = kh * kw > 1
+        # registration order is the state_dict order: x1, y1, t1, x2, y2, t2, bias
+        self.x1, self.y1 = self._new(out_size, r), self._new(in_size, r)
+        if self.tucker:
+            self.t1 = self._new(r, r, kh, kw)
+        self.x2, self.y2 = self._new(out_size, r), self._new(in_size, r)
+        if self.tucker:
+            self.t2 = self._new(r, r, kh, kw)
+        self._init_factors(in_size * kh * kw)
+        self._add_bias(out_size, bias)
 
     def _factors(self, i: int) -> tuple[Tensor, ...]:
-        names = ("x", "y", "t") if self.tucker else ("x", "y")
-        return tuple(getattr(self, f"{n}{i}") for n in names)
+        """Branch i's factors: (x_i, y_i), or (x_i, y_i, t_i) in the Tucker-2 form."""
+        if i == 1:
+            return (self.x1, self.y1, self.t1) if self.tucker else (self.x1, self.y1)
+        return (self.x2, self.y2, self.t2) if self.tucker else (self.x2, self.y2)
 
     @torch.no_grad()
     def _init_factors(self, fan_in: int) -> None:
@@ -371,17 +495,13 @@ class _FedParaMixin(FactorizedLayer):
             branch_var = _pre_tanh_variance(branch_var)
         terms, per_term = (self.rank**2, 3) if self.tucker else (self.rank, 2)
         std = _factor_std(branch_var, terms, per_term)
-        for i in (1, 2):
-            for f in self._factors(i):
-                _normal_rms_(f, std)
+        for f in (*self._factors(1), *self._factors(2)):  # the draw order: x1, y1, t1, x2, ...
+            _normal_rms_(f, std)
 
     def _compose(self) -> Tensor:
-        return _combine(
-            _branch(*self._factors(1)),
-            _branch(*self._factors(2)),
-            self.plus_one,
-            self.nonlinear,
-        )
+        """W1 and W2 in the fast contraction order, combined with plain autograd."""
+        w1, w2 = _branch(*self._factors(1)), _branch(*self._factors(2))
+        return _combine(w1, w2, self.plus_one, self.nonlinear)
 
     def _compose_for_forward(self) -> Tensor:
         if not self.recompute:
@@ -390,8 +510,12 @@ class _FedParaMixin(FactorizedLayer):
             self.plus_one, self.nonlinear, *self._factors(1), *self._factors(2)
         )
 
+    def _fedpara_repr(self) -> str:
+        return (f"personalized={self.personalized}, plus_one={self.plus_one}, "
+                f"nonlinear={self.nonlinear}")
 
-class FedParaLinear(_FedParaMixin):
+
+class FedParaLinear(_FedParaLayer):
     """Fully connected layer with W = (X1 Y1ᵀ) ⊙ (X2 Y2ᵀ), X_i: (out, R), Y_i: (in, R).
 
     Input (..., in_features) -> output (..., out_features). Exactly one of `rank` (R) or
@@ -413,22 +537,17 @@ class FedParaLinear(_FedParaMixin):
         device=None,
         dtype=None,
     ):
-        super().__init__()
         _check_sizes(in_features=in_features, out_features=out_features)
-        _check_rank_or_gamma(rank, gamma)
-        factory = {"device": device, "dtype": dtype}
+        super().__init__(
+            out_features, in_features, (1, 1), rank=rank, gamma=gamma, bias=bias,
+            personalized=personalized, plus_one=plus_one, nonlinear=nonlinear,
+            device=device, dtype=dtype,
+        )  # fmt: skip
         self.in_features, self.out_features = in_features, out_features
-        self.gamma = gamma
-        self.rank = (
-            rank if rank is not None else rank_from_gamma(out_features, in_features, 1, gamma)
-        )
-        self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
-        self.plus_one = personalized if plus_one is None else bool(plus_one)
-        self._make_factors(out_features, in_features, 1, 1, factory)
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
 
     def compose_weight(self) -> Tensor:
-        return self._compose()  # (out, in)
+        # W = (X1 Y1ᵀ) ⊙ (X2 Y2ᵀ), or (X1 Y1ᵀ) ⊙ (X2 Y2ᵀ + 1) with plus_one: (out, in)
+        return _combine(self.x1 @ self.y1.T, self.x2 @ self.y2.T, self.plus_one, self.nonlinear)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self._compose_for_forward(), self.bias)
@@ -436,24 +555,26 @@ class FedParaLinear(_FedParaMixin):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}, personalized={self.personalized}, "
-            f"plus_one={self.plus_one}, nonlinear={self.nonlinear}"
+            f"bias={self.bias is not None}, {self._fedpara_repr()}"
         )
+
+
+def _check_conv_args(in_channels, out_channels, kernel_size, groups) -> tuple[int, int]:
+    """Validate a factorized convolution's sizes; returns the kernel size as a pair."""
+    _check_sizes(in_channels=in_channels, out_channels=out_channels)
+    if groups != 1:
+        raise ValueError(
+            f"groups must be 1 (grouped convolutions are not supported), got {groups!r}"
+        )
+    return _pair(kernel_size)
 
 
 class _ConvMixin:
     """Shared convolution arguments and forward for the factorized Conv2d layers."""
 
-    def _set_conv_args(
-        self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-    ):
-        _check_sizes(in_channels=in_channels, out_channels=out_channels)
-        if groups != 1:
-            raise ValueError(
-                f"groups must be 1 (grouped convolutions are not supported), got {groups!r}"
-            )
+    def _set_conv_args(self, in_channels, out_channels, kernel_size, stride, padding, dilation):
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
+        self.kernel_size = kernel_size
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
     def _conv(self, input: Tensor, weight: Tensor) -> Tensor:
@@ -467,7 +588,7 @@ class _ConvMixin:
         )
 
 
-class FedParaConv2d(_ConvMixin, _FedParaMixin):
+class FedParaConv2d(_ConvMixin, _FedParaLayer):
     """Convolution whose kernel is W = W1 ⊙ W2 with Tucker-2 branches (Prop. 3).
 
     W_i[o, c, h, w] = Σ_{r,s} X_i[o, r] · Y_i[c, s] · T_i[r, s, h, w], with X_i: (out, R),
@@ -495,23 +616,13 @@ class FedParaConv2d(_ConvMixin, _FedParaMixin):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        self._set_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-        )
-        _check_rank_or_gamma(rank, gamma)
-        factory = {"device": device, "dtype": dtype}
-        kh, kw = self.kernel_size
-        self.gamma = gamma
-        self.rank = (
-            rank
-            if rank is not None
-            else rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
-        )
-        self.personalized, self.nonlinear, self.recompute = personalized, nonlinear, True
-        self.plus_one = personalized if plus_one is None else bool(plus_one)
-        self._make_factors(out_channels, in_channels, kh, kw, factory)
-        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+        kernel = _check_conv_args(in_channels, out_channels, kernel_size, groups)
+        super().__init__(
+            out_channels, in_channels, kernel, rank=rank, gamma=gamma, bias=bias,
+            personalized=personalized, plus_one=plus_one, nonlinear=nonlinear,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self._set_conv_args(in_channels, out_channels, kernel, stride, padding, dilation)
 
     def _shape(self, w: Tensor) -> Tensor:
         return w if self.tucker else w.view(self.out_channels, self.in_channels, 1, 1)
@@ -523,8 +634,7 @@ class FedParaConv2d(_ConvMixin, _FedParaMixin):
         return self._conv(input, self._shape(self._compose_for_forward()))
 
     def extra_repr(self) -> str:
-        return (f"{self._conv_repr()}, personalized={self.personalized}, "
-                f"plus_one={self.plus_one}, nonlinear={self.nonlinear}")
+        return f"{self._conv_repr()}, {self._fedpara_repr()}"
 
 
 class LowRankLinear(FactorizedLayer):
@@ -546,20 +656,18 @@ class LowRankLinear(FactorizedLayer):
         device=None,
         dtype=None,
     ):
-        super().__init__()
         _check_sizes(in_features=in_features, out_features=out_features)
-        _check_rank_or_gamma(rank, gamma)
-        factory = {"device": device, "dtype": dtype}
-        self.in_features, self.out_features, self.gamma = in_features, out_features, gamma
-        self.rank = (
-            rank if rank is not None else 2 * rank_from_gamma(out_features, in_features, 1, gamma)
-        )
-        self.x = self._new(out_features, self.rank, factory=factory)
-        self.y = self._new(in_features, self.rank, factory=factory)
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        super().__init__(
+            out_features, in_features, (1, 1), rank=rank, gamma=gamma, rank_scale=2,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.in_features, self.out_features = in_features, out_features
+        self.x = self._new(out_features, self.rank)
+        self.y = self._new(in_features, self.rank)
         std = _factor_std(_kaiming_variance(in_features), self.rank, 2)
         with torch.no_grad():
             _normal_rms_(self.x, std), _normal_rms_(self.y, std)
+        self._add_bias(out_features, bias)
 
     def compose_weight(self) -> Tensor:
         return self.x @ self.y.T  # (out, in)
@@ -582,7 +690,7 @@ class LowRankConv2d(_ConvMixin, FactorizedLayer):
     block-diagonal core). With rank = 2R this has FedParaConv2d's 2R(out + in + R·kh·kw)
     parameters (Table 1: 20,992 for 256→256, 3×3, R = 16), but the unfoldings of a sum have
     rank ≤ rank = 2R instead of R². A 1×1 kernel uses one matrix W = X Yᵀ of inner dimension
-    `rank`. Given `gamma`, rank = 2·rank_from_gamma(...).
+    `rank` (factors x1, y1). Given `gamma`, rank = 2·rank_from_gamma(...).
     """
 
     def __init__(
@@ -601,44 +709,38 @@ class LowRankConv2d(_ConvMixin, FactorizedLayer):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        self._set_conv_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups
-        )
-        _check_rank_or_gamma(rank, gamma)
-        factory = {"device": device, "dtype": dtype}
-        kh, kw = self.kernel_size
-        self.gamma = gamma
-        self.rank = (
-            rank
-            if rank is not None
-            else 2 * rank_from_gamma(out_channels, in_channels, (kh, kw), gamma)
-        )
+        kernel = _check_conv_args(in_channels, out_channels, kernel_size, groups)
+        super().__init__(
+            out_channels, in_channels, kernel, rank=rank, gamma=gamma, rank_scale=2,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self._set_conv_args(in_channels, out_channels, kernel, stride, padding, dilation)
+        (kh, kw), out_c, in_c = kernel, out_channels, in_channels
         self.tucker = kh * kw > 1
-        halves = ((self.rank + 1) // 2, self.rank // 2) if self.tucker else (self.rank,)
-        ranks = [r for r in halves if r > 0]  # rank 1: a single branch
-        self.branches = list(range(1, len(ranks) + 1))
-        for i, r in zip(self.branches, ranks, strict=True):
-            setattr(self, f"x{i}", self._new(out_channels, r, factory=factory))
-            setattr(self, f"y{i}", self._new(in_channels, r, factory=factory))
-            if self.tucker:
-                setattr(self, f"t{i}", self._new(r, r, kh, kw, factory=factory))
-        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
-        # Var(W1 + W2) = (a² + b²)·σ⁶ for Tucker branches of ranks a, b; r·σ⁴ for the matrix form
-        v = _kaiming_variance(in_channels * kh * kw)
+        # Tucker form: branches of ranks ⌈rank/2⌉ and ⌊rank/2⌋ (one branch when rank is 1);
+        # matrix form: one branch of rank `rank`
+        r1, r2 = ((self.rank + 1) // 2, self.rank // 2) if self.tucker else (self.rank, 0)
+        self.branches = [1, 2] if r2 > 0 else [1]
+        self.x1, self.y1 = self._new(out_c, r1), self._new(in_c, r1)
         if self.tucker:
-            std = _factor_std(v, sum(r * r for r in ranks), 3)
-        else:
-            std = _factor_std(v, self.rank, 2)
+            self.t1 = self._new(r1, r1, kh, kw)
+        if r2 > 0:
+            self.x2, self.y2, self.t2 = (
+                self._new(out_c, r2), self._new(in_c, r2), self._new(r2, r2, kh, kw)
+            )
+        # Var(W1 + W2) = (a² + b²)·σ⁶ for Tucker branches of ranks a, b; r·σ⁴ for the matrix form
+        v = _kaiming_variance(in_c * kh * kw)
+        std = _factor_std(v, r1 * r1 + r2 * r2, 3) if self.tucker else _factor_std(v, r1, 2)
         with torch.no_grad():
-            for p in self.parameters(recurse=False):
-                if p is not self.bias:
-                    _normal_rms_(p, std)
+            for p in self.parameters(recurse=False):  # x1, y1, t1, x2, y2, t2 in that order
+                _normal_rms_(p, std)
+        self._add_bias(out_c, bias)
 
     def compose_weight(self) -> Tensor:
-        names = ("x", "y", "t") if self.tucker else ("x", "y")
-        w = sum(_branch(*(getattr(self, f"{n}{i}") for n in names)) for i in self.branches)
-        return w if self.tucker else w.view(self.out_channels, self.in_channels, 1, 1)
+        if not self.tucker:  # W = X1 Y1ᵀ
+            return (self.x1 @ self.y1.T).view(self.out_channels, self.in_channels, 1, 1)
+        w = _branch(self.x1, self.y1, self.t1)  # W = W1 + W2, each branch T ×1 X ×2 Y
+        return w + _branch(self.x2, self.y2, self.t2) if len(self.branches) == 2 else w
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv(input, self.compose_weight())

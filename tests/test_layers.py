@@ -1,12 +1,15 @@
-"""FedPara layers: Table 1, the recompute Function's gradients, initialization, bad input."""
+"""FedPara layers: Table 1, the reference formulas, the recompute Function's gradients (also
+under torch.func), initialization, bad input."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import functional_call, grad, stack_module_state, vmap
 
 from fedpara.layers import (
     FedParaConv2d,
@@ -14,10 +17,15 @@ from fedpara.layers import (
     LowRankConv2d,
     LowRankLinear,
     _branch,
+    _combine,
+    _combine_grads,
+    _combine_in_place,
     _FedParaWeight,
+    _reference_weight,
     rank_from_gamma,
     rank_from_param_fraction,
 )
+from fedpara.models import cnn, mlp
 
 F64 = {"dtype": torch.float64}
 
@@ -112,44 +120,110 @@ def test_rank_from_param_fraction_keeps_about_that_fraction():
 
 
 # ----------------------------------------------------------------------------------------------
-# the recompute Function against plain autograd
+# the reference formulas against the fast paths
 
-VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # personalized, nonlinear
+VARIANTS = [(False, False), (True, False), (False, True), (True, True)]  # plus_one, nonlinear
+# (out, in, rank, kernel): kernel None is the matrix form
+FACTOR_SHAPES = [(5, 4, 3, None), (7, 2, 4, None), (5, 4, 3, (3, 2)), (6, 3, 2, (3, 3)),
+                 (4, 5, 3, (1, 3))]
 
 
-def factors(tucker: bool, rank: int = 3):
-    g = torch.Generator().manual_seed(0)
+def factors(tucker: bool, rank: int = 3, out: int = 5, inp: int = 4, kernel=(3, 2), seed=0):
+    """Factors x1, y1[, t1], x2, y2[, t2] in float64, requiring grad."""
+    g = torch.Generator().manual_seed(seed)
     make = lambda *s: torch.randn(*s, generator=g, **F64).requires_grad_()  # noqa: E731
-    one = lambda: [make(5, rank), make(4, rank)] + ([make(rank, rank, 3, 2)] if tucker else [])  # noqa: E731
+    one = lambda: [make(out, rank), make(inp, rank)] + (  # noqa: E731
+        [make(rank, rank, *kernel)] if tucker else [])
     return one() + one()
 
 
+def shaped_factors(shape, seed=0):
+    out, inp, rank, kernel = shape
+    return factors(kernel is not None, rank, out, inp, kernel or (1, 1), seed)
+
+
+def test_the_reference_is_the_papers_formula_entry_by_entry():
+    x1, y1, t1, x2, y2, t2 = factors(tucker=True, rank=2, out=3, inp=2, kernel=(2, 2))
+    w = _reference_weight(True, False, x1, y1, t1, x2, y2, t2).detach()
+    for o, i, k, l in [(0, 0, 0, 0), (2, 1, 1, 0), (1, 1, 0, 1)]:
+        w1 = sum(x1[o, r] * y1[i, s] * t1[r, s, k, l] for r in range(2) for s in range(2))
+        w2 = sum(x2[o, r] * y2[i, s] * t2[r, s, k, l] for r in range(2) for s in range(2))
+        torch.testing.assert_close(w[o, i, k, l], (w1 * (w2 + 1)).detach())
+    x1, y1, x2, y2 = factors(tucker=False)
+    torch.testing.assert_close(_reference_weight(False, False, x1, y1, x2, y2),
+                               (x1 @ y1.T) * (x2 @ y2.T))
+
+
+@pytest.mark.parametrize("shape", FACTOR_SHAPES, ids=str)
+def test_the_fast_contraction_order_gives_the_reference(shape):
+    fs = shaped_factors(shape)
+    half = len(fs) // 2
+    torch.testing.assert_close(_branch(*fs[:half]) * _branch(*fs[half:]),
+                               _reference_weight(False, False, *fs))
+
+
+@pytest.mark.parametrize("shape", FACTOR_SHAPES, ids=str)
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_the_function_matches_the_reference_in_value_and_gradient(shape, plus_one, nonlinear):
+    fs = shaped_factors(shape)
+    probe = torch.randn(_reference_weight(plus_one, nonlinear, *fs).shape,
+                        generator=torch.Generator().manual_seed(1), **F64)
+    results = []
+    for compose in (_reference_weight, _FedParaWeight.apply):
+        w = compose(plus_one, nonlinear, *fs)
+        results.append((w.detach(), torch.autograd.grad((w * probe).sum(), fs)))
+    (w_ref, g_ref), (w_fn, g_fn) = results
+    torch.testing.assert_close(w_fn, w_ref)
+    for a, b in zip(g_fn, g_ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])
-@pytest.mark.parametrize("personalized, nonlinear", VARIANTS)
-def test_recompute_function_passes_gradcheck(tucker, personalized, nonlinear):
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_recompute_function_passes_gradcheck(tucker, plus_one, nonlinear):
     fs = factors(tucker)
-    assert gradcheck(lambda *f: _FedParaWeight.apply(personalized, nonlinear, *f), fs)
+    assert gradcheck(lambda *f: _FedParaWeight.apply(plus_one, nonlinear, *f), fs)
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda **kw: FedParaLinear(6, 5, rank=3, **kw, **F64),
-        lambda **kw: FedParaConv2d(4, 5, 3, padding=1, rank=3, **kw, **F64),
-        lambda **kw: FedParaConv2d(4, 5, (3, 1), stride=2, rank=2, **kw, **F64),
-        lambda **kw: FedParaConv2d(4, 5, 1, rank=3, **kw, **F64),
-    ],
-    ids=["linear", "conv3x3", "conv3x1-stride2", "conv1x1"],
-)
+@pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])
+@pytest.mark.parametrize("plus_one, nonlinear", [(False, False), (True, True)])
+def test_the_function_can_be_differentiated_twice(tucker, plus_one, nonlinear):
+    fs = factors(tucker, rank=2, out=3, inp=2, kernel=(2, 1))
+    assert gradgradcheck(lambda *f: _FedParaWeight.apply(plus_one, nonlinear, *f), fs)
+
+
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_the_in_place_shortcuts_give_the_same_bits(plus_one, nonlinear):
+    g = torch.Generator().manual_seed(0)
+    w1, w2, grad_w = (torch.randn(6, 7, generator=g) for _ in range(3))
+    assert torch.equal(_combine_in_place(w1.clone(), w2.clone(), plus_one, nonlinear),
+                       _combine(w1, w2, plus_one, nonlinear))
+    fresh = _combine_grads(grad_w, w1, w2, plus_one, nonlinear, in_place=False)
+    shortcut = _combine_grads(grad_w, w1.clone(), w2.clone(), plus_one, nonlinear, in_place=True)
+    for a, b in zip(shortcut, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
+LAYERS = [
+    lambda **kw: FedParaLinear(6, 5, rank=3, **kw, **F64),
+    lambda **kw: FedParaConv2d(4, 5, 3, padding=1, rank=3, **kw, **F64),
+    lambda **kw: FedParaConv2d(4, 5, (3, 1), stride=2, rank=2, **kw, **F64),
+    lambda **kw: FedParaConv2d(4, 5, 1, rank=3, **kw, **F64),
+]
+LAYER_IDS = ["linear", "conv3x3", "conv3x1-stride2", "conv1x1"]
+
+
+def layer_input(layer, n=2, seed=2):
+    shape = (n, 6) if isinstance(layer, FedParaLinear) else (n, 4, 7, 7)
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), **F64)
+
+
+@pytest.mark.parametrize("make", LAYERS, ids=LAYER_IDS)
 @pytest.mark.parametrize("personalized, nonlinear", VARIANTS)
 def test_layer_forward_and_gradients_match_the_plain_composition(make, personalized, nonlinear):
     torch.manual_seed(0)
     layer = make(personalized=personalized, nonlinear=nonlinear)
-    x = (
-        torch.randn(2, 6, **F64)
-        if isinstance(layer, FedParaLinear)
-        else torch.randn(2, 4, 7, 7, **F64)
-    )
+    x = layer_input(layer)
     results = []
     for recompute in (True, False):
         layer.recompute = recompute
@@ -161,6 +235,16 @@ def test_layer_forward_and_gradients_match_the_plain_composition(make, personali
     torch.testing.assert_close(out_a, out_b)
     for ga, gb in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("make", LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_compose_weight_matches_the_reference(make, plus_one, nonlinear):
+    torch.manual_seed(0)
+    layer = make(personalized=True, plus_one=plus_one, nonlinear=nonlinear)
+    fs = (*layer._factors(1), *layer._factors(2))
+    expected = _reference_weight(plus_one, nonlinear, *fs)
+    torch.testing.assert_close(layer.compose_weight(), expected.reshape(layer.compose_weight().shape))
 
 
 def test_forward_composes_the_formula_of_each_variant():
@@ -179,6 +263,101 @@ def test_forward_composes_the_formula_of_each_variant():
         torch.testing.assert_close(
             _FedParaWeight.apply(plus_one, nonlinear, *layer._factors(1), *layer._factors(2)), w
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.func: many copies of a layer or a model as one vmap program
+
+K = 3  # copies
+
+
+def _layer_loss(layer):
+    """loss(factors, x) of `layer` with its factors passed in (bias left out)."""
+    def loss(fs, x):
+        w = _FedParaWeight.apply(layer.plus_one, layer.nonlinear, *fs)
+        out = F.linear(x, w) if isinstance(layer, FedParaLinear) else layer._conv(x, layer._shape(w))
+        return out.sin().sum()
+    return loss
+
+
+def _stacked_copies(layer, k=K):
+    """K different copies of the layer's factors, stacked on a new dim 0."""
+    g = torch.Generator().manual_seed(3)
+    fs = (*layer._factors(1), *layer._factors(2))
+    return [torch.stack([f.detach() * (1 + 0.3 * torch.randn(f.shape, generator=g, **F64))
+                         for _ in range(k)]) for f in fs]
+
+
+@pytest.mark.parametrize("make", LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_vmap_of_grad_over_stacked_factors_equals_separate_gradients(make, plus_one, nonlinear):
+    torch.manual_seed(0)
+    layer = make(personalized=True, plus_one=plus_one, nonlinear=nonlinear, bias=False)
+    loss, stacked = _layer_loss(layer), _stacked_copies(layer)
+    x = torch.stack([layer_input(layer, seed=s) for s in range(K)])
+    batched = vmap(grad(loss))(stacked, x)
+    for k in range(K):
+        fs = [f[k].clone().requires_grad_() for f in stacked]
+        separate = torch.autograd.grad(loss(fs, x[k]), fs)
+        for a, b in zip(batched, separate, strict=True):
+            torch.testing.assert_close(a[k], b)
+
+
+@pytest.mark.parametrize("make", LAYERS[:2], ids=LAYER_IDS[:2])
+@pytest.mark.parametrize("plus_one, nonlinear", [(True, False), (False, True)])
+def test_vmap_with_one_branch_shared_or_only_the_data_batched(make, plus_one, nonlinear):
+    # in-place ops would fail here: one operand batched, the other not
+    torch.manual_seed(0)
+    layer = make(personalized=True, plus_one=plus_one, nonlinear=nonlinear, bias=False)
+    loss, stacked = _layer_loss(layer), _stacked_copies(layer)
+    half = len(stacked) // 2
+    x = torch.stack([layer_input(layer, seed=s) for s in range(K)])
+    shared_w1 = [f[0] for f in stacked[:half]]
+    # pFedPara's cohort: one global W1, a local W2 per client
+    per_client = vmap(grad(lambda f2, f1, xb: loss([*f1, *f2], xb)), in_dims=(0, None, 0))(
+        stacked[half:], shared_w1, x)
+    # per-sample gradients: the same factors, a batch of inputs
+    per_sample = vmap(grad(loss), in_dims=(None, 0))([f[0] for f in stacked], x)
+    for k in range(K):
+        fs = [f[0].clone().requires_grad_() for f in stacked[:half]] + [
+            f[k].clone().requires_grad_() for f in stacked[half:]]
+        separate = torch.autograd.grad(loss(fs, x[k]), fs)
+        for a, b in zip(per_client, separate[half:], strict=True):
+            torch.testing.assert_close(a[k], b)
+        fs = [f[0].clone().requires_grad_() for f in stacked]
+        separate = torch.autograd.grad(loss(fs, x[k]), fs)
+        for a, b in zip(per_sample, separate, strict=True):
+            torch.testing.assert_close(a[k], b)
+
+
+@pytest.mark.parametrize(
+    "make, image",
+    [
+        (lambda **kw: mlp(parameterization="fedpara", **kw), (1, 28, 28)),
+        (lambda **kw: cnn(parameterization="fedpara", **kw), (1, 12, 12)),
+    ],
+    ids=["mlp", "cnn"],
+)
+@pytest.mark.parametrize("personalized, nonlinear", [(False, False), (True, True)])
+def test_functional_call_vmap_over_stacked_models_equals_separate_backward(
+    make, image, personalized, nonlinear
+):
+    torch.manual_seed(0)
+    models = [make(personalized=personalized, nonlinear=nonlinear).double() for _ in range(K)]
+    params, buffers = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(K, 3, *image, generator=g, **F64), torch.randint(0, 10, (K, 3), generator=g)
+
+    def loss(p, b, xb, yb):
+        return F.cross_entropy(functional_call(skeleton, (p, b), (xb,)), yb)
+
+    batched = vmap(grad(loss))(params, buffers, x, y)
+    for k, model in enumerate(models):
+        model.zero_grad()
+        F.cross_entropy(model(x[k]), y[k]).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(batched[name][k], p.grad, msg=name)
 
 
 def test_the_function_keeps_only_the_factors_for_backward():
