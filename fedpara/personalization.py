@@ -38,6 +38,7 @@ __all__ = [
 # the pFedPara variants of the personalization presets (fedpara.config), the paper's first
 PFEDPARA_VARIANTS = ("pfedpara", "pfedpara-lr30", "pfedpara-product")
 COMPETITORS = ("fedper", "local", "fedavg")
+_NAMES = {"fedper": "FedPer", "local": "local-only", "fedavg": "FedAvg"}
 
 # pFedPara's factors by branch: W1 is sent and averaged, W2 stays on the client
 _BRANCH = re.compile(r"^(?P<layer>.+)\.(?P<factor>[xyt])(?P<branch>[12])$")
@@ -154,13 +155,10 @@ def verdict(preset: str, histories: Mapping[str, History], window: int = 3) -> s
     traffic = (histories[best].cumulative_gib()[-1]
                / histories["fedavg"].cumulative_gib()[-1])
     lost = [o for o in COMPETITORS if acc[best] < acc[o]]
-    text = (f"On `{preset}` the best pFedPara variant is `{best}` at {acc[best]:.1%} (the "
-            f"paper's form, `pfedpara`: {acc['pfedpara']:.1%}), with {traffic:.2f} times "
-            f"FedAvg's traffic; FedPer reaches {acc['fedper']:.1%}, FedAvg {acc['fedavg']:.1%} "
-            f"and local-only {acc['local']:.1%}. ")
     if not lost:
         return text + f"`{best}` is at or above all three."
-    kept = [o for o in COMPETITORS if o not in lost]
-    gap = max(acc[o] for o in lost) - acc[best]
-    return text + (f"`{best}` is at or above {', '.join(kept) or 'none of them'} and below "
-                   f"{', '.join(lost)}, {gap:.1%} behind the best of those.")
+    kept = [_NAMES[o] for o in COMPETITORS if o not in lost]
+    gap = 100 * (max(acc[o] for o in lost) - acc[best])
+    return text + (f"`{best}` is " + (f"at or above {' and '.join(kept)} but " if kept else "")
+                   + f"below {' and '.join(_NAMES[o] for o in lost)}, {gap:.1f} percentage "
+                   f"points behind the best of them.")

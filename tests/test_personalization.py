@@ -77,6 +77,6 @@ def test_verdict_names_the_best_variant_and_what_it_beats():
     assert "at or above all three" in text
     runs["fedper"] = histories({"fedper": 0.90}, {})["fedper"]
     text = verdict("p", runs)
-    assert "below fedper, 5.0% behind" in text and "at or above local, fedavg" in text
+    assert "at or above local-only and FedAvg but below FedPer, 5.0 percentage points" in text
     del runs["local"]
     assert verdict("p", runs) == ""  # a competitor without a run: no verdict
