@@ -21,12 +21,11 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from .config import ALGORITHMS  # the allowed names live in config
 from .layers import FactorizedLayer
 from .transport import wire_itemsize
 
 __all__ = ["ALGORITHMS", "comm_cost_gib", "count_params", "global_state_keys", "payload_bytes"]
-
-ALGORITHMS = ("fedavg", "fedper", "pfedpara", "local")
 HEAD = "head."  # prefix of the personal last layer kept local by FedPer
 
 

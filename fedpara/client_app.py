@@ -7,7 +7,7 @@ Each node reads which partition it holds from its node config (`partition-id`,
 
 A client keeps its personal part (FedPer's head, pFedPara's W2 factors, the whole model for
 local-only training) in `context.state`, which Flower keeps per node for the length of a run;
-only the global keys travel.
+only the global keys travel. The record keys and query names are `fedpara.messages`'.
 """
 
 from __future__ import annotations
@@ -17,24 +17,28 @@ from flwr.clientapp import ClientApp
 
 from fedpara import task
 from fedpara.config import ExperimentConfig
+from fedpara.messages import (
+    ARRAYS,
+    CHANGE,
+    CORRECT,
+    EXPERIMENT,
+    GET_LOCAL_ACTION,
+    LOCAL,
+    LOSS,
+    LR,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    OWN_CORRECT,
+    OWN_EXAMPLES,
+    PARTITION_ACTION,
+    PARTITION_ID,
+    ROUND,
+    SERVER_ROUND,
+    SET_LOCAL_ACTION,
+    TRAIN_LOSS,
+)
 from fedpara.transport import decode, encode
-
-# record keys shared with the ServerApp
-ARRAYS = "arrays"  # the global keys' arrays, server <-> client
-LOCAL = "local"  # a client's personal arrays (context.state; checkpoint transfer only)
-EXPERIMENT = "experiment"  # ConfigRecord: the ExperimentConfig as Flower run config
-ROUND = "round"  # ConfigRecord: "server-round", "lr"
-METRICS = "metrics"  # MetricRecord of a reply
-NUM_EXAMPLES = "num-examples"  # FedAvg's weighting key
-PARTITION_ID = "partition-id"
-CHANGE = "relative-change"  # per tracked parameter: how far local training moved it
-OWN_CORRECT = "own-correct"  # client evaluation: held-out hits right after local training
-OWN_EXAMPLES = "own-examples"
-NUM_PARTITIONS = "num-partitions"
-# query actions
-QUERY_PARTITION = "query.partition"  # which partition does this node hold?
-QUERY_GET_LOCAL = "query.get_local"  # hand the personal arrays to a checkpoint
-QUERY_SET_LOCAL = "query.set_local"  # restore them from a checkpoint
 
 app = ClientApp()
 
@@ -81,8 +85,8 @@ def _client_model(config: ExperimentConfig, msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     """Train on this client's partition; reply with the global keys' arrays."""
     config, partition_id = _setup(msg, context)
-    server_round = int(msg.content.config_records[ROUND]["server-round"])
-    lr = float(msg.content.config_records[ROUND]["lr"])
+    server_round = int(msg.content.config_records[ROUND][SERVER_ROUND])
+    lr = float(msg.content.config_records[ROUND][LR])
 
     # 1. the model: global arrays from the server, personal ones from the last round
     model = _client_model(config, msg, context)
@@ -98,7 +102,7 @@ def train(msg: Message, context: Context) -> Message:
     if local_keys:
         context.state[LOCAL] = ArrayRecord(task.get_arrays(model, local_keys))
     metrics = MetricRecord(
-        {NUM_EXAMPLES: result.num_examples, "train-loss": result.loss, PARTITION_ID: partition_id,
+        {NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.loss, PARTITION_ID: partition_id,
          # how far training moved each parameter (task.tracked_parameters order)
          CHANGE: task.relative_changes(before, model)}
     )
@@ -120,15 +124,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: result.num_examples,
-            "loss": result.loss,
-            "correct": result.correct,
+            LOSS: result.loss,
+            CORRECT: result.correct,
             PARTITION_ID: partition_id,
         }
     )
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-@app.query("partition")
+@app.query(PARTITION_ACTION)
 def query_partition(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random, partitions not)."""
     partition_id, num_partitions = _partition(context)
@@ -136,14 +140,14 @@ def query_partition(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
 
 
-@app.query("get_local")
+@app.query(GET_LOCAL_ACTION)
 def query_get_local(msg: Message, context: Context) -> Message:
     """Hand this client's personal arrays to the server's checkpoint (not FL traffic)."""
     local = context.state.array_records.get(LOCAL, ArrayRecord())
     return Message(content=RecordDict({LOCAL: local}), reply_to=msg)
 
 
-@app.query("set_local")
+@app.query(SET_LOCAL_ACTION)
 def query_set_local(msg: Message, context: Context) -> Message:
     """Restore this client's personal arrays from a checkpoint (resume)."""
     context.state[LOCAL] = msg.content.array_records[LOCAL]

@@ -11,16 +11,28 @@ the CLI and the notebooks all end up with the same object.
 A preset fixes a dataset, a model and a protocol; a *variant* picks what the preset compares
 (the parameterization for the FedAvg presets, the algorithm for the personalization presets);
 a *profile* scales it: `full` is the paper's protocol (or, for the Fashion-MNIST presets, a real
-experiment sized for a 2-core CPU), `quick` takes minutes on a free Colab GPU, `smoke` seconds.
+experiment sized for a 2-core CPU), `quick` is sized for a free Colab GPU, `smoke` for a test.
+What a run took is measured, not written here: each history stores its rounds' `wall_seconds`
+(the run table of book/experiments/fashion_mnist.md shows them), and benchmarks/throughput.py
+measures training throughput per device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# The names a field allows, defined here once: this module imports nothing from the library,
+# and the modules that implement each name import its tuple from here.
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "femnist")  # data.py
+MODELS = ("vgg16", "mlp", "cnn")  # models.py
+PARAMETERIZATIONS = ("original", "lowrank", "fedpara")  # models.py
+ALGORITHMS = ("fedavg", "fedper", "pfedpara", "local")  # accounting.py
+SCHEMES = ("iid", "dirichlet", "shard", "natural")  # partition.py
+TRANSPORTS = ("float32", "float16", "bfloat16")  # transport.py
 PROFILES = ("full", "quick", "smoke")
 EVALUATIONS = ("server", "clients")
 # personalized algorithms keep part of the model on the client, so only clients can score them
@@ -30,26 +42,22 @@ PERSONALIZED = ("fedper", "pfedpara", "local")
 # (beyond the paper). Either way only the W1 factors are sent; W2, biases and norms stay local.
 PERSONAL_SPLITS = ("plus-one", "product")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def _allowed() -> dict[str, tuple[str, ...]]:
-    """The names other modules define, in one place (imported late: they pull in torch)."""
-    from fedpara.accounting import ALGORITHMS
-    from fedpara.data import DATASETS
-    from fedpara.models import MODELS, PARAMETERIZATIONS
-    from fedpara.partition import SCHEMES
-    from fedpara.transport import TRANSPORTS
-
-    return {
-        "dataset": tuple(DATASETS),
-        "model": tuple(MODELS),
-        "parameterization": tuple(PARAMETERIZATIONS),
-        "algorithm": tuple(ALGORITHMS),
-        "partition": tuple(SCHEMES),
-        "evaluation": EVALUATIONS,
-        "transport": TRANSPORTS,
-        "personal_split": PERSONAL_SPLITS,
-    }
+_ALLOWED = {
+    "dataset": DATASETS,
+    "model": MODELS,
+    "parameterization": PARAMETERIZATIONS,
+    "algorithm": ALGORITHMS,
+    "partition": SCHEMES,
+    "evaluation": EVALUATIONS,
+    "transport": TRANSPORTS,
+    "personal_split": PERSONAL_SPLITS,
+}
+# Where and how a run executed, not what it computed: two configs that differ only in these
+# fields describe the same experiment (a stored history counts, a checkpoint resumes).
+EXECUTION_FIELDS = frozenset({
+    "data_dir", "device", "results_dir", "checkpoint_dir", "checkpoint_every",
+    "client_num_cpus", "client_num_gpus", "fast_batches",
+})
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class ExperimentConfig:
     dataset: str = "fashion-mnist"
     model: str = "mlp"
     parameterization: str = "fedpara"
-    gamma: float = 0.1  # FedPara rank rule, in (0, 1] (facts.md §2: not the parameter fraction)
+    gamma: float = 0.1  # FedPara rank rule, in (0, 1] (not the parameter fraction)
     nonlinear: bool = False  # FedPara with tanh: W = tanh(W1) ⊙ tanh(W2)
     algorithm: str = "fedavg"
     # pFedPara only: the form of its layers (PERSONAL_SPLITS) and a learning-rate multiplier for
@@ -116,7 +124,7 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and its allowed values."""
-        for name, allowed in _allowed().items():
+        for name, allowed in _ALLOWED.items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(
@@ -220,6 +228,20 @@ class ExperimentConfig:
 _FIELD_TYPES = {f.name: f.type for f in fields(ExperimentConfig)}
 
 
+def differing_fields(stored: Mapping[str, Any], config: ExperimentConfig, *,
+                     also: Iterable[str] = ()) -> list[str]:
+    """Names of the fields where a stored config (a dict) differs from `config`, sorted, leaving
+    out EXECUTION_FIELDS and the fields in `also`. Empty: the same experiment.
+
+    A field missing from the stored config was added to ExperimentConfig after the run was made;
+    it counts as its default value (new fields default to the behaviour that existed before).
+    """
+    ignored = EXECUTION_FIELDS.union(also)
+    defaults = {f.name: f.default for f in fields(ExperimentConfig)}
+    return sorted(k for k, v in config.to_dict().items()
+                  if k not in ignored and stored.get(k, defaults[k]) != v)
+
+
 def _check_field_names(values: dict[str, Any]) -> None:
     unknown = sorted(set(values) - set(_FIELD_TYPES))
     if unknown:
@@ -287,8 +309,8 @@ _PERSONAL_VARIANTS = {
 # by 0.992 per round, E = 10 local epochs for the IID splits and E = 5 for the non-IID ones.
 _CIFAR = dict(model="vgg16", batch_size=64, lr=0.1, lr_decay=0.992)
 _IID_EPOCHS, _NONIID_EPOCHS = 10, 5
-# quick: same federation, fewer rounds and epochs (a few minutes on a Colab T4);
-# smoke: two clients train on 64 images each, scored on 256 test images (seconds on a CPU).
+# quick: same federation, fewer rounds and epochs (sized for a Colab GPU session);
+# smoke: two clients train on 64 images each, scored on 256 test images (sized for a CPU test).
 _CIFAR10_PROFILES = {
     "full": {},
     "quick": {"rounds": 30, "local_epochs": 2},
@@ -358,14 +380,13 @@ PRESETS: dict[str, Preset] = {
             "smoke": {"num_clients": 8, "clients_per_round": 2, "rounds": 2, "local_epochs": 1},
         },
     ),
-    # CPU-sized, real data: full finishes in ~5-10 minutes per variant on a 2-core CPU.
+    # CPU-sized, real data: a full run of each variant is sized for a 2-core CPU. How long the
+    # rounds take is measured, not written here: the histories' wall_seconds (the run table of
+    # book/experiments/fashion_mnist.md) and benchmarks/throughput.py.
     # fmnist-noniid: 20 clients of ~3,000 images, 4 per round, 1 epoch: ~12,000 CNN images a round
-    # on 2 Ray actors (FedPara CNN ~700 img/s per core) plus the 10,000-image test set on the
-    # server, 9-13 s a round on an idle 2-core machine, so 40 rounds (= 8 passes over the data,
-    # FedPara 0.84 accuracy) take ~8 minutes. fmnist-personal: 100 clients x 600 images, 10 per
-    # round, 2 epochs of batch 10 (the baseline's 5 epochs gave the same pFedPara curve in a
-    # 30-round check at 2.5x the time), and every trained client scored each round: ~7.5 s a round
-    # for pFedPara, 3 s for the dense MLP, so 60 rounds take 3-8 minutes.
+    # plus the 10,000-image test set on the server; 40 rounds are 8 passes over the data.
+    # fmnist-personal: 100 clients x 600 images, 10 per round, 2 epochs of batch 10 (the
+    # baseline ran 5), and every trained client scored each round.
     "fmnist-noniid": Preset(
         "Fashion-MNIST, small CNN, Dirichlet(0.5) non-IID: FedPara vs low-rank vs original",
         _FMNIST_NONIID,

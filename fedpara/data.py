@@ -48,9 +48,8 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
+from fedpara.config import DATASETS  # the allowed names live in config
 from fedpara.storage import write_atomic
-
-DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "femnist")
 
 # Debian's `dataset-fashion-mnist` package: the original data, recompressed (other MD5 sums)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

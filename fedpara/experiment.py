@@ -15,12 +15,14 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from fedpara.config import ExperimentConfig
 from fedpara.history import GIB, History, RoundRecord
 
-RoundCallback = Callable[[RoundRecord, History], None]
+if TYPE_CHECKING:
+    from fedpara.server_app import RoundCallback
 
 
 @contextlib.contextmanager

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .config import MODELS, PARAMETERIZATIONS  # the allowed names live in config
 from .layers import FedParaConv2d, FedParaLinear, LowRankConv2d, LowRankLinear
 
 __all__ = ["MODELS", "PARAMETERIZATIONS", "Net", "build_model", "cnn", "mlp", "vgg16"]
-
-MODELS = ("vgg16", "mlp", "cnn")
-PARAMETERIZATIONS = ("original", "lowrank", "fedpara")
 
 # VGG16's 13 convolutions (output channels) and 5 max-pools ("M"), one block per line
 VGG16_LAYERS = (

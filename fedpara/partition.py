@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-SCHEMES = ("iid", "dirichlet", "shard", "natural")
+from fedpara.config import SCHEMES  # the allowed names live in config
 
 
 def _as_labels(labels, name: str = "labels") -> np.ndarray:

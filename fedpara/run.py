@@ -81,7 +81,7 @@ def check_checkpoint(config: ExperimentConfig) -> None:
     Checked here, before Ray starts: inside the simulation the same error would end the run
     with Flower's log instead of this message.
     """
-    from fedpara.server_app import latest_checkpoint, load_checkpoint
+    from fedpara.checkpoints import latest_checkpoint, load_checkpoint
 
     path = latest_checkpoint(config.checkpoint_dir)
     if path is None:

@@ -14,37 +14,50 @@ One round:
    trained on its own held-out data ("clients"), weighted by examples; clients that never
    trained are counted, not scored;
 5. record the bytes of the arrays that actually went each way; checkpoint every N rounds.
+
+Why `FedParaStrategy` is a plain class and not a subclass of Flower's `FedAvg`: the round loop
+here is `run_server`, not `Strategy.start` (flwr 1.42), because `start` does not fit it.
+`start` always counts rounds from 1 (a resumed run starts after its checkpoint), sends one
+fixed train config (the learning rate decays per round), offers no hook after a round (the
+checkpoint, which also asks the clients for their personal arrays, and the `on_round`
+callback), and keeps the messages it sends out of reach of the caller (the history records
+their measured bytes). Every hook of `FedAvg` would be overridden and its `start` never
+called, so the class takes nothing from it: it keeps the per-round state (which node holds
+which partition, who has trained) and builds and reads the messages of one round.
+The record keys and query names both apps use are `fedpara.messages`'; checkpoints are
+written and read by `fedpara.checkpoints`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedpara import task
-from fedpara.client_app import (
+from fedpara.checkpoints import (  # noqa: F401  (checkpoint_path: also imported from here)
+    checkpoint_path,
+    clear_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedpara.config import ExperimentConfig
+from fedpara.history import History, RoundRecord, hardware_info
+from fedpara.messages import (
     ARRAYS,
     CHANGE,
+    CORRECT,
     EXPERIMENT,
     LOCAL,
+    LOSS,
+    LR,
     METRICS,
     NUM_EXAMPLES,
     NUM_PARTITIONS,
@@ -55,16 +68,13 @@ from fedpara.client_app import (
     QUERY_PARTITION,
     QUERY_SET_LOCAL,
     ROUND,
+    SERVER_ROUND,
+    TRAIN_LOSS,
 )
-from fedpara.config import ExperimentConfig
-from fedpara.history import History, RoundRecord, hardware_info, write_atomic
 from fedpara.transport import decode, encode
 
 log = logging.getLogger("fedpara")
 RoundCallback = Callable[[RoundRecord, History], None]
-# fields that may differ between a checkpoint and the run resuming it
-_RESUMABLE_CHANGES = {"rounds", "checkpoint_dir", "checkpoint_every", "results_dir", "device",
-                      "client_num_cpus", "client_num_gpus", "fast_batches"}
 _NODE_WAIT_SECONDS = 600.0
 
 
@@ -84,33 +94,26 @@ def _raise_errors(replies: list[Message], what: str) -> None:
         raise RuntimeError(f"{len(failed)} client(s) failed during {what}: {reasons}")
 
 
-class FedParaStrategy(FedAvg):
+class FedParaStrategy:
     """FedAvg over the global keys, with exact reproducible sampling by partition id.
 
     `nodes` maps partition id -> node id (node ids are random per run; partitions are not),
-    filled in by `discover_nodes`. Aggregation keeps dtypes and sums in partition order.
+    filled in by `discover_nodes`; `trained` holds the partitions that have trained at least
+    once. `train_round` and `evaluate_round` run a round's two exchanges on a grid and return
+    the fields of its `RoundRecord`; the `configure_*` / `aggregate_*` methods build and read
+    the messages. Aggregation keeps dtypes and sums in partition order.
     """
 
     def __init__(self, config: ExperimentConfig) -> None:
-        super().__init__(
-            fraction_train=config.clients_per_round / config.num_clients,
-            min_train_nodes=config.clients_per_round,
-            min_available_nodes=config.num_clients,
-            weighted_by_key=NUM_EXAMPLES,
-            arrayrecord_key=ARRAYS,
-        )
         self.config = config
         self.nodes: dict[int, int] = {}
-        self.trained: set[int] = set()  # partitions that have trained at least once
+        self.trained: set[int] = set()
 
     # messages -----------------------------------------------------------------------------
 
-    def _experiment_record(self) -> ConfigRecord:
-        return ConfigRecord(self.config.to_run_config())
-
     def _message(self, partition_id: int, message_type: str, records: dict[str, Any],
                  server_round: int) -> Message:
-        content = RecordDict({EXPERIMENT: self._experiment_record(), **records})
+        content = RecordDict({EXPERIMENT: ConfigRecord(self.config.to_run_config()), **records})
         return Message(content=content, dst_node_id=self.nodes[partition_id],
                        message_type=message_type, group_id=str(server_round))
 
@@ -126,9 +129,10 @@ class FedParaStrategy(FedAvg):
             return arrays
         return ArrayRecord(encode(arrays.to_torch_state_dict(), self.config.transport))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        round_config = ConfigRecord({"server-round": server_round, **config})
+    def configure_train(self, server_round: int, arrays: ArrayRecord) -> list[Message]:
+        """The training messages of `server_round`: one per sampled partition."""
+        round_config = ConfigRecord({SERVER_ROUND: server_round,
+                                     LR: self.config.round_lr(server_round)})
         wire = self._wire(arrays)
         return [
             self._message(p, MessageType.TRAIN, {ARRAYS: wire, ROUND: round_config}, server_round)
@@ -136,9 +140,14 @@ class FedParaStrategy(FedAvg):
         ]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+                        ) -> tuple[ArrayRecord, dict[str, Any]]:
         """Example-weighted mean of the returned arrays, decoded from the transport format;
-        float64 sums, float32 (integer entries: their own dtype) results."""
+        float64 sums, float32 (integer entries: their own dtype) results.
+
+        Also the round's `RoundRecord` fields from the replies' metrics: `train_loss`,
+        `parameter_change` (a list, `task.tracked_parameters` order: the mean over the clients)
+        and, with client evaluation, `accuracy_after_training` and its per-client values.
+        """
         replies = list(replies)
         _raise_errors(replies, f"training in round {server_round}")
         contents = sorted((m.content for m in replies), key=lambda c: c[METRICS][PARTITION_ID])
@@ -152,22 +161,23 @@ class FedParaStrategy(FedAvg):
             arrays = [state[key].numpy() for state in states]
             mean = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays, strict=True))
             aggregated[key] = Array(np.asarray(mean).astype(arrays[0].dtype))
-        train_loss = float(sum(w * float(c[METRICS]["train-loss"])
-                               for w, c in zip(weights, contents, strict=True)))
-        metrics = MetricRecord({"train-loss": train_loss})
         # how far local training moved each tracked parameter, the mean over the clients
         changes = np.array([list(c[METRICS][CHANGE]) for c in contents], dtype=np.float64)
-        metrics[CHANGE] = changes.mean(axis=0).tolist()
+        fields: dict[str, Any] = {
+            "train_loss": float(sum(w * float(c[METRICS][TRAIN_LOSS])
+                                    for w, c in zip(weights, contents, strict=True))),
+            "parameter_change": changes.mean(axis=0).tolist(),
+        }
         if all(OWN_CORRECT in c[METRICS] for c in contents):  # client evaluation
             correct = [int(c[METRICS][OWN_CORRECT]) for c in contents]
             seen = [int(c[METRICS][OWN_EXAMPLES]) for c in contents]
-            metrics["own-accuracy"] = sum(correct) / sum(seen) if sum(seen) else float("nan")
-            metrics["own-client-accuracy"] = [k / n if n else float("nan")
-                                              for k, n in zip(correct, seen, strict=True)]
-        return aggregated, metrics
+            fields["accuracy_after_training"] = (sum(correct) / sum(seen) if sum(seen)
+                                                 else float("nan"))
+            fields["client_accuracy_after_training"] = [
+                k / n if n else float("nan") for k, n in zip(correct, seen, strict=True)]
+        return aggregated, fields
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord) -> list[Message]:
         """Client evaluation: every client for FedAvg, those that have trained otherwise."""
         if self.config.evaluation != "clients":
             return []
@@ -176,23 +186,45 @@ class FedParaStrategy(FedAvg):
         return [self._message(p, MessageType.EVALUATE, {ARRAYS: wire}, server_round)
                 for p in partitions]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
-        """Held-out accuracy and loss over clients, weighted by their examples."""
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> dict[str, Any]:
+        """Held-out accuracy and loss over clients, weighted by their examples, and the
+        per-client accuracies: the round's `RoundRecord` fields."""
         replies = list(replies)
         _raise_errors(replies, f"evaluation in round {server_round}")
         metrics = sorted((m.content[METRICS] for m in replies), key=lambda m: m[PARTITION_ID])
         examples = sum(int(m[NUM_EXAMPLES]) for m in metrics)
         scored = [m for m in metrics if int(m[NUM_EXAMPLES]) > 0]
-        return MetricRecord({
-            "accuracy": sum(float(m["correct"]) for m in metrics) / examples if examples else
+        return {
+            "accuracy": sum(float(m[CORRECT]) for m in metrics) / examples if examples else
             float("nan"),
-            "loss": sum(float(m["loss"]) * int(m[NUM_EXAMPLES]) for m in scored) / examples
+            "loss": sum(float(m[LOSS]) * int(m[NUM_EXAMPLES]) for m in scored) / examples
             if examples else float("nan"),
-            "examples": examples,
-            "clients": len(metrics),
-            "scored-clients": [int(m[PARTITION_ID]) for m in scored],
-            "client-accuracy": [float(m["correct"]) / int(m[NUM_EXAMPLES]) for m in scored],
-        })
+            "eval_examples": examples,
+            "eval_clients": len(metrics),
+            "scored_clients": [int(m[PARTITION_ID]) for m in scored],
+            "client_accuracy": [float(m[CORRECT]) / int(m[NUM_EXAMPLES]) for m in scored],
+        }
+
+    # one round's exchanges ----------------------------------------------------------------
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord
+                    ) -> tuple[ArrayRecord, dict[str, Any]]:
+        """Train the sampled clients and average what they send: the new global arrays and
+        the round's training fields, with the bytes that went each way."""
+        messages = self.configure_train(server_round, arrays)
+        replies = list(grid.send_and_receive(messages))
+        bytes_down = sum(array_bytes(m.content) for m in messages)
+        bytes_up = sum(array_bytes(r.content) for r in replies if not r.has_error())
+        aggregated, fields = self.aggregate_train(server_round, replies)
+        return aggregated, {**fields, "bytes_down": bytes_down, "bytes_up": bytes_up}
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord
+                       ) -> dict[str, Any]:
+        """Client evaluation of `arrays`: the round's evaluation fields and the bytes sent."""
+        messages = self.configure_evaluate(server_round, arrays)
+        fields = self.aggregate_evaluate(server_round, grid.send_and_receive(messages))
+        return {**fields, "eval_bytes_down": sum(array_bytes(m.content) for m in messages)}
 
     # node discovery and per-client state ---------------------------------------------------
 
@@ -243,57 +275,6 @@ class FedParaStrategy(FedAvg):
             _raise_errors(list(grid.send_and_receive(queries)), "restoring client state")
 
 
-# checkpoints -------------------------------------------------------------------------------
-
-
-def checkpoint_path(directory: str | Path, server_round: int) -> Path:
-    return Path(directory) / f"round-{server_round:05d}.pt"
-
-
-def latest_checkpoint(directory: str | Path) -> Path | None:
-    found = sorted(Path(directory).glob("round-*.pt")) if directory else []
-    return found[-1] if found else None
-
-
-def save_checkpoint(config: ExperimentConfig, server_round: int, arrays: ArrayRecord,
-                    strategy: FedParaStrategy, grid: Grid, history: History, keep: int = 2
-                    ) -> Path:
-    """Global model, clients' personal arrays, who has trained and the history, atomically.
-
-    No RNG state is stored because none is carried between rounds: sampling draws from
-    (seed, round) and each client's training from (seed, round, partition id).
-    """
-    state = {
-        "round": server_round,
-        "config": config.to_dict(),
-        "global": arrays.to_torch_state_dict(),
-        "local": strategy.gather_local(grid),
-        "trained": sorted(strategy.trained),
-        "history": history.to_dict(),
-    }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    path = checkpoint_path(config.checkpoint_dir, server_round)
-    write_atomic(path, buffer.getvalue())
-    for old in sorted(Path(config.checkpoint_dir).glob("round-*.pt"))[:-keep]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(path: Path, config: ExperimentConfig) -> dict[str, Any]:
-    """Read a checkpoint and check it belongs to the same experiment."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = state["config"]
-    differing = sorted(k for k, v in config.to_dict().items()
-                       if k not in _RESUMABLE_CHANGES and saved.get(k) != v)
-    if differing:
-        raise ValueError(f"checkpoint {path} is from a different experiment: fields "
-                         f"{', '.join(differing)} differ; use another checkpoint_dir")
-    if state["round"] > config.rounds:
-        raise ValueError(f"checkpoint {path} is at round {state['round']} > rounds={config.rounds}")
-    return state
-
-
 # the run -----------------------------------------------------------------------------------
 
 
@@ -306,6 +287,7 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
 
     model = task.init_model(config)
     global_keys, _ = task.split_keys(model, config.algorithm)
+    tracked = task.tracked_parameters(model)
     arrays = ArrayRecord(task.get_arrays(model, global_keys))
     history = History(config=config.to_dict(), hardware=hardware_info(str(device)))
     first_round = 1
@@ -320,59 +302,37 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         first_round = state["round"] + 1
         log.info("resumed from %s", path)
     elif config.checkpoint_dir:  # a fresh run: older checkpoints here belong to an older run
-        for old in Path(config.checkpoint_dir).glob("round-*.pt"):
-            old.unlink()
+        clear_checkpoints(config.checkpoint_dir)
 
     test_batches = task.test_data(config) if config.evaluation == "server" else None
     cum_bytes = history.records[-1].cum_bytes if history.records else 0
     for server_round in range(first_round, config.rounds + 1):
         start = time.perf_counter()
         # 1-3. train the sampled clients and average what they send
-        messages = list(strategy.configure_train(
-            server_round, arrays, ConfigRecord({"lr": config.round_lr(server_round)}), grid))
-        replies = list(grid.send_and_receive(messages))
-        bytes_down = sum(array_bytes(m.content) for m in messages)
-        bytes_up = sum(array_bytes(r.content) for r in replies if not r.has_error())
-        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        arrays, fields = strategy.train_round(grid, server_round, arrays)
+        fields["parameter_change"] = dict(zip(tracked, fields["parameter_change"], strict=True))
 
         # 4. score the round
-        eval_messages = list(
-            strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        per_client: dict[str, Any] = {}
         if config.evaluation == "server":
             task.set_arrays(model, arrays.to_torch_state_dict())
             result = task.evaluate(model, test_batches, device=device)
-            accuracy, loss, examples, scored = result.accuracy, result.loss, result.num_examples, 0
+            fields.update(accuracy=result.accuracy, loss=result.loss,
+                          eval_examples=result.num_examples, eval_clients=0, eval_bytes_down=0)
         else:
-            metrics = strategy.aggregate_evaluate(
-                server_round, grid.send_and_receive(eval_messages))
-            accuracy, loss = float(metrics["accuracy"]), float(metrics["loss"])
-            examples, scored = int(metrics["examples"]), int(metrics["clients"])
-            per_client = {"scored_clients": list(metrics["scored-clients"]),
-                          "client_accuracy": list(metrics["client-accuracy"])}
+            fields.update(strategy.evaluate_round(grid, server_round, arrays))
         untrained = config.num_clients - len(strategy.trained) if config.personalized else 0
-        tracked = dict(zip(task.tracked_parameters(model), train_metrics[CHANGE], strict=True))
-        if "own-accuracy" in train_metrics:
-            per_client.update(
-                accuracy_after_training=float(train_metrics["own-accuracy"]),
-                client_accuracy_after_training=list(train_metrics["own-client-accuracy"]))
 
         # 5. record, checkpoint, report
-        cum_bytes += bytes_up + bytes_down
-        record = RoundRecord(
-            round=server_round, accuracy=accuracy, loss=loss, bytes_up=bytes_up,
-            bytes_down=bytes_down, cum_bytes=cum_bytes,
-            wall_seconds=time.perf_counter() - start,
-            train_loss=float(train_metrics["train-loss"]), clients=strategy.sample(server_round),
-            eval_examples=examples, eval_clients=scored, untrained_clients=untrained,
-            eval_bytes_down=sum(array_bytes(m.content) for m in eval_messages),
-            parameter_change=tracked,
-            **per_client,
-        )
+        cum_bytes += fields["bytes_up"] + fields["bytes_down"]
+        record = RoundRecord(round=server_round, cum_bytes=cum_bytes,
+                             wall_seconds=time.perf_counter() - start,
+                             clients=strategy.sample(server_round), untrained_clients=untrained,
+                             **fields)
         history.append(record)
         if config.checkpoint_dir and (server_round % config.checkpoint_every == 0
                                       or server_round == config.rounds):
-            save_checkpoint(config, server_round, arrays, strategy, grid, history)
+            save_checkpoint(config, server_round, arrays.to_torch_state_dict(),
+                            strategy.gather_local(grid), strategy.trained, history)
         if on_round is not None:
             on_round(record, history)
     return history

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["TRANSPORTS", "decode", "encode", "wire_itemsize"]
+from fedpara.config import TRANSPORTS  # the allowed names live in config
 
-TRANSPORTS = ("float32", "float16", "bfloat16")
+__all__ = ["TRANSPORTS", "decode", "encode", "wire_itemsize"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BFLOAT16_CARRIER = torch.int16  # the int type bfloat16's bits travel in
 

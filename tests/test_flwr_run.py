@@ -1,6 +1,6 @@
 """The same apps under `flwr run .`: the local simulation federation, and a loopback deployment.
 
-Offline and private (facts.md §9): the app runs in this environment
+Offline and private: the app runs in this environment
 (FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1, no `uv sync`), with its own FLWR_HOME and
 RAY_TMPDIR, no update check, and its own ports for the local SuperLink, which `flwr run` leaves
 running detached: the test stops it by PID. `flwr run` exits 0 even when the run failed, so the

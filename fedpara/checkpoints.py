@@ -1,0 +1,106 @@
+"""Checkpoints of a federated run: where they are, writing and reading them, whose they are.
+
+    from fedpara.checkpoints import checkpoint_path, latest_checkpoint, load_checkpoint
+    state = load_checkpoint(latest_checkpoint(config.checkpoint_dir), config)
+
+A checkpoint is `<checkpoint_dir>/round-NNNNN.pt`, one `torch.save`d dict: "round", "config"
+(`ExperimentConfig.to_dict()`), "global" (the global keys' arrays), "local" (partition id ->
+that client's personal arrays), "trained" (the partitions that have trained, sorted) and
+"history" (`History.to_dict()`). It is read only for the experiment that wrote it:
+`config.differing_fields` decides, the same rule that decides whether a stored history counts.
+
+No RNG state is stored because none is carried between rounds: sampling draws from
+(seed, round) and each client's training from (seed, round, partition id).
+
+Imports neither Flower nor, until a checkpoint is written or read, torch.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedpara.config import ExperimentConfig, differing_fields
+from fedpara.storage import write_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedpara.history import History
+
+__all__ = ["RESUMABLE_FIELDS", "checkpoint_path", "clear_checkpoints", "latest_checkpoint",
+           "load_checkpoint", "save_checkpoint"]
+
+# beyond the execution fields, what a resumed run may change: it may run for more rounds
+RESUMABLE_FIELDS = frozenset({"rounds"})
+_PATTERN = "round-*.pt"
+
+
+def checkpoint_path(directory: str | Path, server_round: int) -> Path:
+    """`<directory>/round-NNNNN.pt`: the checkpoint written after round `server_round`."""
+    return Path(directory) / f"round-{server_round:05d}.pt"
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint of the latest round in `directory`; None if none (or no directory)."""
+    found = sorted(Path(directory).glob(_PATTERN)) if directory else []
+    return found[-1] if found else None
+
+
+def clear_checkpoints(directory: str | Path, keep: int = 0) -> None:
+    """Delete the checkpoints in `directory` but the latest `keep`."""
+    found = sorted(Path(directory).glob(_PATTERN))
+    for old in found[:len(found) - keep]:
+        old.unlink()
+
+
+def save_checkpoint(config: ExperimentConfig, server_round: int,
+                    global_arrays: Mapping[str, torch.Tensor],
+                    local: Mapping[int, Mapping[str, torch.Tensor]], trained: set[int],
+                    history: History, keep: int = 2) -> Path:
+    """Write the checkpoint of round `server_round` to `config.checkpoint_dir` atomically and
+    keep only the latest `keep` there."""
+    import torch
+
+    state = {
+        "round": server_round,
+        "config": config.to_dict(),
+        "global": global_arrays,
+        "local": local,
+        "trained": sorted(trained),
+        "history": history.to_dict(),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = checkpoint_path(config.checkpoint_dir, server_round)
+    write_atomic(path, buffer.getvalue())
+    clear_checkpoints(config.checkpoint_dir, keep=keep)
+    return path
+
+
+def load_checkpoint(path: str | Path, config: ExperimentConfig, *, last_round: bool = False
+                    ) -> dict[str, Any]:
+    """Read a checkpoint and check that it belongs to `config`'s experiment.
+
+    last_round=False (resuming): `config` may run for more rounds than the run that wrote it, and
+    the checkpoint must not be past `config.rounds`. last_round=True (scoring a finished run):
+    `rounds` must match too, and the checkpoint must be of the last round.
+    Raises ValueError naming the fields that differ, or the round.
+    """
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    differing = differing_fields(state["config"], config,
+                                 also=() if last_round else RESUMABLE_FIELDS)
+    if differing:
+        hint = "" if last_round else "; use another checkpoint_dir"
+        raise ValueError(f"checkpoint {path} is from a different experiment: fields "
+                         f"{', '.join(differing)} differ{hint}")
+    if last_round and state["round"] != config.rounds:
+        raise ValueError(f"checkpoint {path} is of round {state['round']}; "
+                         f"expected the last round, {config.rounds}")
+    if state["round"] > config.rounds:
+        raise ValueError(f"checkpoint {path} is at round {state['round']} > rounds={config.rounds}")
+    return state

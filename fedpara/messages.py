@@ -1,0 +1,44 @@
+"""What the ServerApp and the ClientApp say to each other: record keys, metric names, queries.
+
+    from fedpara.messages import ARRAYS, METRICS, NUM_EXAMPLES
+
+Both apps import these names from here, so a key is spelled once. Plain strings: this module
+imports nothing (Flower's `MessageType.QUERY` is the string "query").
+
+A training message holds EXPERIMENT, ROUND and ARRAYS; its reply ARRAYS and METRICS
+(NUM_EXAMPLES, TRAIN_LOSS, PARTITION_ID, CHANGE, and with client evaluation OWN_CORRECT and
+OWN_EXAMPLES). An evaluation message holds EXPERIMENT and ARRAYS; its reply METRICS
+(NUM_EXAMPLES, LOSS, CORRECT, PARTITION_ID).
+"""
+
+from __future__ import annotations
+
+# record keys
+ARRAYS = "arrays"  # ArrayRecord: the global keys' arrays, server <-> client
+LOCAL = "local"  # ArrayRecord: a client's personal arrays (context.state; checkpoints only)
+EXPERIMENT = "experiment"  # ConfigRecord: the ExperimentConfig as Flower run config
+ROUND = "round"  # ConfigRecord: SERVER_ROUND and LR
+METRICS = "metrics"  # MetricRecord of a reply
+
+# ROUND's entries
+SERVER_ROUND = "server-round"
+LR = "lr"
+
+# METRICS' entries
+NUM_EXAMPLES = "num-examples"  # training examples (weights the average) or held-out examples
+PARTITION_ID = "partition-id"  # also the node-config key a SuperNode is started with
+NUM_PARTITIONS = "num-partitions"  # also a node-config key
+TRAIN_LOSS = "train-loss"
+CHANGE = "relative-change"  # per tracked parameter: how far local training moved it
+OWN_CORRECT = "own-correct"  # client evaluation: held-out hits right after local training
+OWN_EXAMPLES = "own-examples"
+LOSS = "loss"  # evaluation: mean held-out loss
+CORRECT = "correct"  # evaluation: held-out hits
+
+# queries: the ClientApp registers `@app.query(action)`, the ServerApp sends "query.<action>"
+PARTITION_ACTION = "partition"  # which partition does this node hold?
+GET_LOCAL_ACTION = "get_local"  # hand the personal arrays to a checkpoint
+SET_LOCAL_ACTION = "set_local"  # restore them from a checkpoint
+QUERY_PARTITION = f"query.{PARTITION_ACTION}"
+QUERY_GET_LOCAL = f"query.{GET_LOCAL_ACTION}"
+QUERY_SET_LOCAL = f"query.{SET_LOCAL_ACTION}"

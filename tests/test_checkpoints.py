@@ -1,0 +1,166 @@
+"""Checkpoints, "same experiment" and the module layering, without Flower, Ray or data.
+
+The federation tests (test_federation.py) write and resume real checkpoints in a simulation;
+these check the pieces on their own: fedpara.checkpoints, config.differing_fields, and that the
+leaf modules (config, messages) import nothing from the library.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpara import config as config_module
+from fedpara.checkpoints import (
+    checkpoint_path,
+    clear_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedpara.config import EXECUTION_FIELDS, ExperimentConfig, differing_fields
+from fedpara.history import History, RoundRecord
+
+PACKAGE = Path(config_module.__file__).parent
+CONFIG = ExperimentConfig(num_clients=4, clients_per_round=2, rounds=3, seed=5)
+
+
+def fedpara_imports(module: str) -> set[str]:
+    """The fedpara modules `fedpara/<module>.py` imports, at any depth of its code."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # from .layers import ...
+                found.add(node.module or "")
+            elif node.module and node.module.startswith("fedpara"):
+                name = node.module.removeprefix("fedpara").lstrip(".")
+                found.update([name] if name else [a.name for a in node.names])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("fedpara.") for a in node.names
+                         if a.name.startswith("fedpara"))
+    return found
+
+
+# the layering --------------------------------------------------------------------------------
+
+
+def test_config_and_messages_are_leaves():
+    assert fedpara_imports("config") == set()
+    assert fedpara_imports("messages") == set()
+
+
+def test_the_allowed_names_have_one_definition():
+    import fedpara.accounting
+    import fedpara.data
+    import fedpara.models
+    import fedpara.partition  # `from fedpara import partition` is the function
+    import fedpara.transport
+
+    assert fedpara.accounting.ALGORITHMS is config_module.ALGORITHMS
+    assert fedpara.data.DATASETS is config_module.DATASETS
+    assert fedpara.models.MODELS is config_module.MODELS
+    assert fedpara.models.PARAMETERIZATIONS is config_module.PARAMETERIZATIONS
+    assert sys.modules["fedpara.partition"].SCHEMES is config_module.SCHEMES
+    assert fedpara.transport.TRANSPORTS is config_module.TRANSPORTS
+
+
+def test_the_apps_share_the_message_keys_and_the_server_reads_no_client_code():
+    assert "messages" in fedpara_imports("client_app") & fedpara_imports("server_app")
+    assert "client_app" not in fedpara_imports("server_app")
+    assert "server_app" not in fedpara_imports("checkpoints")
+
+
+def test_the_server_strategy_is_a_plain_class():
+    pytest.importorskip("flwr")
+    from flwr.serverapp.strategy import Strategy
+
+    from fedpara.server_app import FedParaStrategy
+
+    assert not issubclass(FedParaStrategy, Strategy)
+
+
+def test_checkpoints_import_torch_only_to_read_or_write_one():
+    """results.py finds checkpoints on a machine that only reads histories (no torch, no flwr)."""
+    tree = ast.parse((PACKAGE / "checkpoints.py").read_text())
+    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    modules = {a.name for n in top_level if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module for n in top_level if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in modules if m.split(".")[0] in ("torch", "flwr", "ray")}
+
+
+# the same experiment -------------------------------------------------------------------------
+
+
+def test_execution_fields_never_make_another_experiment():
+    moved = CONFIG.replace(data_dir="/elsewhere", device="cpu", results_dir="r", checkpoint_dir="c",
+                           checkpoint_every=3, client_num_cpus=2.0, client_num_gpus=0.5,
+                           fast_batches=False)
+    assert set(EXECUTION_FIELDS) <= set(CONFIG.to_dict())
+    assert differing_fields(moved.to_dict(), CONFIG) == []
+    assert differing_fields(CONFIG.replace(lr=0.05, rounds=4).to_dict(), CONFIG) == ["lr", "rounds"]
+    assert differing_fields(CONFIG.replace(lr=0.05, rounds=4).to_dict(), CONFIG,
+                            also=("rounds",)) == ["lr"]
+
+
+def test_a_field_missing_from_a_stored_config_counts_as_its_default():
+    older = {k: v for k, v in CONFIG.to_dict().items() if k != "transport"}
+    assert differing_fields(older, CONFIG) == []
+    assert differing_fields(older, CONFIG.replace(transport="float16")) == ["transport"]
+
+
+# checkpoints ---------------------------------------------------------------------------------
+
+
+def write(config: ExperimentConfig, server_round: int, keep: int = 2):
+    history = History(config=config.to_dict())
+    for r in range(1, server_round + 1):
+        history.append(RoundRecord(round=r, accuracy=0.5, loss=1.0, bytes_up=1, bytes_down=1,
+                                   cum_bytes=2 * r, wall_seconds=0.1))
+    arrays = {"w": torch.full((2, 3), float(server_round)), "n": torch.tensor([server_round])}
+    local = {1: {"head.bias": torch.ones(2) * server_round}}
+    return save_checkpoint(config, server_round, arrays, local, {3, 1}, history, keep=keep)
+
+
+def test_a_checkpoint_reads_back_and_only_the_latest_two_are_kept(tmp_path):
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path))
+    assert latest_checkpoint(tmp_path) is None and latest_checkpoint("") is None
+    paths = [write(config, r) for r in (1, 2, 3)]
+    assert paths == [checkpoint_path(tmp_path, r) for r in (1, 2, 3)]
+    assert sorted(tmp_path.iterdir()) == paths[1:]  # no temporary files left either
+    assert latest_checkpoint(tmp_path) == paths[-1]
+    state = load_checkpoint(paths[-1], config)
+    assert list(state) == ["round", "config", "global", "local", "trained", "history"]
+    assert state["round"] == 3 and state["trained"] == [1, 3]
+    assert state["config"] == config.to_dict()
+    assert torch.equal(state["global"]["w"], torch.full((2, 3), 3.0))
+    assert state["global"]["n"].dtype == torch.int64
+    assert torch.equal(state["local"][1]["head.bias"], torch.full((2,), 3.0))
+    assert len(History.from_dict(state["history"])) == 3
+    clear_checkpoints(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_takes_more_rounds_and_other_machines_but_not_another_experiment(tmp_path):
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path))
+    path = write(config, 2)
+    assert load_checkpoint(path, config.replace(rounds=10, device="cpu"))["round"] == 2
+    with pytest.raises(ValueError, match="different experiment: fields lr, seed differ"):
+        load_checkpoint(path, config.replace(lr=0.5, seed=1))
+    with pytest.raises(ValueError, match="round 2 > rounds=1"):
+        load_checkpoint(path, config.replace(rounds=1))
+
+
+def test_scoring_needs_the_last_round_of_the_same_run(tmp_path):
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path))
+    last = write(config, 3)
+    assert load_checkpoint(last, config, last_round=True)["round"] == 3
+    with pytest.raises(ValueError, match="rounds differ"):  # a longer run's checkpoint
+        load_checkpoint(last, config.replace(rounds=5), last_round=True)
+    middle = write(config.replace(checkpoint_dir=str(tmp_path / "other")), 2)
+    with pytest.raises(ValueError, match="expected the last round, 3"):
+        load_checkpoint(middle, config, last_round=True)
