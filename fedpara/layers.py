@@ -240,15 +240,17 @@ def _combine_grads(g: Tensor, w1: Tensor, w2: Tensor, plus_one: bool, nonlinear:
     allocations per layer, which on a CPU cost more than the multiplications themselves.
     Both ways multiply in the same order, so they give the same bits.
     """
+    if not in_place:
+        if nonlinear:  # tanh' = 1 - tanh²
+            a, b = torch.tanh(w1), torch.tanh(w2)
+            return (b + 1 if plus_one else b) * g * (1 - a * a), a * g * (1 - b * b)
+        return (w2 + 1 if plus_one else w2) * g, w1 * g
+    # the same products in place, in the same order
     if nonlinear:
-        a, b = (w1.tanh_(), w2.tanh_()) if in_place else (torch.tanh(w1), torch.tanh(w2))
-        if in_place:  # tanh' = 1 - tanh²; g1 is done before a is overwritten
-            g1 = (b + 1 if plus_one else b.clone()).mul_(g).mul_(1 - a * a)
-            return g1, a.mul_(g).mul_(1 - b * b)
-        return (b + 1 if plus_one else b) * g * (1 - a * a), a * g * (1 - b * b)
-    if in_place:
-        return (w2.add_(1) if plus_one else w2).mul_(g), w1.mul_(g)
-    return (w2 + 1 if plus_one else w2) * g, w1 * g
+        a, b = w1.tanh_(), w2.tanh_()
+        g1 = (b + 1 if plus_one else b.clone()).mul_(g).mul_(1 - a * a)  # before a is overwritten
+        return g1, a.mul_(g).mul_(1 - b * b)
+    return (w2.add_(1) if plus_one else w2).mul_(g), w1.mul_(g)
 
 
 def _in_place_allowed() -> bool:
@@ -278,9 +280,10 @@ class _FedParaWeight(torch.autograd.Function):
     Plain autograd would keep both dense branches (and the Tucker intermediates) until
     backward; here backward rebuilds W1 and W2 from the factors: one extra GEMM per branch.
 
-    Works under torch.func (vmap, grad, functional_call): forward and backward are plain torch
-    ops, so torch generates the vmap rule; the in-place shortcuts run only in eager autograd
-    (`_in_place_allowed`). The backward is itself differentiable there.
+    Works under torch.func (vmap, grad, and so vmap over functional_call of stacked models):
+    forward and backward are plain torch ops, so torch generates the vmap rule; the in-place
+    shortcuts run only in eager autograd (`_in_place_allowed`). With create_graph the backward
+    is itself differentiable.
     """
 
     generate_vmap_rule = True

@@ -244,7 +244,8 @@ def test_compose_weight_matches_the_reference(make, plus_one, nonlinear):
     layer = make(personalized=True, plus_one=plus_one, nonlinear=nonlinear)
     fs = (*layer._factors(1), *layer._factors(2))
     expected = _reference_weight(plus_one, nonlinear, *fs)
-    torch.testing.assert_close(layer.compose_weight(), expected.reshape(layer.compose_weight().shape))
+    composed = layer.compose_weight()
+    torch.testing.assert_close(composed, expected.reshape(composed.shape))
 
 
 def test_forward_composes_the_formula_of_each_variant():
@@ -275,8 +276,9 @@ def _layer_loss(layer):
     """loss(factors, x) of `layer` with its factors passed in (bias left out)."""
     def loss(fs, x):
         w = _FedParaWeight.apply(layer.plus_one, layer.nonlinear, *fs)
-        out = F.linear(x, w) if isinstance(layer, FedParaLinear) else layer._conv(x, layer._shape(w))
-        return out.sin().sum()
+        if isinstance(layer, FedParaLinear):
+            return F.linear(x, w).sin().sum()
+        return layer._conv(x, layer._shape(w)).sin().sum()
     return loss
 
 
@@ -301,6 +303,8 @@ def test_vmap_of_grad_over_stacked_factors_equals_separate_gradients(make, plus_
         separate = torch.autograd.grad(loss(fs, x[k]), fs)
         for a, b in zip(batched, separate, strict=True):
             torch.testing.assert_close(a[k], b)
+    for a, b in zip(grad(loss)([f[K - 1] for f in stacked], x[K - 1]), separate, strict=True):
+        torch.testing.assert_close(a, b)  # torch.func.grad alone
 
 
 @pytest.mark.parametrize("make", LAYERS[:2], ids=LAYER_IDS[:2])

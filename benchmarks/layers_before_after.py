@@ -1,0 +1,119 @@
+"""FedPara layer cost, this working tree's fedpara/layers.py against another revision's.
+
+    python benchmarks/layers_before_after.py --baseline HEAD~1 --repeats 15 --threads 1
+
+Loads the baseline's fedpara/layers.py (from `git show REV:fedpara/layers.py`) next to the
+current one, builds VGG16's 13 FedParaConv2d layers (γ from --gamma, same seed: the same
+weights in both) and times, interleaved and in alternating order, per round:
+
+- compose: forward + backward of the 13 composed weights alone (the layers' recompute Function);
+- layer: forward + backward of each layer on a random batch of its input size (32×32 images).
+
+Reports the median over rounds of the current/baseline time ratio (rounds are adjacent in
+time, so the ratio is robust to load from other processes) and the medians of each. Prints
+JSON; writes nothing unless --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# VGG16's convolutions: (in, out, input side) for 32×32 images
+VGG16_CONVS = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8),
+               (256, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 4),
+               (512, 512, 2), (512, 512, 2), (512, 512, 2)]
+
+
+def load_layers(source: str, name: str):
+    """fedpara/layers.py from a file's text, as a standalone module (it imports only torch)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(name, f.name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(module, gamma: float, personalized: bool, nonlinear: bool):
+    torch.manual_seed(0)
+    return [module.FedParaConv2d(i, o, 3, padding=1, gamma=gamma, personalized=personalized,
+                                 nonlinear=nonlinear) for i, o, _ in VGG16_CONVS]
+
+
+def time_compose(layers) -> float:
+    start = time.perf_counter()
+    for m in layers:
+        w = m._compose_for_forward()
+        w.backward(torch.ones_like(w))
+    return time.perf_counter() - start
+
+
+def time_layer(layers, inputs) -> float:
+    start = time.perf_counter()
+    for m, x in zip(layers, inputs, strict=True):
+        m(x).square().mean().backward()
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", default="HEAD", help="git revision of the baseline layers.py")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--personalized", action="store_true", help="pFedPara: W1 ⊙ (W2 + 1)")
+    p.add_argument("--nonlinear", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    baseline_src = subprocess.run(
+        ["git", "show", f"{args.baseline}:fedpara/layers.py"], cwd=ROOT, check=True,
+        capture_output=True, text=True).stdout
+    modules = {"baseline": load_layers(baseline_src, "_layers_baseline"),
+               "current": load_layers((ROOT / "fedpara/layers.py").read_text(), "_layers_current")}
+    nets = {k: build(m, args.gamma, args.personalized, args.nonlinear) for k, m in modules.items()}
+    for a, b in zip(*(n for n in nets.values()), strict=True):  # same seed, same weights
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(args.batch, i, s, s, generator=g) for i, _, s in VGG16_CONVS]
+    times = {(k, what): [] for k in nets for what in ("compose", "layer")}
+    for k in nets:  # warm-up
+        time_compose(nets[k]), time_layer(nets[k], inputs)
+    for r in range(args.repeats):
+        for k in (("baseline", "current") if r % 2 == 0 else ("current", "baseline")):
+            times[(k, "compose")].append(time_compose(nets[k]))
+            times[(k, "layer")].append(time_layer(nets[k], inputs))
+    record = {"baseline": args.baseline, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "gamma": args.gamma, "batch": args.batch,
+              "personalized": args.personalized, "nonlinear": args.nonlinear,
+              "repeats": args.repeats}
+    for what in ("compose", "layer"):
+        cur, base = times[("current", what)], times[("baseline", what)]
+        record[what] = {
+            "median_seconds": {"baseline": statistics.median(base),
+                               "current": statistics.median(cur)},
+            "ratio_paired_median": statistics.median(c / b for c, b in zip(cur, base)),
+            "ratio_of_minima": min(cur) / min(base),
+        }
+    print(json.dumps(record, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
