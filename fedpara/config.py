@@ -300,6 +300,9 @@ _PERSONAL_VARIANTS = {
     "pfedpara-product": {**_PFEDPARA, "personal_split": "product"},
     "pfedpara-lr30": {**_PFEDPARA, "local_lr_scale": 30.0},
     "fedper": {"algorithm": "fedper", "parameterization": "original"},
+    # a control beyond the paper: FedPer on pFedPara's FedPara model (same capacity, only the
+    # head personal), to separate "which part is personal" from "how large the model is"
+    "fedper-fedpara": {"algorithm": "fedper", "parameterization": "fedpara"},
     "fedavg": {"algorithm": "fedavg", "parameterization": "original"},
     "local": {"algorithm": "local", "parameterization": "original"},
 }

@@ -89,35 +89,38 @@ def factor_movement(history: History, last: int | None = None) -> dict[str, dict
             for layer, branches in sums.items()}
 
 
-def plot_refresh_gap(histories: Mapping[str, History], *, title: str | None = None,
-                     ax: Axes | None = None) -> Figure:
-    """Own held-out accuracy after local training (solid) and after the refresh (dashed),
-    one colour per run, against rounds."""
+def plot_refresh_gap(histories: Mapping[str, History], *, smooth: int = 5,
+                     title: str | None = None, ax: Axes | None = None) -> Figure:
+    """What the refresh takes from a client, one line per run against rounds: own held-out
+    accuracy right after local training minus after the refresh (percentage points; below 0
+    the refresh helped), as a `smooth`-round moving mean."""
+    if not isinstance(smooth, int) or smooth < 1:
+        raise ValueError(f"smooth={smooth!r} must be an integer >= 1 (rounds averaged)")
     if ax is None:
-        fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+        fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
     else:
         fig = ax.figure
-    for i, (name, history) in enumerate(histories.items()):
+    for name, history in histories.items():
         gap = refresh_gap(history)
-        if not gap["round"]:
+        if len(gap["round"]) < smooth:
             continue
-        colour = f"C{i}"
-        ax.plot(gap["round"], 100 * np.array(gap["after_training"]), color=colour,
-                label=f"{name}: after local training")
-        ax.plot(gap["round"], 100 * np.array(gap["after_refresh"]), color=colour, ls="--",
-                label=f"{name}: after the refresh")
+        lost = 100 * (np.array(gap["after_training"]) - np.array(gap["after_refresh"]))
+        mean = np.convolve(lost, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(gap["round"][smooth - 1:], mean, label=name)
+    ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xlabel("round")
-    ax.set_ylabel("own held-out accuracy (%)")
+    ax.set_ylabel("lost to the refresh (points)")
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=8, ncols=2)
+    if ax.lines[1:]:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return fig
 
 
 def plot_factor_movement(movement: Mapping[str, Mapping[str, float]], *,
-                         title: str | None = None, ax: Axes | None = None) -> Figure:
+                         title: str | None = None, ax: Axes | None = None,
+                         legend: bool = True) -> Figure:
     """Bars per layer: relative change of the W1 factors (sent) and the W2 factors (kept)
     over one round of local training, on a log axis."""
     if not movement:
@@ -131,12 +134,13 @@ def plot_factor_movement(movement: Mapping[str, Mapping[str, float]], *,
     for offset, branch, label in ((-0.2, "W1", "W1 factors (sent, averaged)"),
                                   (0.2, "W2", "W2 factors (kept on the client)")):
         values = [movement[layer].get(branch, np.nan) for layer in layers]
-        ax.bar(x + offset, values, width=0.4, label=label)
+        ax.bar(x + offset, values, width=0.4, label=label, color="C0" if branch == "W1" else "C1")
     ax.set_xticks(x, layers)
     ax.set_yscale("log")
     ax.set_ylabel("relative change in one round")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
     return fig

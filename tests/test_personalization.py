@@ -34,6 +34,9 @@ def test_refresh_gap_pairs_each_trained_client_with_its_refreshed_score():
                           scored_clients=[0, 1, 2], client_accuracy=[0.5, 0.6, 0.3]))
     history.append(record(3))  # an old-style record without the fields: left out
     gap = refresh_gap(history)
+    fig = plot_refresh_gap({"run": history}, smooth=2)
+    line = next(l for l in fig.axes[0].lines if l.get_label() == "run")
+    assert list(line.get_xdata()) == [2] and line.get_ydata()[0] == pytest.approx(40.0)
     assert gap["round"] == [1, 2]
     assert gap["after_training"] == pytest.approx([0.8, 1.0])
     assert gap["after_refresh"] == pytest.approx([0.4, 0.6])  # the same clients only
@@ -57,6 +60,8 @@ def test_factor_movement_averages_each_branch_over_the_last_rounds():
     with pytest.raises(ValueError, match="empty"):
         plot_factor_movement({})
     assert plot_refresh_gap({"a": history}).axes  # nothing to draw is not an error
+    with pytest.raises(ValueError, match="smooth"):
+        plot_refresh_gap({"a": history}, smooth=0)
 
 
 def histories(accuracies, gib):
