@@ -28,12 +28,18 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpara.config import PRESETS, ExperimentConfig, get_preset
+from fedpara.config import (
+    EXECUTION_FIELDS,
+    PRESETS,
+    ExperimentConfig,
+    differing_fields,
+    get_preset,
+)
 from fedpara.history import History, write_atomic
 
 if TYPE_CHECKING:
@@ -60,23 +66,9 @@ __all__ = [
     "score_clients",
 ]
 
-# where and how a run executed, not what it computed
-MAY_DIFFER = frozenset({
-    "data_dir", "device", "results_dir", "checkpoint_dir", "checkpoint_every",
-    "client_num_cpus", "client_num_gpus", "fast_batches",
-})
+# where and how a run executed, not what it computed (one definition, in fedpara.config)
+MAY_DIFFER = EXECUTION_FIELDS
 STATUSES = ("stored", "trained", "not run yet", "stored run has other settings")
-
-
-def differing_fields(stored: Mapping[str, Any], config: ExperimentConfig) -> list[str]:
-    """Names of the fields (outside MAY_DIFFER) where a stored config differs from `config`.
-
-    A field missing from the stored config was added to ExperimentConfig after the run was made;
-    it counts as its default value (new fields default to the behaviour that existed before).
-    """
-    defaults = {f.name: f.default for f in fields(ExperimentConfig)}
-    return sorted(k for k, v in config.to_dict().items()
-                  if k not in MAY_DIFFER and stored.get(k, defaults[k]) != v)
 
 
 def same_experiment(stored: Mapping[str, Any], config: ExperimentConfig) -> bool:
@@ -175,18 +167,10 @@ def score_clients(config: ExperimentConfig, checkpoint: str | Path) -> ClientSco
     arrays and its own personal arrays; a FedAvg run's every client with the global model.
     Raises ValueError if the checkpoint is of another experiment or not of the last round.
     """
-    import torch
-
     from fedpara import task
+    from fedpara.checkpoints import load_checkpoint
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    differing = differing_fields(state["config"], config)
-    if differing:
-        raise ValueError(f"checkpoint {checkpoint} is of another experiment: "
-                         f"{', '.join(differing)} differ")
-    if state["round"] != config.rounds:
-        raise ValueError(f"checkpoint {checkpoint} is of round {state['round']}; "
-                         f"expected the last round, {config.rounds}")
+    state = load_checkpoint(checkpoint, config, last_round=True)
     device = task.resolve_device(config.device)
     clients = sorted(state["trained"]) if config.personalized else range(config.num_clients)
     correct, examples = {}, {}
@@ -220,7 +204,7 @@ def load_client_scores(config: ExperimentConfig, history: History,
             return scores
     if not config.checkpoint_dir:
         return None
-    from fedpara.server_app import checkpoint_path  # imports Flower: only when scoring
+    from fedpara.checkpoints import checkpoint_path
 
     checkpoint = checkpoint_path(config.checkpoint_dir, config.rounds)
     if not checkpoint.exists():
