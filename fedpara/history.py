@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedpara.storage import write_atomic  # also imported from here by server_app and results
+from fedpara.storage import write_atomic
 
 GIB = 2**30
 FINAL_WINDOW = 3  # rounds: the book's "final accuracy" is the mean of the last 3 (noisy curves)

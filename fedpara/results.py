@@ -40,7 +40,8 @@ from fedpara.config import (
     differing_fields,
     get_preset,
 )
-from fedpara.history import History, write_atomic
+from fedpara.history import History
+from fedpara.storage import write_atomic
 
 if TYPE_CHECKING:
     import pandas as pd

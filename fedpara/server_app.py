@@ -41,8 +41,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid, ServerApp
 
 from fedpara import task
-from fedpara.checkpoints import (  # noqa: F401  (checkpoint_path: also imported from here)
-    checkpoint_path,
+from fedpara.checkpoints import (
     clear_checkpoints,
     latest_checkpoint,
     load_checkpoint,
