@@ -265,11 +265,9 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
 def relative_changes(before: Mapping[str, Tensor], model: nn.Module) -> list[float]:
     """‖θ_after − θ_before‖ / ‖θ_before‖ for each tracked parameter, in `tracked_parameters` order."""
     named = dict(model.named_parameters())
-    changes = []
-    for name, old in before.items():
-        new = named[name].detach().to(old.device)
-        changes.append(float((new - old).norm() / old.norm().clamp_min(1e-12)))
-    return changes
+    changes = [(named[name].detach().to(old.device) - old).norm() / old.norm().clamp_min(1e-12)
+               for name, old in before.items()]
+    return torch.stack(changes).tolist() if changes else []  # one device sync, not one each
 
 
 def _param_groups(model: nn.Module, lr: float, lr_scale: Mapping[str, float]) -> list[dict]:
