@@ -30,6 +30,7 @@ __all__ = [
     "factor_movement",
     "plot_factor_movement",
     "plot_refresh_gap",
+    "control",
     "refresh_gap",
     "verdict",
 ]
@@ -169,3 +170,21 @@ def verdict(preset: str, histories: Mapping[str, History], window: int = 3) -> s
     return text + (f"`{best}` is " + (f"at or above {' and '.join(kept)} but " if kept else "")
                    + f"below {' and '.join(_NAMES[o] for o in lost)}, {gap:.1f} percentage "
                    f"points behind the best of them.")
+
+
+def control(preset: str, histories: Mapping[str, History], window: int = 3) -> str:
+    """One Markdown sentence: how much of FedPer's lead over the best pFedPara variant comes from
+    the smaller FedPara model and how much from the choice of the personal part, read from the
+    control run `fedper-fedpara` (FedPer on pFedPara's model). "" without those runs."""
+    mine = [v for v in PFEDPARA_VARIANTS if v in histories]
+    if not mine or not {"fedper", "fedper-fedpara"} <= set(histories):
+        return ""
+    acc = {v: h.mean_accuracy(window) for v, h in histories.items()}
+    best = max(mine, key=lambda v: acc[v])
+    capacity = 100 * (acc["fedper"] - acc["fedper-fedpara"])
+    split = 100 * (acc["fedper-fedpara"] - acc[best])
+    return (f"On `{preset}`, FedPer reaches {acc['fedper']:.1%} with the dense model and "
+            f"{acc['fedper-fedpara']:.1%} with pFedPara's FedPara model, against `{best}`'s "
+            f"{acc[best]:.1%}: of FedPer's lead, {capacity:+.1f} points come from the smaller "
+            f"model and {split:+.1f} from which part is kept personal (the head, against "
+            f"$W_2$ and the biases of every layer).")

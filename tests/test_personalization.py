@@ -11,6 +11,7 @@ import pytest
 
 from fedpara.history import History, RoundRecord
 from fedpara.personalization import (
+    control,
     factor_movement,
     plot_factor_movement,
     plot_refresh_gap,
@@ -85,3 +86,13 @@ def test_verdict_names_the_best_variant_and_what_it_beats():
     assert "at or above local-only and FedAvg but below FedPer, 5.0 percentage points" in text
     del runs["local"]
     assert verdict("p", runs) == ""  # a competitor without a run: no verdict
+
+
+def test_control_splits_fedpers_lead_into_capacity_and_split():
+    runs = histories({"pfedpara": 0.70, "pfedpara-lr30": 0.81, "fedper": 0.84,
+                      "fedper-fedpara": 0.80}, gib={})
+    text = control("p", runs)
+    assert "+4.0 points come from the smaller model" in text
+    assert "-1.0 from which part is kept personal" in text
+    del runs["fedper-fedpara"]
+    assert control("p", runs) == ""
