@@ -182,9 +182,12 @@ def control(preset: str, histories: Mapping[str, History], window: int = 3) -> s
     acc = {v: h.mean_accuracy(window) for v, h in histories.items()}
     best = max(mine, key=lambda v: acc[v])
     capacity = 100 * (acc["fedper"] - acc["fedper-fedpara"])
-    split = 100 * (acc["fedper-fedpara"] - acc[best])
+    split = 100 * (acc[best] - acc["fedper-fedpara"])
+    same_model = (f"on the same model `{best}` is {abs(split):.1f} points "
+                  + ("above" if split >= 0 else "below") + " FedPer, so keeping $W_2$ and the "
+                  "biases of every layer personal works " + ("better" if split >= 0 else "worse")
+                  + " than keeping the head")
     return (f"On `{preset}`, FedPer reaches {acc['fedper']:.1%} with the dense model and "
             f"{acc['fedper-fedpara']:.1%} with pFedPara's FedPara model, against `{best}`'s "
-            f"{acc[best]:.1%}: of FedPer's lead, {capacity:+.1f} points come from the smaller "
-            f"model and {split:+.1f} from which part is kept personal (the head, against "
-            f"$W_2$ and the biases of every layer).")
+            f"{acc[best]:.1%}: the dense model's capacity is worth {capacity:+.1f} points to "
+            f"FedPer, and {same_model}.")

@@ -92,7 +92,7 @@ def test_control_splits_fedpers_lead_into_capacity_and_split():
     runs = histories({"pfedpara": 0.70, "pfedpara-lr30": 0.81, "fedper": 0.84,
                       "fedper-fedpara": 0.80}, gib={})
     text = control("p", runs)
-    assert "+4.0 points come from the smaller model" in text
-    assert "-1.0 from which part is kept personal" in text
+    assert "capacity is worth +4.0 points" in text
+    assert "`pfedpara-lr30` is 1.0 points above FedPer" in text and "works better" in text
     del runs["fedper-fedpara"]
     assert control("p", runs) == ""
