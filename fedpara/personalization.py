@@ -91,7 +91,8 @@ def factor_movement(history: History, last: int | None = None) -> dict[str, dict
 
 
 def plot_refresh_gap(histories: Mapping[str, History], *, smooth: int = 5,
-                     title: str | None = None, ax: Axes | None = None) -> Figure:
+                     title: str | None = None, ax: Axes | None = None,
+                     legend: bool = True) -> Figure:
     """What the refresh takes from a client, one line per run against rounds: own held-out
     accuracy right after local training minus after the refresh (percentage points; below 0
     the refresh helped), as a `smooth`-round moving mean."""
@@ -112,7 +113,7 @@ def plot_refresh_gap(histories: Mapping[str, History], *, smooth: int = 5,
     ax.set_xlabel("round")
     ax.set_ylabel("lost to the refresh (points)")
     ax.grid(alpha=0.3)
-    if ax.lines[1:]:
+    if legend and ax.lines[1:]:
         ax.legend(fontsize=8)
     if title:
         ax.set_title(title)

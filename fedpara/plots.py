@@ -127,7 +127,8 @@ def plot_curves(histories: Mapping[str, History], *, title: str | None = None,
     """
     if not histories:
         raise ValueError("histories is empty")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    # sized for a book page (about 8 inches of column): one legend below both panels
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8.5, 3.9))
     for name, history in histories.items():
         _check_nonempty(history)
         accuracy = 100 * np.asarray(history.column("accuracy"), dtype=float)
@@ -140,10 +141,12 @@ def plot_curves(histories: Mapping[str, History], *, title: str | None = None,
     left.set(xlabel="cumulative traffic, up + down (GiB)", ylabel=ylabel)
     right.set(xlabel="round", ylabel=ylabel)
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
-    left.legend()
+    rows = math.ceil(len(histories) / 4)
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncols=min(4, len(histories)),
+               fontsize=9, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07 + 0.05 * rows, 1, 1))
     return fig
 
 
