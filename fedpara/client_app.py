@@ -5,8 +5,8 @@ Each node reads which partition it holds from its node config (`partition-id`,
 `num-partitions`): the simulation sets them, a real SuperNode gets them from
 `--node-config "partition-id=0 num-partitions=2"`.
 
-A client keeps its personal part (FedPer's head, pFedPara's W2 factors, the whole model for
-local-only training) in `context.state`, which Flower keeps per node for the length of a run;
+A client keeps its personal part (FedPer's head; for pFedPara everything but the W1 factors,
+that is the W2 factors, the biases and any norm; the whole model for local-only training) in `context.state`, which Flower keeps per node for the length of a run;
 only the global keys travel. The record keys and query names are `fedpara.messages`'.
 """
 
@@ -89,12 +89,12 @@ def train(msg: Message, context: Context) -> Message:
     lr = float(msg.content.config_records[ROUND][LR])
 
     # 1. the model: global arrays from the server, personal ones from the last round
-    model = _client_model(config, msg, context)
-    before = task.snapshot(model)
+    device = task.resolve_device(config.device)
+    model = _client_model(config, msg, context).to(device)
+    before = task.snapshot(model)  # on the device: the changes cost one sync per client
     # 2. train locally; every random draw is seeded by (seed, round, client)
     seed = task.client_seed(config.seed, server_round, partition_id)
     data = task.client_data(config, partition_id, seed=seed)
-    device = task.resolve_device(config.device)
     result = task.train(model, data.train, epochs=config.local_epochs, lr=lr, device=device,
                         seed=seed, lr_scale=task.lr_scales(model, config))
     # 3. keep the personal part, send the global part

@@ -20,6 +20,7 @@ measures training throughput per device.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -156,7 +157,7 @@ class ExperimentConfig:
                 f"algorithm='pfedpara' needs parameterization='fedpara' (its W2 factors are the "
                 f"personal part), got parameterization={self.parameterization!r}"
             )
-        if self.local_lr_scale <= 0:
+        if not (math.isfinite(self.local_lr_scale) and self.local_lr_scale > 0):
             raise ValueError(f"local_lr_scale={self.local_lr_scale} must be > 0 (a multiplier of "
                              f"lr for pFedPara's local factors; 1 = the same learning rate)")
         if self.algorithm != "pfedpara":

@@ -81,8 +81,9 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
     from fedpara.client_app import app as client_app
     from fedpara.server_app import make_server_app
 
-    if config.evaluation == "server":  # the server needs the test set: a missing dataset fails
-        task.load_splits(config)  # here, with its own message, before Ray starts
+    # a missing or corrupt dataset fails here, with its own message, before Ray starts (inside
+    # the simulation every client would fail with a long log); the splits stay cached
+    task.load_splits(config)
 
     finished: list[History] = []
     bar = _progress_bar(config, enabled=progress)

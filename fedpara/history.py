@@ -141,13 +141,14 @@ class History:
     # storage ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types; NaN (nothing was scored) becomes null."""
+        """Plain JSON types; NaN (nothing was scored) and ±inf (a diverged run) become null,
+        which reads back as NaN."""
         def clean(value: Any) -> Any:
             if isinstance(value, list):
                 return [clean(v) for v in value]
             if isinstance(value, dict):
                 return {k: clean(v) for k, v in value.items()}
-            return None if isinstance(value, float) and math.isnan(value) else value
+            return None if isinstance(value, float) and not math.isfinite(value) else value
 
         return {
             "config": self.config,

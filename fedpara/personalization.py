@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fedpara.history import History
+from fedpara.history import FINAL_WINDOW, History
 
 __all__ = [
     "PFEDPARA_VARIANTS",
@@ -72,10 +72,13 @@ def factor_movement(history: History, last: int | None = None) -> dict[str, dict
     a round's local training, averaged over the last `last` rounds (all when None).
 
     Returns {layer: {"W1": ..., "W2": ...}} (the mean over the branch's factors x, y[, t]);
-    empty for a model without FedPara layers.
+    empty unless the run is pFedPara's (W1 sent, W2 kept): a low-rank layer's factors have the
+    same names but no such split.
     """
     if last is not None and (not isinstance(last, int) or last < 1):
         raise ValueError(f"last={last!r} must be None or an integer >= 1 (rounds averaged)")
+    if history.config.get("algorithm") != "pfedpara":
+        return {}
     records = [r for r in history.records if r.parameter_change]
     if last is not None:
         records = records[-last:]
@@ -148,7 +151,7 @@ def plot_factor_movement(movement: Mapping[str, Mapping[str, float]], *,
     return fig
 
 
-def verdict(preset: str, histories: Mapping[str, History], window: int = 3) -> str:
+def verdict(preset: str, histories: Mapping[str, History], window: int = FINAL_WINDOW) -> str:
     """One Markdown sentence group: the best pFedPara variant of a personalization preset
     against FedPer, local-only and FedAvg (final accuracy = the mean of the last `window`
     rounds), with its traffic relative to FedAvg's. "" unless all of them have a history."""
@@ -173,7 +176,7 @@ def verdict(preset: str, histories: Mapping[str, History], window: int = 3) -> s
                    f"points behind the best of them.")
 
 
-def control(preset: str, histories: Mapping[str, History], window: int = 3) -> str:
+def control(preset: str, histories: Mapping[str, History], window: int = FINAL_WINDOW) -> str:
     """One Markdown sentence: how much of FedPer's lead over the best pFedPara variant comes from
     the smaller FedPara model and how much from the choice of the personal part, read from the
     control run `fedper-fedpara` (FedPer on pFedPara's model). "" without those runs."""

@@ -63,8 +63,8 @@ def gib_to_reach(history: History, target: float) -> float:
 
 
 def final_accuracy(history: History, window: int = 1) -> float:
-    """Mean accuracy of the last `window` rounds (non-IID curves are noisy: use a few);
-    `History.mean_accuracy` with the window the book uses, FINAL_WINDOW."""
+    """Mean accuracy of the last `window` rounds (non-IID curves are noisy: use a few; the book
+    uses `fedpara.history.FINAL_WINDOW`), as `History.mean_accuracy` computes it."""
     _check_nonempty(history)
     _check_window(window)
     return history.mean_accuracy(window)

@@ -104,18 +104,6 @@ def check_checkpoint(config: ExperimentConfig) -> None:
         ) from err
 
 
-def check_data(config: ExperimentConfig) -> None:
-    """The dataset loads (downloaded if need be), before Ray starts.
-
-    With server evaluation `run_experiment` loads it first itself; with client evaluation only
-    the clients would, inside Ray, each failing with a long log.
-    """
-    if config.evaluation != "server":
-        from fedpara.data import load_dataset
-
-        load_dataset(config.dataset, config.data_dir or None)
-
-
 def _failure(err: BaseException) -> str | None:
     """One paragraph for stderr (what went wrong and where, and the step that fixes it), or
     None for an error that is not one of the expected ones (a bug: keep its traceback)."""
@@ -123,13 +111,17 @@ def _failure(err: BaseException) -> str | None:
 
     if isinstance(err, RunFailure | DataUnavailableError):  # they carry their own fix
         return f"error: {err}"
-    what = str(err).rstrip(".")
-    if isinstance(err, OSError):
-        return (f"error: {what}.\nTo fix it: check that this path exists and can be written "
-                f"(or choose another one), then run again.")
-    if isinstance(err, ValueError):
-        return f"error: {what}.\nTo fix it: correct the value it names and run again."
     return None
+
+
+def _writable(write, path: Path) -> None:
+    """Run `write()`, turning an OSError (a missing folder, no permission) into a RunFailure."""
+    try:
+        write()
+    except OSError as err:
+        raise RunFailure(
+            f"cannot write {path}: {err.strerror or err}.\nTo fix it: check that this path "
+            f"exists and can be written (or choose another one), then run again.") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
     if args.write_run_config:
-        write_run_config(config, args.write_run_config)
+        _writable(lambda: write_run_config(config, args.write_run_config), args.write_run_config)
         print(f"wrote {args.write_run_config}; run it with: flwr run . --run-config "
               f"{args.write_run_config}")
         return 0
@@ -171,11 +163,14 @@ def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedpara.experiment import run_experiment
 
     if args.resume:
+        if not config.checkpoint_dir:
+            raise RunFailure("--resume needs the folder of the checkpoints.\nTo fix it: add "
+                             "--set checkpoint_dir=<folder> (the one the run wrote to).")
         check_checkpoint(config)
-    check_data(config)
     history = run_experiment(config, resume=args.resume, verbose=args.verbose,
                              progress=not args.no_progress)
-    path = history.save(args.out or History.default_path(config, args.results_dir))
+    path = Path(args.out or History.default_path(config, args.results_dir))
+    _writable(lambda: history.save(path), path)
     last = history.records[-1]
     print(f"{config.preset}/{config.variant_name} ({config.profile}): {len(history)} rounds, "
           f"accuracy {last.accuracy:.4f}, {last.cum_bytes / 2**30:.4f} GiB, "

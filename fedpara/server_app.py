@@ -7,8 +7,8 @@ history back in-process (`run_simulation` returns nothing).
 
 One round:
 1. sample exactly `clients_per_round` partitions, reproducibly from (seed, round);
-2. send them the global keys' arrays (all of them for FedAvg, all but the head for FedPer, the
-   W1 factors and the rest for pFedPara, none for local-only training) and get theirs back;
+2. send them the global keys' arrays (all of them for FedAvg, all but the head for FedPer,
+   only the W1 factors for pFedPara, none for local-only training) and get theirs back;
 3. average them weighted by training examples, in partition order (deterministic);
 4. score: the global model on the test set here ("server"), or every client that has
    trained on its own held-out data ("clients"), weighted by examples; clients that never

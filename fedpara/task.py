@@ -265,7 +265,8 @@ def snapshot(model: nn.Module) -> dict[str, Tensor]:
 def relative_changes(before: Mapping[str, Tensor], model: nn.Module) -> list[float]:
     """‖θ_after − θ_before‖ / ‖θ_before‖ for each tracked parameter, in `tracked_parameters` order."""
     named = dict(model.named_parameters())
-    changes = [(named[name].detach().to(old.device) - old).norm() / old.norm().clamp_min(1e-12)
+    changes = [(named[name].detach() - old.to(named[name].device)).norm()
+               / old.norm().clamp_min(1e-12).to(named[name].device)
                for name, old in before.items()]
     return torch.stack(changes).tolist() if changes else []  # one device sync, not one each
 

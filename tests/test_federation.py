@@ -80,6 +80,8 @@ def test_presets_follow_the_papers_protocol():
      "personal_split"),
     (dict(algorithm="pfedpara", evaluation="clients", local_lr_scale=0.0), "local_lr_scale"),
     (dict(algorithm="pfedpara", evaluation="clients", local_lr_scale=-2.0), "local_lr_scale"),
+    (dict(algorithm="pfedpara", evaluation="clients", local_lr_scale=float("nan")),
+     "local_lr_scale"),
     (dict(personal_split="product"), "personal_split"),
     (dict(algorithm="fedper", evaluation="clients", local_lr_scale=10.0), "local_lr_scale"),
 ])
@@ -494,3 +496,20 @@ def test_resume_refuses_a_checkpoint_of_another_experiment(pfedpara_run):
     with pytest.raises(ValueError, match="lr"):
         load_checkpoint(path, config.replace(lr=0.2))
     assert np.isfinite(load_checkpoint(path, config.replace(device="cpu", rounds=5))["round"])
+
+
+def test_mean_accuracy_skips_unscored_rounds_and_short_histories(tmp_path):
+    history = History(config={})
+    for r, acc in enumerate((0.2, 0.4, float("nan"), 0.9), start=1):
+        history.append(_record(r, 20 * r))
+        history.records[-1].accuracy = acc
+    assert history.mean_accuracy() == pytest.approx((0.4 + 0.9) / 2)  # the last 3, NaN skipped
+    assert history.mean_accuracy(10) == pytest.approx((0.2 + 0.4 + 0.9) / 3)
+    assert history.mean_accuracy(1) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="last"):
+        history.mean_accuracy(0)
+    # a diverged run (inf) still saves, as null, and reads back as NaN
+    history.records[-1].parameter_change = {"head.x1": float("inf")}
+    history.records[-1].train_loss = float("-inf")
+    again = History.load(history.save(tmp_path / "h.json")).records[-1]
+    assert math.isnan(again.parameter_change["head.x1"]) and math.isnan(again.train_loss)

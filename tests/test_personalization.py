@@ -44,7 +44,7 @@ def test_refresh_gap_pairs_each_trained_client_with_its_refreshed_score():
 
 
 def test_factor_movement_averages_each_branch_over_the_last_rounds():
-    history = History(config={})
+    history = History(config={"algorithm": "pfedpara"})
     for r, scale in ((1, 100.0), (2, 1.0), (3, 3.0)):
         history.append(record(r, parameter_change={
             "classifier.0.x1": 0.04 * scale, "classifier.0.y1": 0.02 * scale,
@@ -56,6 +56,8 @@ def test_factor_movement_averages_each_branch_over_the_last_rounds():
     assert moves["classifier.0"]["W2"] == pytest.approx(0.003 * 2)
     with pytest.raises(ValueError, match="last"):
         factor_movement(history, last=0)
+    lowrank = History(config={"algorithm": "fedavg"}, records=history.records)
+    assert factor_movement(lowrank) == {}  # x1/x2 of a low-rank layer are not a W1/W2 split
     fig = plot_factor_movement(moves, title="t")
     assert fig.axes[0].get_yscale() == "log"
     with pytest.raises(ValueError, match="empty"):
