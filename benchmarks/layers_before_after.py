@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedpara.storage import write_atomic  # noqa: E402  (imports nothing of the layers)
 
 ROOT = Path(__file__).resolve().parents[1]
 # VGG16's convolutions: (in, out, input side) for 32×32 images
@@ -39,10 +43,13 @@ def load_layers(source: str, name: str):
     """fedpara/layers.py from a file's text, as a standalone module (it imports only torch)."""
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(source)
-    spec = importlib.util.spec_from_file_location(name, f.name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec = importlib.util.spec_from_file_location(name, f.name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        os.unlink(f.name)  # the module is loaded; the file is not needed any more
     return module
 
 
@@ -111,7 +118,7 @@ def main(argv=None) -> dict:
         }
     print(json.dumps(record, indent=2))
     if args.out:
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_atomic(args.out, (json.dumps(record, indent=2) + "\n").encode())
     return record
 
 

@@ -17,7 +17,6 @@ Imports neither Flower nor, until a checkpoint is written or read, torch.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,10 +71,8 @@ def save_checkpoint(config: ExperimentConfig, server_round: int,
         "trained": sorted(trained),
         "history": history.to_dict(),
     }
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
     path = checkpoint_path(config.checkpoint_dir, server_round)
-    write_atomic(path, buffer.getvalue())
+    write_atomic(path, lambda f: torch.save(state, f))  # streamed: no second copy in memory
     clear_checkpoints(config.checkpoint_dir, keep=keep)
     return path
 
