@@ -5,8 +5,9 @@
 
 A checkpoint is `<checkpoint_dir>/round-NNNNN.pt`, one `torch.save`d dict: "round", "config"
 (`ExperimentConfig.to_dict()`), "global" (the global keys' arrays), "local" (partition id ->
-that client's personal arrays), "trained" (the partitions that have trained, sorted) and
-"history" (`History.to_dict()`). It is read only for the experiment that wrote it:
+that client's personal arrays), "trained" (the partitions that have trained, sorted),
+"strategy" (what the server's strategy carries between rounds: FedAvgM's momentum, FedAdam's
+and FedYogi's moments; empty for FedAvg and FedProx) and "history" (`History.to_dict()`). It is read only for the experiment that wrote it:
 `config.differing_fields` decides, the same rule that decides whether a stored history counts.
 
 No RNG state is stored because none is carried between rounds: sampling draws from
@@ -58,7 +59,9 @@ def clear_checkpoints(directory: str | Path, keep: int = 0) -> None:
 def save_checkpoint(config: ExperimentConfig, server_round: int,
                     global_arrays: Mapping[str, torch.Tensor],
                     local: Mapping[int, Mapping[str, torch.Tensor]], trained: set[int],
-                    history: History, keep: int = 2) -> Path:
+                    history: History, keep: int = 2, *,
+                    strategy_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None
+                    ) -> Path:
     """Write the checkpoint of round `server_round` to `config.checkpoint_dir` atomically and
     keep only the latest `keep` there."""
     import torch
@@ -69,6 +72,7 @@ def save_checkpoint(config: ExperimentConfig, server_round: int,
         "global": global_arrays,
         "local": local,
         "trained": sorted(trained),
+        "strategy": dict(strategy_state or {}),
         "history": history.to_dict(),
     }
     path = checkpoint_path(config.checkpoint_dir, server_round)

@@ -33,6 +33,7 @@ from fedpara.messages import (
     OWN_EXAMPLES,
     PARTITION_ACTION,
     PARTITION_ID,
+    PROXIMAL_MU,
     ROUND,
     SERVER_ROUND,
     SET_LOCAL_ACTION,
@@ -85,20 +86,23 @@ def _client_model(config: ExperimentConfig, msg: Message, context: Context):
 def train(msg: Message, context: Context) -> Message:
     """Train on this client's partition; reply with the global keys' arrays."""
     config, partition_id = _setup(msg, context)
-    server_round = int(msg.content.config_records[ROUND][SERVER_ROUND])
-    lr = float(msg.content.config_records[ROUND][LR])
+    round_config = msg.content.config_records[ROUND]
+    server_round, lr = int(round_config[SERVER_ROUND]), float(round_config[LR])
+    proximal_mu = float(round_config.get(PROXIMAL_MU, 0.0))  # FedProx only
 
     # 1. the model: global arrays from the server, personal ones from the last round
     device = task.resolve_device(config.device)
     model = _client_model(config, msg, context).to(device)
     before = task.snapshot(model)  # on the device: the changes cost one sync per client
-    # 2. train locally; every random draw is seeded by (seed, round, client)
+    # 2. train locally; every random draw is seeded by (seed, round, client). FedProx pulls
+    # the arrays that came from the server (the global keys) towards where they started.
+    global_keys, local_keys = task.split_keys(model, config.algorithm)
     seed = task.client_seed(config.seed, server_round, partition_id)
     data = task.client_data(config, partition_id, seed=seed)
     result = task.train(model, data.train, epochs=config.local_epochs, lr=lr, device=device,
-                        seed=seed, lr_scale=task.lr_scales(model, config))
+                        seed=seed, lr_scale=task.lr_scales(model, config),
+                        proximal_mu=proximal_mu, proximal_to=global_keys)
     # 3. keep the personal part, send the global part
-    global_keys, local_keys = task.split_keys(model, config.algorithm)
     if local_keys:
         context.state[LOCAL] = ArrayRecord(task.get_arrays(model, local_keys))
     metrics = MetricRecord(

@@ -42,6 +42,17 @@ PERSONALIZED = ("fedper", "pfedpara", "local")
 # "plus-one" is the paper's W = W1 ⊙ (W2 + 1); "product" keeps W = W1 ⊙ W2 with the same split
 # (beyond the paper). Either way only the W1 factors are sent; W2, biases and norms stay local.
 PERSONAL_SPLITS = ("plus-one", "product")
+# The server's aggregation rule, each Flower's own implementation (flwr.serverapp.strategy;
+# server_app.flower_strategy builds it): FedAvg, FedProx (its proximal term is applied in the
+# client's training, task.train), FedAvgM (server momentum), FedAdam and FedYogi (adaptive
+# server steps). Beyond the paper, which combines FedPara with other optimizers in its own code.
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
+# which strategies read which of the server-side fields (the others must leave them at default)
+_STRATEGY_FIELDS = {
+    "proximal_mu": ("fedprox",),
+    "server_lr": ("fedavgm", "fedadam", "fedyogi"),
+    "server_momentum": ("fedavgm",),
+}
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _ALLOWED = {
     "dataset": DATASETS,
@@ -52,6 +63,7 @@ _ALLOWED = {
     "evaluation": EVALUATIONS,
     "transport": TRANSPORTS,
     "personal_split": PERSONAL_SPLITS,
+    "strategy": STRATEGIES,
 }
 # Where and how a run executed, not what it computed: two configs that differ only in these
 # fields describe the same experiment (a stored history counts, a checkpoint resumes).
@@ -79,6 +91,13 @@ class ExperimentConfig:
     # the client-local W2 factors (1 = the paper's single learning rate)
     personal_split: str = "plus-one"
     local_lr_scale: float = 1.0
+    # how the server turns the clients' arrays into the next global ones (STRATEGIES), and the
+    # settings of the strategies that have them: FedProx's mu, the server learning rate of
+    # FedAvgM (its server_learning_rate) and of FedAdam/FedYogi (their eta), FedAvgM's momentum
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.0
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
     # the number format of the arrays on the wire (fedpara/transport.py): float32, float16 or
     # bfloat16; both ends compute in float32, only the copies sent are rounded
     transport: str = "float32"
@@ -167,6 +186,7 @@ class ExperimentConfig:
                         f"{name}={getattr(self, name)!r} applies to algorithm='pfedpara' only "
                         f"(got algorithm={self.algorithm!r}); leave it at {default!r}"
                     )
+        self._validate_strategy()
         if self.algorithm in PERSONALIZED and self.evaluation != "clients":
             raise ValueError(
                 f"algorithm={self.algorithm!r} keeps part of each model on its client, so it needs "
@@ -181,6 +201,26 @@ class ExperimentConfig:
             raise ValueError("client_num_cpus must be > 0 and client_num_gpus >= 0")
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r}; allowed: {', '.join(PROFILES)}")
+
+    def _validate_strategy(self) -> None:
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu={self.proximal_mu} must be >= 0 (FedProx's weight of "
+                             f"mu/2 * ||w - w_global||^2; 0 = FedAvg)")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ValueError(f"server_lr={self.server_lr} must be > 0 (the server's step on the "
+                             f"clients' mean update; 1 = FedAvg's step)")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError(f"server_momentum={self.server_momentum} must be in [0, 1)")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, strategies in _STRATEGY_FIELDS.items():
+            if self.strategy not in strategies and getattr(self, name) != defaults[name]:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to strategy "
+                    f"{' or '.join(map(repr, strategies))} only (got strategy={self.strategy!r}); "
+                    f"leave it at {defaults[name]!r}")
+        if self.algorithm == "local" and self.strategy != "fedavg":
+            raise ValueError(f"strategy={self.strategy!r} has nothing to aggregate with "
+                             f"algorithm='local' (nothing is sent); allowed for it: fedavg")
 
     # derived values ---------------------------------------------------------------------
 
@@ -328,6 +368,11 @@ _CIFAR100_PROFILES = {
               "eval_samples": 256},
 }
 
+_STRATEGY_SETTINGS = {
+    "fedprox": {"strategy": "fedprox", "proximal_mu": 0.01},
+    "fedavgm": {"strategy": "fedavgm", "server_lr": 0.1, "server_momentum": 0.9},
+    "fedadam": {"strategy": "fedadam", "server_lr": 0.01},
+}
 _FMNIST_NONIID = dict(dataset="fashion-mnist", model="cnn", partition="dirichlet", alpha=0.5,
                       num_clients=20, clients_per_round=4, rounds=40, local_epochs=1,
                       batch_size=32, lr=0.1, lr_decay=0.992)
@@ -418,6 +463,22 @@ PRESETS: dict[str, Preset] = {
             f"{kind}-{gamma}": {"parameterization": kind, "gamma": gamma}
             for gamma in (0.05, 0.2, 0.4)
             for kind in ("fedpara", "lowrank")
+        },
+        _FMNIST_NONIID_PROFILES,
+    ),
+    # Beyond the paper: fmnist-noniid under Flower's other strategies. Its FedAvg runs are
+    # fmnist-noniid's fedpara and original (the same experiment). FedProx's mu is from the grid
+    # its paper searched (Li et al., 2020); FedAvgM's momentum 0.9 with server lr 0.1 keeps the
+    # effective step lr / (1 - momentum) at 1 (Hsu et al., 2019); FedAdam's server lr 0.01 with
+    # Flower's beta_1 = 0.9, beta_2 = 0.99 and tau = 1e-3 is from the range Reddi et al. (2021)
+    # searched. One setting each, the same for both models: a comparison, not a tuning.
+    "fmnist-strategies": Preset(
+        "Fashion-MNIST as fmnist-noniid: FedPara vs original under FedProx, FedAvgM and FedAdam",
+        _FMNIST_NONIID,
+        {
+            f"{kind}-{name}": {**_fedavg_variants(0.1)[kind], **settings}
+            for name, settings in _STRATEGY_SETTINGS.items()
+            for kind in ("fedpara", "original")
         },
         _FMNIST_NONIID_PROFILES,
     ),

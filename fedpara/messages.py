@@ -17,12 +17,13 @@ from __future__ import annotations
 ARRAYS = "arrays"  # ArrayRecord: the global keys' arrays, server <-> client
 LOCAL = "local"  # ArrayRecord: a client's personal arrays (context.state; checkpoints only)
 EXPERIMENT = "experiment"  # ConfigRecord: the ExperimentConfig as Flower run config
-ROUND = "round"  # ConfigRecord: SERVER_ROUND and LR
+ROUND = "round"  # ConfigRecord: SERVER_ROUND, LR and what the strategy adds (PROXIMAL_MU)
 METRICS = "metrics"  # MetricRecord of a reply
 
 # ROUND's entries
 SERVER_ROUND = "server-round"
 LR = "lr"
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx.configure_train (its key); absent otherwise
 
 # METRICS' entries
 NUM_EXAMPLES = "num-examples"  # training examples (weights the average) or held-out examples

@@ -9,21 +9,24 @@ One round:
 1. sample exactly `clients_per_round` partitions, reproducibly from (seed, round);
 2. send them the global keys' arrays (all of them for FedAvg, all but the head for FedPer,
    only the W1 factors for pFedPara, none for local-only training) and get theirs back;
-3. average them weighted by training examples, in partition order (deterministic);
+3. aggregate them with the configured Flower strategy (`flower_strategy`: FedAvg, FedProx,
+   FedAvgM, FedAdam or FedYogi from `flwr.serverapp.strategy`), weighted by training examples,
+   the replies in partition order (deterministic);
 4. score: the global model on the test set here ("server"), or every client that has
    trained on its own held-out data ("clients"), weighted by examples; clients that never
    trained are counted, not scored;
 5. record the bytes of the arrays that actually went each way; checkpoint every N rounds.
 
-Why `FedParaStrategy` is a plain class and not a subclass of Flower's `FedAvg`: the round loop
-here is `run_server`, not `Strategy.start` (flwr 1.42), because `start` does not fit it.
+Why `FedParaStrategy` wraps Flower's strategy instead of subclassing it: the round loop here is
+`run_server`, not `Strategy.start` (flwr 1.42), because `start` does not fit it.
 `start` always counts rounds from 1 (a resumed run starts after its checkpoint), sends one
 fixed train config (the learning rate decays per round), offers no hook after a round (the
 checkpoint, which also asks the clients for their personal arrays, and the `on_round`
 callback), and keeps the messages it sends out of reach of the caller (the history records
-their measured bytes). Every hook of `FedAvg` would be overridden and its `start` never
-called, so the class takes nothing from it: it keeps the per-round state (which node holds
-which partition, who has trained) and builds and reads the messages of one round.
+their measured bytes). So `FedParaStrategy` keeps the per-round state (which node holds which
+partition, who has trained), addresses the round's partitions, and hands Flower's strategy
+the two calls that are its algorithm: `configure_train` (what the clients are told, e.g.
+FedProx's mu; the arrays FedOpt remembers) and `aggregate_train` (the new global arrays).
 The record keys and query names both apps use are `fedpara.messages`'; checkpoints are
 written and read by `fedpara.checkpoints`.
 """
@@ -37,8 +40,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import strategy as flower
 
 from fedpara import task
 from fedpara.checkpoints import (
@@ -47,7 +51,7 @@ from fedpara.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedpara.config import ExperimentConfig
+from fedpara.config import STRATEGIES, ExperimentConfig
 from fedpara.history import History, RoundRecord, hardware_info
 from fedpara.messages import (
     ARRAYS,
@@ -93,8 +97,57 @@ def _raise_errors(replies: list[Message], what: str) -> None:
         raise RuntimeError(f"{len(failed)} client(s) failed during {what}: {reasons}")
 
 
+def flower_strategy(config: ExperimentConfig) -> flower.FedAvg:
+    """Flower's own implementation of `config.strategy`, set up for one `FedParaStrategy`.
+
+    It sees only the global keys' arrays (FedPara's factors like any other array; pFedPara's
+    local factors and FedPer's head never reach it), weighs clients by NUM_EXAMPLES, and reads
+    and writes the ARRAYS and ROUND records of the messages. It samples every node of the
+    cohort it is shown (`_Cohort`); the round's metrics are read by `FedParaStrategy`.
+    """
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"strategy={config.strategy!r}; allowed: {', '.join(STRATEGIES)}")
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0,
+                  min_train_nodes=config.clients_per_round, min_evaluate_nodes=0,
+                  min_available_nodes=config.clients_per_round, weighted_by_key=NUM_EXAMPLES,
+                  arrayrecord_key=ARRAYS, configrecord_key=ROUND,
+                  train_metrics_aggr_fn=_no_metrics, evaluate_metrics_aggr_fn=_no_metrics)
+    if config.strategy == "fedprox":
+        return flower.FedProx(**common, proximal_mu=config.proximal_mu)
+    if config.strategy == "fedavgm":
+        return flower.FedAvgM(**common, server_learning_rate=config.server_lr,
+                              server_momentum=config.server_momentum)
+    if config.strategy == "fedadam":
+        return flower.FedAdam(**common, eta=config.server_lr, eta_l=config.lr)
+    if config.strategy == "fedyogi":
+        return flower.FedYogi(**common, eta=config.server_lr, eta_l=config.lr)
+    return flower.FedAvg(**common)
+
+
+def _no_metrics(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """The strategy's metric aggregation: none (FedParaStrategy reads the round's metrics)."""
+    return MetricRecord()
+
+
+class _Cohort:
+    """The grid as Flower's `configure_train` sees it: only the nodes of the round's sampled
+    partitions, so the strategy addresses exactly the reproducible (seed, round) sample."""
+
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+# server-side state a strategy carries between rounds (FedAvgM's momentum, FedOpt's moments),
+# saved in checkpoints so a resumed run continues the same optimizer
+_STRATEGY_STATE = ("momentum_vector", "m_t", "v_t")
+
+
 class FedParaStrategy:
-    """FedAvg over the global keys, with exact reproducible sampling by partition id.
+    """One round's exchanges, with exact reproducible sampling by partition id, aggregated by
+    `config.strategy` (Flower's implementation, `self.flower`).
 
     `nodes` maps partition id -> node id (node ids are random per run; partitions are not),
     filled in by `discover_nodes`; `trained` holds the partitions that have trained at least
@@ -107,6 +160,7 @@ class FedParaStrategy:
         self.config = config
         self.nodes: dict[int, int] = {}
         self.trained: set[int] = set()
+        self.flower = flower_strategy(config)
 
     # messages -----------------------------------------------------------------------------
 
@@ -129,19 +183,29 @@ class FedParaStrategy:
         return ArrayRecord(encode(arrays.to_torch_state_dict(), self.config.transport))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord) -> list[Message]:
-        """The training messages of `server_round`: one per sampled partition."""
+        """The training messages of `server_round`: one per sampled partition.
+
+        Flower's strategy configures them (it adds its own entries to ROUND, e.g. FedProx's
+        "proximal-mu", and FedOpt remembers `arrays`); the arrays go out in the transport format.
+        """
         round_config = ConfigRecord({SERVER_ROUND: server_round,
                                      LR: self.config.round_lr(server_round)})
-        wire = self._wire(arrays)
-        return [
-            self._message(p, MessageType.TRAIN, {ARRAYS: wire, ROUND: round_config}, server_round)
-            for p in self.sample(server_round)
-        ]
+        sampled = self.sample(server_round)
+        configured = self.flower.configure_train(
+            server_round, arrays, round_config, _Cohort(self.nodes[p] for p in sampled))
+        by_node = {m.metadata.dst_node_id: m.content for m in configured}
+        messages = []
+        for p in sampled:
+            content = by_node[self.nodes[p]]
+            records = {ARRAYS: self._wire(content.array_records[ARRAYS]),
+                       ROUND: content.config_records[ROUND]}
+            messages.append(self._message(p, MessageType.TRAIN, records, server_round))
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord, dict[str, Any]]:
-        """Example-weighted mean of the returned arrays, decoded from the transport format;
-        float64 sums, float32 (integer entries: their own dtype) results.
+        """The new global arrays: Flower's strategy aggregating the returned arrays (decoded
+        from the transport format, replies in partition order), each in the dtype it was sent.
 
         Also the round's `RoundRecord` fields from the replies' metrics: `train_loss`,
         `parameter_change` (a list, `task.tracked_parameters` order: the mean over the clients)
@@ -149,17 +213,19 @@ class FedParaStrategy:
         """
         replies = list(replies)
         _raise_errors(replies, f"training in round {server_round}")
-        contents = sorted((m.content for m in replies), key=lambda c: c[METRICS][PARTITION_ID])
+        replies.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
+        contents = [m.content for m in replies]
         weights = np.array([float(c[METRICS][NUM_EXAMPLES]) for c in contents])
         weights /= weights.sum()
         self.trained.update(int(c[METRICS][PARTITION_ID]) for c in contents)
-        states = [decode(c[ARRAYS].to_torch_state_dict(), self.config.transport)
-                  for c in contents]
-        aggregated = ArrayRecord()
-        for key in states[0]:
-            arrays = [state[key].numpy() for state in states]
-            mean = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays, strict=True))
-            aggregated[key] = Array(np.asarray(mean).astype(arrays[0].dtype))
+        if self.config.transport != "float32":
+            for content in contents:
+                content[ARRAYS] = ArrayRecord(decode(content[ARRAYS].to_torch_state_dict(),
+                                                     self.config.transport))
+        dtypes = {key: array.numpy().dtype for key, array in contents[0][ARRAYS].items()}
+        result, _ = self.flower.aggregate_train(server_round, replies)
+        aggregated = ArrayRecord({key: Array(np.asarray(result[key].numpy()).astype(dtype))
+                                  for key, dtype in dtypes.items()})
         # how far local training moved each tracked parameter, the mean over the clients
         changes = np.array([list(c[METRICS][CHANGE]) for c in contents], dtype=np.float64)
         fields: dict[str, Any] = {
@@ -224,6 +290,31 @@ class FedParaStrategy:
         messages = self.configure_evaluate(server_round, arrays)
         fields = self.aggregate_evaluate(server_round, grid.send_and_receive(messages))
         return {**fields, "eval_bytes_down": sum(array_bytes(m.content) for m in messages)}
+
+    # the strategy's own state ------------------------------------------------------------
+
+    def strategy_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What Flower's strategy carries between rounds (FedAvgM's momentum, FedOpt's first
+        and second moments), by global key: empty for FedAvg and FedProx."""
+        state = {}
+        for name in _STRATEGY_STATE:
+            value = getattr(self.flower, name, None)
+            if value is None:
+                continue
+            if isinstance(value, list):  # FedAvgM's momentum: in the global keys' order
+                value = dict(zip(self.flower.current_arrays.keys(), value, strict=True))
+            state[name] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+        return state
+
+    def restore_strategy_state(self, state: dict[str, dict[str, torch.Tensor]],
+                               arrays: ArrayRecord) -> None:
+        """Put `strategy_state()`'s output back; `arrays` are the global arrays it went with."""
+        if hasattr(self.flower, "momentum_vector"):  # FedAvgM steps from the current arrays
+            self.flower.current_arrays = arrays
+        for name, value in state.items():
+            arrays_of = {k: v.numpy() for k, v in value.items()}
+            setattr(self.flower, name, list(arrays_of.values()) if name == "momentum_vector"
+                    else arrays_of)
 
     # node discovery and per-client state ---------------------------------------------------
 
@@ -297,6 +388,7 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         arrays = ArrayRecord(state["global"])
         history.records = History.from_dict(state["history"]).records
         strategy.trained = set(state["trained"])
+        strategy.restore_strategy_state(state.get("strategy", {}), arrays)
         strategy.restore_local(grid, state["local"])
         first_round = state["round"] + 1
         log.info("resumed from %s", path)
@@ -331,7 +423,8 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         if config.checkpoint_dir and (server_round % config.checkpoint_every == 0
                                       or server_round == config.rounds):
             save_checkpoint(config, server_round, arrays.to_torch_state_dict(),
-                            strategy.gather_local(grid), strategy.trained, history)
+                            strategy.gather_local(grid), strategy.trained, history,
+                            strategy_state=strategy.strategy_state())
         if on_round is not None:
             on_round(record, history)
     return history

@@ -183,17 +183,43 @@ class Speed:
 PLAIN = Speed()  # fp32, contiguous, cuDNN's heuristics: the reference arithmetic
 
 
+@dataclass(frozen=True)
+class Proximal:
+    """FedProx's term mu/2 * sum ||p - anchor||^2 over `params` (Li et al., 2020), added to the
+    loss's gradient as mu * (p - anchor) rather than to the loss itself (the same update)."""
+
+    mu: float
+    params: list[Tensor]
+    anchors: list[Tensor]  # detached copies of `params` when the round's training began
+
+    @classmethod
+    def of(cls, model: nn.Module, mu: float, names: Iterable[str]) -> Proximal:
+        named = dict(model.named_parameters())
+        params = [named[n] for n in names if n in named]  # buffers have no gradient
+        return cls(mu, params, [p.detach().clone() for p in params])
+
+    def add_to_gradients(self) -> None:
+        pairs = [(p.grad, p, a) for p, a in zip(self.params, self.anchors, strict=True)
+                 if p.grad is not None]
+        if pairs:
+            grads, params, anchors = map(list, zip(*pairs, strict=True))
+            torch._foreach_add_(grads, torch._foreach_sub(params, anchors), alpha=self.mu)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, *,
-               bf16: bool = False) -> Tensor:
+               bf16: bool = False, proximal: Proximal | None = None) -> Tensor:
     """One SGD step on a batch x (B, C, H, W), y (B,); returns the batch's mean loss (no sync).
 
     bf16: run the forward under bfloat16 autocast (the loss and the backward's accumulation into
     the fp32 gradients follow autocast's rules; FedPara weights are composed in fp32).
+    proximal: FedProx's term, added to the gradients (the returned loss is the cross-entropy).
     """
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = F.cross_entropy(model(x), y)
     loss.backward()
+    if proximal is not None:
+        proximal.add_to_gradients()
     optimizer.step()
     return loss.detach()
 
@@ -211,12 +237,14 @@ def _cudnn_benchmark(enabled: bool):
 
 def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
           device: torch.device | str = "cpu", seed: int | None = None,
-          speed: Speed | None = None, lr_scale: Mapping[str, float] | None = None
-          ) -> TrainResult:
+          speed: Speed | None = None, lr_scale: Mapping[str, float] | None = None,
+          proximal_mu: float = 0.0, proximal_to: Iterable[str] | None = None) -> TrainResult:
     """`epochs` passes of SGD (no momentum, no weight decay) over `batches` at learning rate `lr`.
 
     `lr_scale` maps parameter names to a multiplier of `lr` (see `lr_scales`); the others
-    train at `lr`.
+    train at `lr`. `proximal_mu` > 0 adds FedProx's term mu/2 * ||w - w_start||^2 over the
+    parameters named in `proximal_to` (default: all), w_start being their values on entry; the
+    reported loss is the cross-entropy alone.
 
     `seed` seeds torch's global generator first (dropout, DataLoader augmentation); the shuffling
     of TensorBatches comes from the generator it was built with. `speed` defaults to the fast
@@ -225,6 +253,8 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
     """
     if epochs < 1 or lr <= 0:
         raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+    if not proximal_mu >= 0:
+        raise ValueError(f"proximal_mu={proximal_mu} must be >= 0")
     device = torch.device(device)
     if speed is None:
         speed = Speed.default(device, fast=isinstance(batches, TensorBatches))
@@ -235,6 +265,10 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
         model.to(memory_format=torch.channels_last)  # 4-D weights (and FedPara cores) only
     optimizer = torch.optim.SGD(_param_groups(model, lr, lr_scale or {}), lr=lr, momentum=0.0,
                                 weight_decay=0.0)
+    proximal = None
+    if proximal_mu > 0:
+        names = [n for n, _ in model.named_parameters()] if proximal_to is None else proximal_to
+        proximal = Proximal.of(model, proximal_mu, names)
     total, seen = torch.zeros((), device=device), 0
     try:
         with _cudnn_benchmark(speed.cudnn_benchmark and device.type == "cuda"):
@@ -243,7 +277,8 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     if speed.channels_last and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    total += train_step(model, optimizer, x, y, bf16=speed.bf16) * len(y)
+                    total += train_step(model, optimizer, x, y, bf16=speed.bf16,
+                                        proximal=proximal) * len(y)
                     seen += len(y)
     finally:
         if speed.channels_last:

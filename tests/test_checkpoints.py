@@ -134,7 +134,8 @@ def test_a_checkpoint_reads_back_and_only_the_latest_two_are_kept(tmp_path):
     assert sorted(tmp_path.iterdir()) == paths[1:]  # no temporary files left either
     assert latest_checkpoint(tmp_path) == paths[-1]
     state = load_checkpoint(paths[-1], config)
-    assert list(state) == ["round", "config", "global", "local", "trained", "history"]
+    assert list(state) == ["round", "config", "global", "local", "trained", "strategy", "history"]
+    assert state["strategy"] == {}  # FedAvg carries nothing between rounds
     assert state["round"] == 3 and state["trained"] == [1, 3]
     assert state["config"] == config.to_dict()
     assert torch.equal(state["global"]["w"], torch.full((2, 3), 3.0))

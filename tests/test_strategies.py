@@ -1,0 +1,295 @@
+"""Flower's other strategies: FedProx in the client's training, FedAvgM / FedAdam / FedYogi on
+the server, their state in checkpoints, and the fmnist-strategies preset's smoke runs.
+
+The runs here go through the real ServerApp round loop (`run_server`) and the real ClientApp,
+with the messages delivered in-process by `InProcessGrid` instead of Ray, so every strategy's
+smoke profile runs in a few seconds; test_federation.py runs the same apps in Flower's
+simulation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+
+from fedpara import task
+from fedpara.config import PRESETS, ExperimentConfig, get_preset
+from fedpara.messages import ARRAYS, CHANGE, METRICS, NUM_EXAMPLES, PARTITION_ID, ROUND
+
+
+class InProcessGrid:
+    """A Grid whose nodes are the ClientApp called in this process, one Context per node."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.contexts = {
+            100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(),
+                             node_config={"partition-id": p, "num-partitions": num_nodes},
+                             run_config={})
+            for p in range(num_nodes)
+        }
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        from fedpara.client_app import app
+
+        messages = list(messages)
+        self.sent.extend(messages)
+        return [app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+@pytest.fixture
+def identity(monkeypatch):
+    """What a Flower run sets before messages can be made and answered."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def run_in_process(config: ExperimentConfig, **kwargs):
+    from fedpara.server_app import run_server
+
+    grid = InProcessGrid(config.num_clients)
+    return run_server(grid, config, **kwargs), grid
+
+
+def strategy_config(data_dir, variant="fedpara-fedadam", **changes) -> ExperimentConfig:
+    return get_preset("fmnist-strategies", variant=variant, profile="smoke", device="cpu",
+                      data_dir=str(data_dir), **changes)
+
+
+# config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(strategy="scaffold"), "strategy='scaffold' is not supported; allowed: fedavg, fedprox"),
+    (dict(strategy="fedprox", proximal_mu=-0.1), "proximal_mu=-0.1 must be >= 0"),
+    (dict(strategy="fedadam", server_lr=0.0), "server_lr=0.0 must be > 0"),
+    (dict(strategy="fedavgm", server_lr=-1.0), "server_lr=-1.0 must be > 0"),
+    (dict(strategy="fedavgm", server_momentum=1.0), "server_momentum=1.0 must be in"),
+    (dict(proximal_mu=0.1), "proximal_mu=0.1 applies to strategy 'fedprox' only"),
+    (dict(strategy="fedprox", server_lr=0.5), "server_lr=0.5 applies to strategy 'fedavgm' or"),
+    (dict(strategy="fedadam", server_momentum=0.9), "server_momentum=0.9 applies to strategy"),
+    (dict(algorithm="local", evaluation="clients", strategy="fedavgm"), "allowed for it: fedavg"),
+])
+def test_bad_strategy_settings_name_the_field_and_the_allowed_values(changes, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ExperimentConfig(num_clients=4).replace(**changes)
+
+
+def test_the_preset_pairs_each_strategy_with_both_models_at_one_setting():
+    preset = PRESETS["fmnist-strategies"]
+    configs = [get_preset("fmnist-strategies", variant=v) for v in preset.variants]
+    reference = get_preset("fmnist-noniid", variant="fedpara")
+    for strategy in ("fedprox", "fedavgm", "fedadam"):
+        pair = [c for c in configs if c.strategy == strategy]
+        assert sorted(c.parameterization for c in pair) == ["fedpara", "original"]
+        settings = {(c.proximal_mu, c.server_lr, c.server_momentum) for c in pair}
+        assert len(settings) == 1  # the same setting for both models
+    # apart from the strategy, the protocol is fmnist-noniid's (whose runs are the FedAvg ones)
+    same = get_preset("fmnist-strategies", variant="fedpara-fedprox").replace(
+        strategy="fedavg", proximal_mu=0.0, preset="fmnist-noniid", variant="fedpara")
+    assert same == reference
+
+
+# FedProx in the client -------------------------------------------------------------------------
+
+
+def test_fedprox_adds_mu_times_the_distance_to_the_start_to_each_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    mu, lr = 0.5, 0.1
+    proximal = task.Proximal.of(model, mu, ["weight"])  # the bias is not pulled
+    with torch.no_grad():  # move away from the anchor so the term is not zero
+        model.weight.add_(1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    moved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(moved)
+    loss = torch.nn.functional.cross_entropy(reference(x), y) + mu / 2 * (
+        reference.weight - start["weight"]).pow(2).sum()
+    loss.backward()
+
+    task.train_step(model, optimizer, x, y, proximal=proximal)
+    assert torch.allclose(model.weight, moved["weight"] - lr * reference.weight.grad, atol=1e-6)
+    assert torch.allclose(model.bias, moved["bias"] - lr * reference.bias.grad, atol=1e-6)
+
+
+def test_fedprox_keeps_local_training_closer_to_the_global_model(fmnist_dir, one_thread):
+    config = strategy_config(fmnist_dir, variant="original-fedprox")
+    data = task.client_data(config, 0, seed=1)
+    start = task.init_model(config)
+    keys = task.split_keys(start, config.algorithm)[0]
+
+    def distance(mu):
+        model = task.init_model(config)
+        task.train(model, data.train, epochs=1, lr=0.1, seed=1, proximal_mu=mu,
+                   proximal_to=keys)
+        return sum((p - q).pow(2).sum() for p, q in
+                   zip(model.parameters(), start.parameters(), strict=True)).sqrt().item()
+
+    free, pulled = distance(0.0), distance(5.0)
+    assert pulled < 0.8 * free
+    with pytest.raises(ValueError, match="proximal_mu"):
+        task.train(task.init_model(config), data.train, epochs=1, lr=0.1, proximal_mu=-1.0)
+
+
+# the server's strategies -----------------------------------------------------------------------
+
+
+def _replies(states, examples):
+    return [Message(content=RecordDict({
+        ARRAYS: ArrayRecord(state),
+        METRICS: MetricRecord({NUM_EXAMPLES: n, "train-loss": 1.0, PARTITION_ID: p,
+                               CHANGE: [0.1]})}),
+        dst_node_id=p + 10, message_type="train")
+        for p, (state, n) in enumerate(zip(states, examples, strict=True))]
+
+
+@pytest.mark.parametrize("strategy, settings", [
+    ("fedavg", {}),
+    ("fedprox", {"proximal_mu": 0.1}),
+    ("fedavgm", {"server_lr": 0.5, "server_momentum": 0.0}),
+    ("fedadam", {"server_lr": 0.01}),
+    ("fedyogi", {"server_lr": 0.01}),
+])
+def test_each_strategy_applies_its_own_rule_to_the_clients_mean(fmnist_dir, identity, strategy,
+                                                                 settings):
+    from fedpara.server_app import FedParaStrategy
+
+    defaults = dict(strategy=strategy, proximal_mu=0.0, server_lr=1.0, server_momentum=0.0)
+    config = strategy_config(fmnist_dir).replace(**{**defaults, **settings})
+    server = FedParaStrategy(config)
+    server.nodes = {p: p + 10 for p in range(config.num_clients)}
+    model = task.init_model(config)
+    old = task.get_arrays(model, task.split_keys(model, "fedavg")[0])
+    messages = server.configure_train(1, ArrayRecord(old))
+    assert [m.metadata.dst_node_id - 10 for m in messages] == server.sample(1)
+    told = dict(messages[0].content[ROUND])
+    assert told.get("proximal-mu") == settings.get("proximal_mu")
+
+    torch.manual_seed(2)
+    states = [{k: v + torch.randn_like(v) * 0.01 for k, v in old.items()} for _ in range(2)]
+    new, _ = server.aggregate_train(1, _replies(states, (300, 100)))
+    new = new.to_torch_state_dict()
+    for key, value in old.items():
+        mean = (0.75 * states[0][key].double() + 0.25 * states[1][key].double()).numpy()
+        delta = mean - value.double().numpy()
+        if strategy == "fedavgm":
+            expected = value.double().numpy() + 0.5 * delta
+        elif strategy in ("fedadam", "fedyogi"):
+            # first round, from zero moments: m = 0.1 delta and v = 0.01 delta² (Yogi's
+            # v - 0.01 delta² sign(v - delta²) is the same from v = 0)
+            m, v = 0.1 * delta, 0.01 * delta**2
+            # Flower's FedAdam corrects the step for the moments' bias, its FedYogi does not
+            eta = 0.01 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2) if strategy == "fedadam" else 0.01
+            expected = value.double().numpy() + eta * m / (np.sqrt(v) + 1e-3)
+        else:
+            expected = mean
+        assert new[key].dtype == torch.float32
+        np.testing.assert_allclose(new[key].numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+# runs -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(fmnist_dir, tmp_path_factory):
+    """Every variant of fmnist-strategies at its smoke profile through the real apps, and
+    fmnist-noniid's two FedAvg runs at the same profile (the reference)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        configs = {v: strategy_config(fmnist_dir, variant=v)
+                   for v in PRESETS["fmnist-strategies"].variants}
+        for kind in ("fedpara", "original"):
+            configs[f"{kind}-fedavg"] = get_preset("fmnist-noniid", variant=kind, profile="smoke",
+                                                   device="cpu", data_dir=str(fmnist_dir))
+        return {variant: (config, *run_in_process(config)) for variant, config in configs.items()}
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+        torch.set_num_threads(torch_threads)
+
+
+def test_every_strategy_smoke_run_completes_and_fedpara_sends_a_third_or_less(smoke_runs):
+    for variant, (config, history, _) in smoke_runs.items():
+        assert len(history) == config.rounds
+        assert all(np.isfinite([r.accuracy, r.loss, r.train_loss]).all()
+                   for r in history.records), variant
+        if variant.startswith("fedpara"):
+            other = smoke_runs[variant.replace("fedpara", "original", 1)][1]
+            assert history.records[-1].cum_bytes < other.records[-1].cum_bytes / 3
+
+
+def test_the_server_strategies_change_the_global_model_fedprox_the_local_training(smoke_runs):
+    """Round 1 starts every run of a model from the same arrays and clients, so its training
+    loss is FedAvg's unless the clients train differently (FedProx); round 2 starts from what
+    the strategy made of round 1, so FedAvgM and FedAdam move it."""
+    for variant, (config, history, _) in smoke_runs.items():
+        reference = smoke_runs[variant.split("-")[0] + "-fedavg"][1].records
+        first, second = (r.train_loss for r in history.records[:2])
+        if config.strategy in ("fedavgm", "fedadam"):
+            assert first == reference[0].train_loss and second != reference[1].train_loss
+        elif config.strategy == "fedprox":
+            assert first != reference[0].train_loss
+            assert first == pytest.approx(reference[0].train_loss, rel=0.01)  # mu is small
+
+
+def test_fedprox_clients_are_told_mu_and_no_other_strategy_tells_them(smoke_runs):
+    for variant, (config, _, grid) in smoke_runs.items():
+        training = [m for m in grid.sent if m.metadata.message_type == "train"]
+        told = {m.content[ROUND].get("proximal-mu") for m in training}
+        assert told == ({config.proximal_mu} if config.strategy == "fedprox" else {None})
+
+
+def test_pfedpara_local_factors_never_reach_an_adaptive_strategy(fmnist_dir, identity):
+    from fedpara.server_app import FedParaStrategy
+
+    config = get_preset("fmnist-personal", variant="pfedpara", profile="smoke", device="cpu",
+                        data_dir=str(fmnist_dir), strategy="fedadam", server_lr=0.01)
+    history, grid = run_in_process(config)
+    model = task.init_model(config)
+    global_keys, local_keys = task.split_keys(model, "pfedpara")
+    assert any(k.endswith(".x2") for k in local_keys)
+    for message in grid.sent:
+        if message.metadata.message_type == "train":
+            assert list(message.content[ARRAYS].keys()) == global_keys
+    assert all(np.isfinite(r.accuracy) for r in history.records)
+    server = FedParaStrategy(config)  # what the strategy would hold after a round
+    server.nodes = {p: 100 + p for p in range(config.num_clients)}
+    server.configure_train(1, ArrayRecord(task.get_arrays(model, global_keys)))
+    assert sorted(server.flower.current_arrays) == sorted(global_keys)
+
+
+@pytest.mark.parametrize("variant", ["fedpara-fedadam", "original-fedavgm"])
+def test_a_resumed_run_continues_the_servers_optimizer(fmnist_dir, identity, tmp_path, variant,
+                                                       one_thread):
+    from fedpara.checkpoints import checkpoint_path
+
+    config = strategy_config(fmnist_dir, variant=variant, rounds=3, checkpoint_every=1,
+                             checkpoint_dir=str(tmp_path), eval_samples=500,
+                             client_samples=200)
+    uninterrupted, _ = run_in_process(config)
+    state = torch.load(checkpoint_path(tmp_path, 3), weights_only=True)
+    assert state["strategy"]  # momentum or moments, by global key
+    assert all(set(v) == set(state["global"]) for v in state["strategy"].values())
+    checkpoint_path(tmp_path, 3).unlink()
+    resumed, _ = run_in_process(config, resume=True)
+    assert [r.accuracy for r in resumed.records] == [r.accuracy for r in uninterrupted.records]
+    assert [r.train_loss for r in resumed.records] == [r.train_loss for r in uninterrupted.records]
+    final = torch.load(checkpoint_path(tmp_path, 3), weights_only=True)
+    for key, value in state["global"].items():
+        assert torch.equal(final["global"][key], value)
