@@ -16,10 +16,12 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpara import task
+from fedpara.cohort import train_cohort
 from fedpara.config import ExperimentConfig
 from fedpara.messages import (
     ARRAYS,
     CHANGE,
+    COHORT,
     CORRECT,
     EXPERIMENT,
     GET_LOCAL_ACTION,
@@ -38,6 +40,7 @@ from fedpara.messages import (
     SERVER_ROUND,
     SET_LOCAL_ACTION,
     TRAIN_LOSS,
+    cohort_key,
 )
 from fedpara.transport import decode, encode
 
@@ -84,11 +87,15 @@ def _client_model(config: ExperimentConfig, msg: Message, context: Context):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train on this client's partition; reply with the global keys' arrays."""
+    """Train on this client's partition (or, for engine="cohort", on every partition the
+    message names, together); reply with the global keys' arrays."""
     config, partition_id = _setup(msg, context)
     round_config = msg.content.config_records[ROUND]
     server_round, lr = int(round_config[SERVER_ROUND]), float(round_config[LR])
     proximal_mu = float(round_config.get(PROXIMAL_MU, 0.0))  # FedProx only
+    if COHORT in round_config:
+        return _train_cohort(msg, config, [int(p) for p in round_config[COHORT]],
+                             server_round, lr, proximal_mu)
 
     # 1. the model: global arrays from the server, personal ones from the last round
     device = task.resolve_device(config.device)
@@ -105,6 +112,15 @@ def train(msg: Message, context: Context) -> Message:
     # 3. keep the personal part, send the global part
     if local_keys:
         context.state[LOCAL] = ArrayRecord(task.get_arrays(model, local_keys))
+    arrays, metrics = _reply_records(config, model, before, result, data, partition_id,
+                                     global_keys, device)
+    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
+
+
+def _reply_records(config: ExperimentConfig, model, before, result: task.TrainResult,
+                   data: task.ClientData, partition_id: int, global_keys: list[str], device
+                   ) -> tuple[ArrayRecord, MetricRecord]:
+    """One trained client's reply: its global arrays (in the transport format) and metrics."""
     metrics = MetricRecord(
         {NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.loss, PARTITION_ID: partition_id,
          # how far training moved each parameter (task.tracked_parameters order)
@@ -114,8 +130,35 @@ def train(msg: Message, context: Context) -> Message:
         own = task.evaluate(model, data.holdout, device=device)
         metrics[OWN_CORRECT], metrics[OWN_EXAMPLES] = own.correct, own.num_examples
     arrays = ArrayRecord(encode(task.get_arrays(model, global_keys), config.transport))
-    content = RecordDict({ARRAYS: arrays, METRICS: metrics})
-    return Message(content=content, reply_to=msg)
+    return arrays, metrics
+
+
+def _train_cohort(msg: Message, config: ExperimentConfig, partitions: list[int],
+                  server_round: int, lr: float, proximal_mu: float) -> Message:
+    """engine="cohort": the round's partitions trained together from the same global arrays
+    (cohort.train_cohort), each with the data and seed it would have alone; one reply holding
+    each partition's arrays and metrics under `cohort_key`."""
+    device = task.resolve_device(config.device)
+    sent = decode(msg.content.array_records[ARRAYS].to_torch_state_dict(), config.transport)
+    models, before, data = [], [], []
+    for p in partitions:
+        model = task.init_model(config)
+        task.set_arrays(model, sent)
+        models.append(model.to(device))
+        before.append(task.snapshot(model))
+        data.append(task.client_data(config, p, seed=task.client_seed(config.seed,
+                                                                      server_round, p)))
+    global_keys, _ = task.split_keys(models[0], config.algorithm)
+    results = train_cohort(models, [d.train for d in data], epochs=config.local_epochs, lr=lr,
+                           device=device, lr_scale=task.lr_scales(models[0], config),
+                           proximal_mu=proximal_mu, proximal_to=global_keys,
+                           seeds=[task.client_seed(config.seed, server_round, p)
+                                  for p in partitions])
+    records = {}
+    for p, model, old, result, d in zip(partitions, models, before, results, data, strict=True):
+        arrays, metrics = _reply_records(config, model, old, result, d, p, global_keys, device)
+        records[cohort_key(ARRAYS, p)], records[cohort_key(METRICS, p)] = arrays, metrics
+    return Message(content=RecordDict(records), reply_to=msg)
 
 
 @app.evaluate()

@@ -35,6 +35,11 @@ ALGORITHMS = ("fedavg", "fedper", "pfedpara", "local")  # accounting.py
 SCHEMES = ("iid", "dirichlet", "shard", "natural")  # partition.py
 TRANSPORTS = ("float32", "float16", "bfloat16")  # transport.py
 PROFILES = ("full", "quick", "smoke")
+# How a round's clients train (fedpara/cohort.py): "client" = each node trains its own partition
+# (task.train, the reference); "cohort" = one node trains all the round's partitions together as
+# one vmap program (cohort.train_cohort), the same numbers to float tolerance, traffic still
+# counted per client
+ENGINES = ("client", "cohort")
 EVALUATIONS = ("server", "clients")
 # personalized algorithms keep part of the model on the client, so only clients can score them
 PERSONALIZED = ("fedper", "pfedpara", "local")
@@ -48,7 +53,7 @@ PERSONAL_SPLITS = ("plus-one", "product")
 # server steps). Beyond the paper, which combines FedPara with other optimizers in its own code.
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
 # which strategies read which of the server-side fields (the others must leave them at default)
-_STRATEGY_FIELDS = {
+STRATEGY_FIELDS = {
     "proximal_mu": ("fedprox",),
     "server_lr": ("fedavgm", "fedadam", "fedyogi"),
     "server_momentum": ("fedavgm",),
@@ -64,12 +69,13 @@ _ALLOWED = {
     "transport": TRANSPORTS,
     "personal_split": PERSONAL_SPLITS,
     "strategy": STRATEGIES,
+    "engine": ENGINES,
 }
 # Where and how a run executed, not what it computed: two configs that differ only in these
 # fields describe the same experiment (a stored history counts, a checkpoint resumes).
 EXECUTION_FIELDS = frozenset({
     "data_dir", "device", "results_dir", "checkpoint_dir", "checkpoint_every",
-    "client_num_cpus", "client_num_gpus", "fast_batches",
+    "client_num_cpus", "client_num_gpus", "fast_batches", "engine",
 })
 
 
@@ -125,6 +131,7 @@ class ExperimentConfig:
     # the fast path (task.py): client data resident on the device (data.TensorBatches) and, on
     # CUDA, bf16 autocast, channels-last and cuDNN autotuning; False = DataLoader, fp32, contiguous
     fast_batches: bool = True
+    engine: str = "client"  # ENGINES: "cohort" trains a round's clients together on one node
     client_num_cpus: float = 1.0  # Ray resources per simulated client
     # 0 with device cuda: one client on the GPU at a time, back to back in one Ray worker (the
     # default; book/performance.md); a fraction f runs up to 1/f clients side by side on it
@@ -187,6 +194,10 @@ class ExperimentConfig:
                         f"(got algorithm={self.algorithm!r}); leave it at {default!r}"
                     )
         self._validate_strategy()
+        if self.engine == "cohort" and self.algorithm != "fedavg":
+            raise ValueError(f"engine='cohort' trains stateless clients only (algorithm='fedavg'); "
+                             f"algorithm={self.algorithm!r} keeps state on each node, so it needs "
+                             f"engine='client'")
         if self.algorithm in PERSONALIZED and self.evaluation != "clients":
             raise ValueError(
                 f"algorithm={self.algorithm!r} keeps part of each model on its client, so it needs "
@@ -212,7 +223,7 @@ class ExperimentConfig:
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"server_momentum={self.server_momentum} must be in [0, 1)")
         defaults = {f.name: f.default for f in fields(self)}
-        for name, strategies in _STRATEGY_FIELDS.items():
+        for name, strategies in STRATEGY_FIELDS.items():
             if self.strategy not in strategies and getattr(self, name) != defaults[name]:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} applies to strategy "

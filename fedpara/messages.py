@@ -7,7 +7,9 @@ imports nothing (Flower's `MessageType.QUERY` is the string "query").
 
 A training message holds EXPERIMENT, ROUND and ARRAYS; its reply ARRAYS and METRICS
 (NUM_EXAMPLES, TRAIN_LOSS, PARTITION_ID, CHANGE, and with client evaluation OWN_CORRECT and
-OWN_EXAMPLES). An evaluation message holds EXPERIMENT and ARRAYS; its reply METRICS
+OWN_EXAMPLES). With engine="cohort" one training message carries ROUND[COHORT], the round's
+partitions, and its reply one "arrays.<p>" and one "metrics.<p>" record per partition
+(`cohort_key`). An evaluation message holds EXPERIMENT and ARRAYS; its reply METRICS
 (NUM_EXAMPLES, LOSS, CORRECT, PARTITION_ID).
 """
 
@@ -23,7 +25,13 @@ METRICS = "metrics"  # MetricRecord of a reply
 # ROUND's entries
 SERVER_ROUND = "server-round"
 LR = "lr"
+COHORT = "cohort"  # engine="cohort": the partitions one node trains together (a list of ints)
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx.configure_train (its key); absent otherwise
+
+def cohort_key(record: str, partition_id: int) -> str:
+    """A cohort reply's record key for one partition: e.g. "arrays.3", "metrics.3"."""
+    return f"{record}.{partition_id}"
+
 
 # METRICS' entries
 NUM_EXAMPLES = "num-examples"  # training examples (weights the average) or held-out examples

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fedpara.config import (
     EXECUTION_FIELDS,
     PRESETS,
+    STRATEGY_FIELDS,
     ExperimentConfig,
     differing_fields,
     get_preset,
@@ -312,7 +313,8 @@ FAKE_DATA_WRITERS: dict[str, Callable[[Path, int], None]] = {
 # the fields of a config that say what a run computes, for `Chapter.protocol`
 PROTOCOL_FIELDS = (
     "dataset", "model", "algorithm", "parameterization", "gamma", "personal_split",
-    "local_lr_scale", "partition", "alpha",
+    "local_lr_scale", "strategy", "proximal_mu", "server_lr", "server_momentum", "partition",
+    "alpha",
     "shards_per_client", "num_clients", "clients_per_round", "rounds", "local_epochs",
     "batch_size", "lr", "lr_decay", "evaluation", "transport",
 )
@@ -391,7 +393,9 @@ class Chapter:
                     "shards_per_client": config.partition == "shard",
                     "gamma": config.parameterization != "original",
                     "personal_split": config.algorithm == "pfedpara",
-                    "local_lr_scale": config.algorithm == "pfedpara"}.get(name, True)
+                    "local_lr_scale": config.algorithm == "pfedpara",
+                    **{field: config.strategy in strategies
+                       for field, strategies in STRATEGY_FIELDS.items()}}.get(name, True)
 
         columns = {key: {name: getattr(c, name) if applies(c, name) else ""
                          for name in PROTOCOL_FIELDS}

@@ -56,6 +56,7 @@ from fedpara.history import History, RoundRecord, hardware_info
 from fedpara.messages import (
     ARRAYS,
     CHANGE,
+    COHORT,
     CORRECT,
     EXPERIMENT,
     LOCAL,
@@ -73,6 +74,7 @@ from fedpara.messages import (
     ROUND,
     SERVER_ROUND,
     TRAIN_LOSS,
+    cohort_key,
 )
 from fedpara.transport import decode, encode
 
@@ -242,6 +244,30 @@ class FedParaStrategy:
                 k / n if n else float("nan") for k, n in zip(correct, seen, strict=True)]
         return aggregated, fields
 
+    def cohort_message(self, messages: list[Message], server_round: int) -> Message:
+        """engine="cohort": the round's training messages as one, to the node of the first
+        sampled partition, naming all of them in ROUND[COHORT] (the arrays once)."""
+        first = messages[0].content
+        round_config = ConfigRecord({**first.config_records[ROUND],
+                                     COHORT: self.sample(server_round)})
+        partition = self.sample(server_round)[0]
+        return self._message(partition, MessageType.TRAIN,
+                             {ARRAYS: first.array_records[ARRAYS], ROUND: round_config},
+                             server_round)
+
+    def split_cohort(self, replies: list[Message], server_round: int) -> list[Message]:
+        """A cohort's one reply as the per-client replies it stands for (what the strategy
+        aggregates and the traffic counts)."""
+        _raise_errors(replies, f"cohort training in round {server_round}")
+        content = replies[0].content
+        return [
+            Message(content=RecordDict({ARRAYS: content[cohort_key(ARRAYS, p)],
+                                        METRICS: content[cohort_key(METRICS, p)]}),
+                    dst_node_id=self.nodes[p], message_type=MessageType.TRAIN,
+                    group_id=str(server_round))
+            for p in self.sample(server_round)
+        ]
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord) -> list[Message]:
         """Client evaluation: every client for FedAvg, those that have trained otherwise."""
         if self.config.evaluation != "clients":
@@ -278,7 +304,11 @@ class FedParaStrategy:
         """Train the sampled clients and average what they send: the new global arrays and
         the round's training fields, with the bytes that went each way."""
         messages = self.configure_train(server_round, arrays)
-        replies = list(grid.send_and_receive(messages))
+        if self.config.engine == "cohort":  # one node trains them all; counted per client
+            cohort = self.cohort_message(messages, server_round)
+            replies = self.split_cohort(list(grid.send_and_receive([cohort])), server_round)
+        else:
+            replies = list(grid.send_and_receive(messages))
         bytes_down = sum(array_bytes(m.content) for m in messages)
         bytes_up = sum(array_bytes(r.content) for r in replies if not r.has_error())
         aggregated, fields = self.aggregate_train(server_round, replies)

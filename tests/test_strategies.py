@@ -293,3 +293,27 @@ def test_a_resumed_run_continues_the_servers_optimizer(fmnist_dir, identity, tmp
     final = torch.load(checkpoint_path(tmp_path, 3), weights_only=True)
     for key, value in state["global"].items():
         assert torch.equal(final["global"][key], value)
+
+
+# the cohort engine -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["fedpara-fedprox", "original-fedadam"])
+def test_a_cohort_round_equals_its_clients_trained_apart(fmnist_dir, identity, one_thread,
+                                                         variant):
+    """engine="cohort" sends one node the round's partitions in one message; the history
+    (traffic per client, losses, accuracy) is the per-client engine's to float tolerance."""
+    config = strategy_config(fmnist_dir, variant=variant, client_samples=150, eval_samples=500)
+    apart, apart_grid = run_in_process(config)
+    together, grid = run_in_process(config.replace(engine="cohort"))
+    training = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(training) == config.rounds  # one message a round, not clients_per_round
+    assert [m.content["round"]["cohort"] for m in training] == [
+        r.clients for r in apart.records]
+    for a, b in zip(apart.records, together.records, strict=True):
+        assert (a.bytes_up, a.bytes_down, a.cum_bytes) == (b.bytes_up, b.bytes_down, b.cum_bytes)
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
+        assert b.loss == pytest.approx(a.loss, rel=1e-3)
+        assert b.parameter_change == pytest.approx(a.parameter_change, rel=1e-3)
+    with pytest.raises(ValueError, match="engine='client'"):
+        config.replace(algorithm="fedper", evaluation="clients", engine="cohort")
