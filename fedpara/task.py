@@ -164,6 +164,8 @@ class Speed:
     """
 
     bf16: bool = False  # autocast the forward to bfloat16 (weights, gradients, SGD stay fp32)
+    # CUDA with TensorBatches only: replay the step as a captured CUDA graph (fedpara/graphed.py)
+    graph: bool = False
     channels_last: bool = False  # NHWC layout for the images and the model's 4-D tensors
     cudnn_benchmark: bool = False  # cuDNN times its algorithms once per new shape (CUDA only)
 
@@ -174,7 +176,8 @@ class Speed:
         On a CPU, what bf16 autocast gains depends on the CPU's bfloat16 instructions, and it
         would change the numbers of the fp32 histories on record; channels-last gave no
         consistent gain where measured (book/performance.md). So a CPU keeps the plain
-        arithmetic.
+        arithmetic. The captured step (`graph`) stays off by default until
+        benchmarks/gpu_check.sh has compared it with the eager step on a GPU.
         """
         on = fast and torch.device(device).type == "cuda"
         return cls(bf16=on, channels_last=on, cudnn_benchmark=on)
@@ -265,6 +268,18 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
         model.to(memory_format=torch.channels_last)  # 4-D weights (and FedPara cores) only
     optimizer = torch.optim.SGD(_param_groups(model, lr, lr_scale or {}), lr=lr, momentum=0.0,
                                 weight_decay=0.0)
+    if speed.graph and device.type == "cuda" and isinstance(batches, TensorBatches):
+        from fedpara.graphed import trainer_for
+
+        shape = (batches.batch_size, *batches.x.shape[1:])
+        trainer = trainer_for(model, batches.x.new_empty(shape), batches.y.new_empty(shape[:1]),
+                              device=device, speed=speed, lr_scale=lr_scale,
+                              proximal_mu=proximal_mu, proximal_to=proximal_to)
+        with _cudnn_benchmark(speed.cudnn_benchmark):
+            loss, _ = trainer.train(model, batches, epochs=epochs, lr=lr, seed=seed)
+        if speed.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        return TrainResult(loss=loss, num_examples=_num_samples(batches))
     proximal = None
     if proximal_mu > 0:
         names = [n for n, _ in model.named_parameters()] if proximal_to is None else proximal_to

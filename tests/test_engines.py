@@ -1,0 +1,91 @@
+"""The GPU engine's two halves, checked on the CPU against `task.train`, the reference:
+a round's clients trained together (fedpara/cohort.py) and the captured step's copy-in,
+replay and copy-out logic run eagerly (fedpara/graphed.py; the capture itself needs CUDA and
+is checked by benchmarks/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedpara import task
+from fedpara.cohort import train_cohort
+from fedpara.data import TensorBatches
+from fedpara.graphed import GraphedTrainer
+from fedpara.models import build_model
+
+SIZES = (50, 37, 13)  # unequal clients: 4, 3 and 1 batches of 16, each ending short
+
+
+def _model(parameterization: str, dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("cnn", num_classes=10, in_channels=1, parameterization=parameterization,
+                       gamma=0.1).to(dtype)
+
+
+def _clients(dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 1, 12, 12, generator=g, dtype=dtype),
+             torch.randint(0, 10, (n,), generator=g)) for n in SIZES]
+
+
+def _batches(client, i):
+    return TensorBatches(*client, 16, shuffle=True, generator=torch.Generator().manual_seed(i))
+
+
+@pytest.mark.parametrize("parameterization", ["fedpara", "original"])
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.1])
+def test_clients_trained_together_equal_clients_trained_apart(parameterization, proximal_mu):
+    """Float64, dropout-free CNN: K together == K apart to rounding, padding and all."""
+    base, clients = _model(parameterization), _clients()
+    apart = [copy.deepcopy(base) for _ in SIZES]
+    expected = [task.train(apart[i], _batches(c, i), epochs=2, lr=0.1, seed=3,
+                           proximal_mu=proximal_mu) for i, c in enumerate(clients)]
+    together = [copy.deepcopy(base) for _ in SIZES]
+    got = train_cohort(together, [_batches(c, i) for i, c in enumerate(clients)], epochs=2,
+                       lr=0.1, seeds=[3] * 3, proximal_mu=proximal_mu)
+    for i in range(len(SIZES)):
+        assert got[i].num_examples == expected[i].num_examples == SIZES[i]
+        assert got[i].loss == pytest.approx(expected[i].loss, rel=1e-6)
+        for (name, p), q in zip(together[i].named_parameters(), apart[i].parameters(),
+                                strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+    # and the clients really trained, each its own way
+    assert not torch.equal(next(together[0].parameters()), next(together[1].parameters()))
+
+
+def test_a_cohort_rejects_mixed_architectures_and_bad_settings():
+    models = [_model("fedpara"), _model("original")]
+    batches = [_batches(c, i) for i, c in enumerate(_clients()[:2])]
+    with pytest.raises(ValueError, match="one architecture"):
+        train_cohort(models, batches, epochs=1, lr=0.1)
+    with pytest.raises(ValueError, match="equal length"):
+        train_cohort(models[:1], batches, epochs=1, lr=0.1)
+    with pytest.raises(ValueError, match="lr > 0"):
+        train_cohort(models[:1], batches[:1], epochs=1, lr=0.0)
+
+
+@pytest.mark.parametrize("parameterization", ["fedpara", "original"])
+def test_the_graphed_step_run_eagerly_is_task_train(parameterization):
+    """One trainer serves client after client: weights copied in, trained, copied out; the
+    short last batch trains too; per-parameter learning rates and FedProx as in task.train."""
+    base, clients = _model(parameterization), _clients()
+    names = [n for n, _ in base.named_parameters()]
+    lr_scale = {names[0]: 3.0}
+    x0, y0 = clients[0][0][:16], clients[0][1][:16]
+    trainer = GraphedTrainer(base, x0, y0, device="cpu", speed=task.PLAIN, lr_scale=lr_scale,
+                             proximal_mu=0.05, proximal_to=names[1:], capture=False)
+    for i, client in enumerate(clients):
+        reference, model = copy.deepcopy(base), copy.deepcopy(base)
+        expected = task.train(reference, _batches(client, i), epochs=2, lr=0.1, seed=i,
+                              lr_scale=lr_scale, proximal_mu=0.05, proximal_to=names[1:])
+        loss, seen = trainer.train(model, _batches(client, i), epochs=2, lr=0.1, seed=i)
+        assert seen == 2 * SIZES[i]
+        assert loss == pytest.approx(expected.loss, rel=1e-6)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedTrainer(base, x0, y0, device="cpu", speed=task.PLAIN, capture=True)
