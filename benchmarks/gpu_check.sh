@@ -2,16 +2,18 @@
 # The GPU check: one script for a fresh machine with torch, torchvision and matplotlib only
 # (no flwr, no Ray, no internet). From the repository root:
 #
-#   bash benchmarks/gpu_check.sh                      # on the GPU machine: about 3-4 minutes
+#   bash benchmarks/gpu_check.sh                      # on the GPU machine: under 6 minutes
 #   PYTHON=python bash benchmarks/gpu_check.sh        # when torch is not in python3
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # a quick run on a CPU
 #
-# Steps (each under its own time limit, so the whole stays under 5 minutes; a failed step does
+# Steps (each under its own time limit, so the whole stays under 6 minutes; a failed step does
 # not stop the others, and the exit status says whether any failed):
 #   1. benchmarks/throughput.py: training images/s of VGG16-GN original / FedPara 0.1 / 0.4, the
-#      baseline's way vs the fast path (+ ablations), overheads, projected preset wall times, and
-#      1, 2 and 4 client processes side by side on the device (the stand-in for Ray's
-#      fractional GPUs)                                 -> throughput-<device>.json
+#      baseline's way vs the fast path (+ ablations) and the captured CUDA-graph step,
+#      overheads, projected preset wall times, 16 clients trained together (fedpara/cohort.py)
+#      against one after the other, and two agreement checks with dropout off: together vs
+#      apart, graphed vs eager                         -> throughput-<device>.json
+#      (the side-by-side processes of the 2026-11-29 H200 file: --parallel 1 2 4, not rerun)
 #   2. a 3-round FedAvg smoke over fedpara.task without Flower, fast and plain path, on fake
 #      CIFAR-10 files                                   -> gpu-smoke-<device>.json
 #   3. benchmarks/layer_overhead.py with bf16 and channels-last (the fast path's settings)
@@ -29,11 +31,11 @@ mkdir -p "$RESULTS"
 
 if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   THROUGHPUT=(--batch 4 --samples 4 --repeats 1 --gammas 0.1 --paths baseline plain fast
-              --eval-samples 4 --threads 1 --parallel 2 --parallel-work 2)
+              --eval-samples 4 --threads 1 --cohort 2)
   SMOKE=(--smoke-rounds 1 --smoke-clients 2 --smoke-samples 8 --batch 4 --threads 1)
   OVERHEAD=(--repeats 1 --steps 1 --batch 4 --threads 1 --variants original fedpara)
 else
-  THROUGHPUT=(--repeats 3 --parallel 1 2 4)
+  THROUGHPUT=(--repeats 3 --cohort 16 --cohort-models original fedpara-0.1)
   SMOKE=(--smoke-rounds 3)
   OVERHEAD=(--bf16 --channels-last)
 fi
@@ -77,11 +79,11 @@ step() {  # step <name> <seconds> <command...>
   fi
 }
 
-step throughput 190 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
+step throughput 270 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
   --out "$RESULTS/throughput-$SLUG.json"
-step smoke 50 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
+step smoke 40 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
   --out "$RESULTS/gpu-smoke-$SLUG.json"
-step layer_overhead 40 "$PY" benchmarks/layer_overhead.py --device "$DEVICE" "${OVERHEAD[@]}" \
+step layer_overhead 35 "$PY" benchmarks/layer_overhead.py --device "$DEVICE" "${OVERHEAD[@]}" \
   --out "$RESULTS/layer_overhead-$SLUG.json"
 
 ls -l "$RESULTS"

@@ -19,6 +19,17 @@ host. The paths:
                       bf16 autocast, channels-last and cuDNN autotuning (task.Speed.default)
   fast-fp32, fast-nchw, fast-no-autotune   (CUDA) the fast path with one switch off
   fast+bf16, fast+channels-last            (CPU) the fast path with one switch on
+  graph               (CUDA) the fast path in fp32 with the step replayed as a CUDA graph
+                      (task.Speed.graph, fedpara/graphed.py)
+  default             not measured separately: the path `run_experiment` takes by default on
+                      the device (task.Speed.default), copied under this name for comparisons
+                      across commits
+
+`--cohort K` (CUDA by default) trains K clients of `--samples` images each together
+(fedpara/cohort.py) against the same K one after the other on the fast path:
+`round_images_per_second[model]`. With dropout off it also checks the two ways agree, and that
+a graphed epoch agrees with an eager one (`engine_checks`: the largest parameter difference
+relative to the parameter's size, and the mean losses).
 
 Models: the original VGG16-GN and FedPara for each of `--gammas` (10 classes). Models and paths
 are interleaved, the order reversed every repeat; images/s are medians over the repeats, and the
@@ -102,9 +113,9 @@ PEAK_BF16 = (
 )
 
 PATHS = ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune", "fast+bf16",
-         "fast+channels-last")
+         "fast+channels-last", "graph")
 DEFAULT_PATHS = {
-    "cuda": ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune"),
+    "cuda": ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune", "graph"),
     "cpu": ("baseline", "plain", "fast", "fast+bf16", "fast+channels-last"),
 }
 
@@ -189,7 +200,8 @@ def path_batches(path: str, split: ImageDataset, name: str, device: torch.device
     speed = task.Speed.default(device)
     switch = {"fast": {}, "fast-fp32": {"bf16": False}, "fast-nchw": {"channels_last": False},
               "fast-no-autotune": {"cudnn_benchmark": False}, "fast+bf16": {"bf16": True},
-              "fast+channels-last": {"channels_last": True}}[path]
+              "fast+channels-last": {"channels_last": True},
+              "graph": {"bf16": False, "graph": True}}[path]
     return batches, dataclasses.replace(speed, **switch)
 
 
@@ -371,6 +383,97 @@ def parallel_clients(k: int, name: str, device: torch.device, samples: int, batc
             "images_per_second": work * samples / wall, "load_average": [load_before, _load()]}
 
 
+# a round's clients together ------------------------------------------------------------------
+
+
+def _no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _client_batches(k: int, samples: int, name: str, device: torch.device, batch: int):
+    """k clients' fast-path batches over their own random images (seeded per client)."""
+    out = []
+    for i in range(k):
+        split = ImageDataset("cifar10", *random_cifar(samples, seed=100 + i), train=True)
+        out.append(task.make_batches(split, None, config_for(name, device, batch), device,
+                                     train=True, seed=i))
+    return out
+
+
+def _largest_difference(models_a, models_b) -> float:
+    """max over parameters of |a - b| / max |b|: how far two trainings ended apart."""
+    return max(float((p - q).abs().max() / q.abs().max().clamp_min(1e-30))
+               for a, b in zip(models_a, models_b, strict=True)
+               for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.device,
+                 repeats: int) -> dict:
+    """Images/s of k clients trained together (cohort.train_cohort) and one after the other
+    (task.train, fast path), and how far apart the two leave the same clients (dropout off)."""
+    from fedpara.cohort import train_cohort
+
+    config = config_for(name, device, batch)
+    batches = _client_batches(k, samples, name, device, batch)
+    speed = task.Speed.default(device)
+
+    def together(data=batches):
+        models = [_no_dropout(task.init_model(config)).to(device) for _ in range(k)]
+        sync(device)
+        start = time.perf_counter()
+        train_cohort(models, data, epochs=1, lr=LR, device=device)
+        sync(device)
+        return time.perf_counter() - start, models
+
+    def apart(data=batches, run_speed=speed):
+        models = [_no_dropout(task.init_model(config)).to(device) for _ in range(k)]
+        sync(device)
+        start = time.perf_counter()
+        for model, b in zip(models, data, strict=True):
+            task.train(model, b, epochs=1, lr=LR, device=device, speed=run_speed)
+        sync(device)
+        return time.perf_counter() - start, models
+
+    together(), apart()  # warm-up
+    t_together, t_apart = [], []
+    for r in range(repeats):
+        for fn, out in ((together, t_together), (apart, t_apart))[:: 1 if r % 2 == 0 else -1]:
+            out.append(fn()[0])
+    # agreement: the same batches from fresh generators, fp32 on both sides (the fast path's
+    # bf16 would dominate the difference)
+    plain = dataclasses.replace(speed, bf16=False)
+    _, ours = together(_client_batches(k, samples, name, device, batch))
+    _, reference = apart(_client_batches(k, samples, name, device, batch), plain)
+    return {
+        "clients": k, "samples_per_client": samples,
+        "seconds_together": statistics.median(t_together),
+        "seconds_apart": statistics.median(t_apart),
+        "images_per_second_together": k * samples / statistics.median(t_together),
+        "images_per_second_apart": k * samples / statistics.median(t_apart),
+        "speedup": paired(t_apart, t_together),
+        "together_vs_apart_largest_relative_difference": _largest_difference(ours, reference),
+    }
+
+
+def graph_check(name: str, samples: int, batch: int, device: torch.device) -> dict:
+    """One client epoch graphed and eager (fp32, dropout off, the same batches and start):
+    the largest relative parameter difference and both mean losses."""
+    config = config_for(name, device, batch)
+    results = {}
+    for label, graph in (("graph", True), ("eager", False)):
+        model = _no_dropout(task.init_model(config)).to(device)
+        (b,) = _client_batches(1, samples, name, device, batch)
+        speed = dataclasses.replace(task.Speed.default(device), bf16=False, graph=graph)
+        loss = task.train(model, b, epochs=2, lr=0.01, device=device, speed=speed, seed=0).loss
+        results[label] = (model, loss)
+    return {"graph_loss": results["graph"][1], "eager_loss": results["eager"][1],
+            "largest_relative_difference": _largest_difference([results["graph"][0]],
+                                                               [results["eager"][0]])}
+
+
 # FedAvg without Flower -----------------------------------------------------------------------
 
 
@@ -463,6 +566,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="process counts for the side-by-side clients measurement (e.g. 1 2 4)")
     p.add_argument("--parallel-work", type=int, default=16, help="client-epochs in that test")
     p.add_argument("--parallel-model", default="fedpara-0.1")
+    p.add_argument("--cohort", type=int, default=None,
+                   help="clients trained together (default: 16 on CUDA, 0 = skip elsewhere)")
+    p.add_argument("--cohort-models", nargs="+", default=None,
+                   help="models for --cohort (default: all of --gammas and the original)")
     p.add_argument("--smoke-rounds", type=int, default=0, help="FedAvg rounds on fake CIFAR-10")
     p.add_argument("--smoke-clients", type=int, default=4, help="clients (all train each round)")
     p.add_argument("--smoke-samples", type=int, default=500, help="images per smoke client")
@@ -498,6 +605,23 @@ def main(argv: list[str] | None = None) -> dict:
     # the JSON is rewritten after each part, so a run stopped by a time limit keeps what it has
     if not args.smoke_only:
         record.update(measure_throughput(args, device, dev_name))
+        write_json(out, record)
+    cohort = args.cohort if args.cohort is not None else (16 if device.type == "cuda" else 0)
+    if cohort and not args.smoke_only:
+        names = args.cohort_models or model_names(args.gammas)
+        rounds = {n: cohort_round(n, cohort, args.samples, args.batch, device, args.repeats)
+                  for n in names}
+        record["cohort"] = rounds
+        record["round_images_per_second"] = {n: r["images_per_second_together"]
+                                             for n, r in rounds.items()}
+        if device.type == "cuda":
+            record["engine_checks"] = {n: graph_check(n, args.samples, args.batch, device)
+                                       for n in names}
+        over = record["overheads"]
+        for key, proj in record["projected_full_presets"].items():
+            if proj["model"] in rounds:
+                proj["cohort"] = project(record["round_images_per_second"][proj["model"]],
+                                         over[proj["model"]], key.split("/")[0])
         write_json(out, record)
     if args.parallel:
         record["parallel_clients"] = [
@@ -540,6 +664,10 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                   flush=True)
     ips = {n: {p: args.samples / statistics.median(t) for p, t in times[n].items()}
            for n in names}
+    default = "fast" if "fast" in paths else None  # what task.Speed.default runs
+    if default:
+        for n in names:
+            ips[n]["default"] = ips[n][default]
     # the data path alone: the same images, no model (the fast variants share one data path)
     data_paths = [p for p in ("baseline", "plain", "fast") if p in paths]
     data = {p: statistics.median(data_seconds(batches[names[0], p][0], device)
@@ -567,7 +695,11 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                                 for n in names if {"fast", "plain"} <= set(paths)},
         # time of FedPara per image over the original's, per path (the issue's FedPara/original)
         "time_ratio_fedpara_to_original": {
-            n: {p: paired(times[n][p], times["original"][p]) for p in paths} for n in names[1:]},
+            n: {p: paired(times[n][p], times["original"][p]) for p in paths}
+            | ({"default": paired(times[n][default], times["original"][default])}
+               if default else {})
+            for n in names[1:]},
+        "default_path": default,
         "flops_per_epoch": flops,
         "flops_per_image": {n: flops[n] / args.samples for n in names},
         "achieved_flops_per_second": achieved,
@@ -584,7 +716,7 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                 projections[f"{preset}/{variant}"] = {
                     "model": name,
                     **{p: project(ips[name][p], over[name], preset)
-                       for p in ("baseline", "fast") if p in paths},
+                       for p in (*paths, "default") if p in ips[name]},
                 }
     record["projected_full_presets"] = projections
     return record
@@ -620,6 +752,13 @@ def report_throughput(record: dict) -> None:
     for key, proj in record["projected_full_presets"].items():
         cells = ", ".join(f"{p} {v['seconds'] / 60:.1f}" for p, v in proj.items() if p != "model")
         print(f"  {key:28s} {cells}")
+    for n, row in record.get("cohort", {}).items():
+        print(f"{n}: {row['clients']} clients together {row['images_per_second_together']:.1f} "
+              f"img/s, apart {row['images_per_second_apart']:.1f} img/s; largest relative "
+              f"difference {row['together_vs_apart_largest_relative_difference']:.2e}")
+    for n, row in record.get("engine_checks", {}).items():
+        print(f"{n}: graphed vs eager loss {row['graph_loss']:.5f} / {row['eager_loss']:.5f}, "
+              f"largest relative difference {row['largest_relative_difference']:.2e}")
     for row in record.get("parallel_clients", []):
         print(f"{row['processes']} process(es) side by side: {row['images_per_second']:.1f} img/s")
 

@@ -159,15 +159,15 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 @dataclass(frozen=True)
 class Speed:
-    """How a training step runs. Only `bf16` changes the arithmetic; the other two change how
-    the same arithmetic is laid out and which kernels compute it.
+    """How a training step runs. Only `bf16` changes the arithmetic; the others change how
+    the same arithmetic is laid out, which kernels compute it and how they are launched.
     """
 
     bf16: bool = False  # autocast the forward to bfloat16 (weights, gradients, SGD stay fp32)
-    # CUDA with TensorBatches only: replay the step as a captured CUDA graph (fedpara/graphed.py)
-    graph: bool = False
     channels_last: bool = False  # NHWC layout for the images and the model's 4-D tensors
     cudnn_benchmark: bool = False  # cuDNN times its algorithms once per new shape (CUDA only)
+    # CUDA with TensorBatches only: replay the step as a captured CUDA graph (fedpara/graphed.py)
+    graph: bool = False
 
     @classmethod
     def default(cls, device: torch.device | str, fast: bool = True) -> Speed:

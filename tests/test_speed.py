@@ -192,7 +192,16 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
     assert record["ratio_fast_to_baseline"]["fedpara-0.1"] > 0
     assert record["projected_full_presets"]["cifar10-iid/fedpara"]["fast"]["seconds"] > 0
     assert record["flops_per_image"]["fedpara-0.1"] > record["flops_per_image"]["original"] > 1e9
-    assert [row["processes"] for row in record["parallel_clients"]] == [2]
+    # the keys compared across commits, with the default path and a round's clients together
+    for model in ("original", "fedpara-0.1"):
+        assert record["images_per_second"][model]["default"] == record["images_per_second"][
+            model][record["default_path"]]
+        assert record["round_images_per_second"][model] > 0
+        # two clients together end where they end apart (fp32, dropout off)
+        assert record["cohort"][model]["together_vs_apart_largest_relative_difference"] < 1e-3
+    assert record["time_ratio_fedpara_to_original"]["fedpara-0.1"]["default"] > 0
+    projected = record["projected_full_presets"]["cifar10-noniid/fedpara"]
+    assert projected["default"]["seconds"] > 0 and projected["cohort"]["seconds"] > 0
     [smoke_json] = out.glob("gpu-smoke-*.json")
     smoke = json.loads(smoke_json.read_text())["smoke"]
     assert len(smoke["fast"]) == len(smoke["plain"]) == 1
