@@ -16,9 +16,12 @@ host. The paths:
                       2 workers (its dataset.py), fp32, contiguous memory
   plain               fedpara's plain path (`fast_batches=False`): its DataLoader, fp32, contiguous
   fast                fedpara's fast path: the images on the device (TensorBatches), and on CUDA
-                      bf16 autocast, channels-last and cuDNN autotuning (task.Speed.default)
-  fast-fp32, fast-nchw, fast-no-autotune   (CUDA) the fast path with one switch off
-  fast+bf16, fast+channels-last            (CPU) the fast path with one switch on
+                      channels-last and cuDNN autotuning (task.Speed.default), float32
+  fast-nchw, fast-no-autotune              (CUDA) the fast path with one switch off
+  fast+bf16                                the fast path with bf16 autocast
+  fast+channels-last                       (CPU) the fast path with channels-last
+  fast-fp32           the fast path with bf16 off (files from before float32 was the default,
+                      when "fast" meant bf16 autocast on CUDA)
   graph               (CUDA) the fast path in fp32 with the step replayed as a CUDA graph
                       (task.Speed.graph, fedpara/graphed.py)
   default             not measured separately: the path `run_experiment` takes by default on
@@ -115,7 +118,7 @@ PEAK_BF16 = (
 PATHS = ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune", "fast+bf16",
          "fast+channels-last", "graph")
 DEFAULT_PATHS = {
-    "cuda": ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune", "graph"),
+    "cuda": ("baseline", "plain", "fast", "fast+bf16", "fast-nchw", "fast-no-autotune", "graph"),
     "cpu": ("baseline", "plain", "fast", "fast+bf16", "fast+channels-last"),
 }
 

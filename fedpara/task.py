@@ -12,7 +12,8 @@ the learning rate of a round comes from `ExperimentConfig.round_lr`. One optimiz
 
 The fast path (`config.fast_batches`, the default): a client's samples live on the training
 device as tensors (data.TensorBatches, crop and flip done there per batch) and, on CUDA, the step
-runs under bf16 autocast, in channels-last memory format, with cuDNN autotuning (`Speed`).
+runs in channels-last memory format with cuDNN autotuning (`Speed`; bf16 autocast and the
+captured CUDA-graph step are options).
 `fast_batches=False` is the plain path: a DataLoader and fp32 contiguous math. On a CPU the fast
 path only changes the data path; the math stays fp32 (see book/performance.md for the timings).
 Evaluation is fp32 on both paths.
@@ -171,16 +172,21 @@ class Speed:
 
     @classmethod
     def default(cls, device: torch.device | str, fast: bool = True) -> Speed:
-        """The fast path's options on `device`: all on for CUDA, all off elsewhere.
+        """The fast path's options on `device`: channels-last and cuDNN autotuning on CUDA,
+        nothing elsewhere; float32 everywhere.
 
-        On a CPU, what bf16 autocast gains depends on the CPU's bfloat16 instructions, and it
-        would change the numbers of the fp32 histories on record; channels-last gave no
-        consistent gain where measured (book/performance.md). So a CPU keeps the plain
-        arithmetic. The captured step (`graph`) stays off by default until
-        benchmarks/gpu_check.sh has compared it with the eager step on a GPU.
+        bf16 autocast is off on CUDA too because it measured slower than float32 at the
+        presets' batch size on the one GPU this project has measured (the H200 numbers in
+        book/performance.md: at batch 64 the step is bound by kernel launches, and autocast
+        adds cast kernels); benchmarks/throughput.py measures both ("fast", "fast+bf16") on
+        any device. On a CPU, what bf16 gains depends on the CPU's bfloat16 instructions and
+        it would change the numbers of the fp32 histories on record; channels-last gave no
+        consistent gain where measured. So a CPU keeps the plain arithmetic. The captured
+        step (`graph`) stays off by default until benchmarks/gpu_check.sh has compared it
+        with the eager step on a GPU.
         """
         on = fast and torch.device(device).type == "cuda"
-        return cls(bf16=on, channels_last=on, cudnn_benchmark=on)
+        return cls(bf16=False, channels_last=on, cudnn_benchmark=on)
 
 
 PLAIN = Speed()  # fp32, contiguous, cuDNN's heuristics: the reference arithmetic
