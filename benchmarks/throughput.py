@@ -622,9 +622,12 @@ def main(argv: list[str] | None = None) -> dict:
                                        for n in names}
         over = record["overheads"]
         for key, proj in record["projected_full_presets"].items():
-            if proj["model"] in rounds:
+            # only where the measured cohort is the preset's round (same clients per round);
+            # clients there are of equal size, so a non-IID round's padding is not included
+            preset = key.split("/")[0]
+            if proj["model"] in rounds and get_preset(preset).clients_per_round == cohort:
                 proj["cohort"] = project(record["round_images_per_second"][proj["model"]],
-                                         over[proj["model"]], key.split("/")[0])
+                                         over[proj["model"]], preset)
         write_json(out, record)
     if args.parallel:
         record["parallel_clients"] = [

@@ -78,13 +78,13 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
         return (F.cross_entropy(logits, y, reduction="none") * weight).sum()
 
     step = vmap(grad_and_value(loss), randomness="different")
-    totals = torch.zeros(k, device=device, dtype=torch.float64)
+    totals = torch.zeros(k, device=device)  # float32, as task.train sums (MPS has no float64)
     seen = [0] * k
     for _ in range(epochs):
         for x, y, weight, active, sizes in _steps(batches, device):
             grads, mean_losses = step(params, buffers, x, y, weight)
             with torch.no_grad():
-                totals += mean_losses * torch.tensor(sizes, device=device)  # batch sums
+                totals += mean_losses.float() * sizes  # the batches' summed losses
                 for name, p in params.items():
                     g = grads[name]
                     if name in anchors:  # FedProx: mu * (p - anchor)
@@ -92,8 +92,8 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
                     # an inactive client (no batch left) takes no step: its update is 0 * g
                     shape = (k,) + (1,) * (p.dim() - 1)
                     p.sub_(g * (active.to(p.dtype) * (lr * scale[name])).view(shape))
-            for i, n in enumerate(sizes):
-                seen[i] += n
+            for i, n in enumerate(sizes.tolist()):
+                seen[i] += int(n)
     with torch.no_grad():
         for i, model in enumerate(models):
             for name, p in model.named_parameters():
@@ -104,31 +104,39 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
 
 
 def _steps(batches: Sequence[Batches], device: torch.device
-           ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, list[int]]]:
+           ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
     """One pass of every client, step by step: (x, y, weight, active, sizes) stacked over the
     clients, each batch padded to the step's largest; weight is 1/n on a client's n real
-    samples and 0 on padding; active is 0 for a client whose pass has ended."""
+    samples and 0 on padding; active is 0 for a client whose pass has ended.
+
+    A client whose pass has ended still runs a zero batch through the program (its step is
+    then multiplied by 0): with clients of very unequal sizes that is wasted work, which
+    grouping a round's clients by size would avoid.
+    """
     iterators = [iter(b) for b in batches]
     while True:
         current = [next(it, None) for it in iterators]
-        if all(c is None for c in current):
+        present = [c for c in current if c is not None]
+        if not present:
             return
-        template = next(c for c in current if c is not None)
-        width = max(len(c[1]) for c in current if c is not None)
-        xs, ys, ws, sizes = [], [], [], []
-        for c in current:
-            if c is None:
-                x = template[0].new_zeros((0, *template[0].shape[1:]))
-                y = template[1].new_zeros((0,))
-            else:
-                x, y = c[0].to(device), c[1].to(device)
-            n = len(y)
-            pad = width - n
-            xs.append(torch.cat([x.to(device), x.new_zeros((pad, *x.shape[1:])).to(device)]))
-            ys.append(torch.cat([y.to(device), y.new_zeros((pad,)).to(device)]))
-            w = torch.zeros(width, device=device, dtype=x.dtype)
-            w[:n] = 1.0 / n if n else 0.0
-            ws.append(w)
-            sizes.append(n)
-        active = torch.tensor([float(n > 0) for n in sizes], device=device)
-        yield torch.stack(xs), torch.stack(ys), torch.stack(ws), active, sizes
+        width = max(len(c[1]) for c in present)
+        counts = [len(c[1]) if c is not None else 0 for c in current]
+        if all(n == width for n in counts):  # the common case: no padding
+            x = torch.stack([c[0].to(device) for c in current])
+            y = torch.stack([c[1].to(device) for c in current])
+        else:
+            x_shape, dtype = present[0][0].shape[1:], present[0][0].dtype
+            x = torch.zeros((len(current), width, *x_shape), dtype=dtype, device=device)
+            y = torch.zeros((len(current), width), dtype=present[0][1].dtype, device=device)
+            for i, c in enumerate(current):
+                if c is not None:
+                    x[i, :counts[i]] = c[0].to(device)
+                    y[i, :counts[i]] = c[1].to(device)
+        # built on the host, one transfer each: 1/n on the real samples, 0 on the padding
+        sizes = torch.tensor(counts, dtype=torch.float64)
+        weight = (torch.arange(width).unsqueeze(0) < sizes.unsqueeze(1)) / sizes.clamp_min(
+            1).unsqueeze(1)
+        yield (x, y, weight.to(device=device, dtype=x.dtype if x.is_floating_point()
+                                else torch.float32),
+               (sizes > 0).to(device=device, dtype=torch.float32),
+               sizes.to(device=device, dtype=torch.float32))

@@ -37,8 +37,8 @@ TRANSPORTS = ("float32", "float16", "bfloat16")  # transport.py
 PROFILES = ("full", "quick", "smoke")
 # How a round's clients train (fedpara/cohort.py): "client" = each node trains its own partition
 # (task.train, the reference); "cohort" = one node trains all the round's partitions together as
-# one vmap program (cohort.train_cohort), the same numbers to float tolerance, traffic still
-# counted per client
+# one vmap program (cohort.train_cohort): the same numbers to float tolerance for models without
+# dropout (dropout draws differ, their distribution does not), traffic still counted per client
 ENGINES = ("client", "cohort")
 EVALUATIONS = ("server", "clients")
 # personalized algorithms keep part of the model on the client, so only clients can score them
@@ -198,6 +198,10 @@ class ExperimentConfig:
             raise ValueError(f"engine='cohort' trains stateless clients only (algorithm='fedavg'); "
                              f"algorithm={self.algorithm!r} keeps state on each node, so it needs "
                              f"engine='client'")
+        if self.engine == "cohort" and not self.fast_batches:
+            raise ValueError("engine='cohort' needs fast_batches=True: each client's batches "
+                             "then come from its own generator, as they would alone (a "
+                             "DataLoader's augmentation draws from one shared generator)")
         if self.algorithm in PERSONALIZED and self.evaluation != "clients":
             raise ValueError(
                 f"algorithm={self.algorithm!r} keeps part of each model on its client, so it needs "
@@ -219,7 +223,18 @@ class ExperimentConfig:
                              f"mu/2 * ||w - w_global||^2; 0 = FedAvg)")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ValueError(f"server_lr={self.server_lr} must be > 0 (the server's step on the "
-                             f"clients' mean update; 1 = FedAvg's step)")
+                             f"clients' mean update)")
+        if self.strategy in ("fedadam", "fedyogi") and not self.server_lr < 1:
+            raise ValueError(
+                f"server_lr={self.server_lr} is {self.strategy}'s eta: every weight would move by "
+                f"about that much each round; allowed for it: 0 < server_lr < 1 (Flower's "
+                f"defaults: 0.1 for FedAdam, 0.01 for FedYogi)")
+        if self.strategy in ("fedavgm", "fedadam", "fedyogi") and self.transport != "float32":
+            raise ValueError(
+                f"transport={self.transport!r} is supported with strategy fedavg or fedprox "
+                f"only: {self.strategy} steps from the float32 global model, which the clients "
+                f"never received (they start from its {self.transport} copy); allowed for it: "
+                f"float32")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError(f"server_momentum={self.server_momentum} must be in [0, 1)")
         defaults = {f.name: f.default for f in fields(self)}

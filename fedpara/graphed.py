@@ -31,7 +31,7 @@ from torch import Tensor, nn
 __all__ = ["GraphedTrainer", "trainer_for"]
 
 _WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy init, cuDNN autotuning)
-_CACHE: dict[tuple, GraphedTrainer] = {}
+_CACHE: dict[tuple, GraphedTrainer] = {}  # least recently used first
 _CACHE_SIZE = 4
 
 
@@ -56,6 +56,7 @@ class GraphedTrainer:
             self.model.to(memory_format=torch.channels_last)
         named = dict(self.model.named_parameters())
         self.params = list(named.values())
+        self.buffers = list(self.model.buffers())  # copied in and out with the parameters
         # one learning-rate tensor per multiplier, filled before each client's training
         groups: dict[float, list[Tensor]] = {}
         for name, p in named.items():
@@ -85,12 +86,16 @@ class GraphedTrainer:
             loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         with torch.no_grad():
-            if self.pulled:  # FedProx: mu * (p - anchor) added to the gradient
-                grads = [p.grad for p in self.pulled]
-                torch._foreach_add_(grads, torch._foreach_sub(self.pulled, self.anchors),
+            pairs = [(p, a) for p, a in zip(self.pulled, self.anchors, strict=True)
+                     if p.grad is not None]
+            if pairs:  # FedProx: mu * (p - anchor) added to the gradient
+                ps, anchors = [p for p, _ in pairs], [a for _, a in pairs]
+                torch._foreach_add_([p.grad for p in ps], torch._foreach_sub(ps, anchors),
                                     alpha=self.mu)
             for _, ps, rate in self.groups:
-                torch._foreach_sub_(ps, torch._foreach_mul([p.grad for p in ps], rate))
+                ps = [p for p in ps if p.grad is not None]  # a parameter the loss does not use
+                if ps:
+                    torch._foreach_sub_(ps, torch._foreach_mul([p.grad for p in ps], rate))
             self.total.add_(loss.detach().float() * len(y))
 
     def _capture(self) -> None:
@@ -103,7 +108,8 @@ class GraphedTrainer:
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._zero_grads()  # gradients allocated inside the graph: its static tensors
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a Ray worker's other threads may use CUDA while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._step(self.x, self.y)
 
     def _zero_grads(self) -> None:
@@ -118,11 +124,12 @@ class GraphedTrainer:
         back); returns (mean loss per example, examples seen), as `task.train` counts them."""
         if seed is not None:
             torch.manual_seed(seed)
-        theirs = list(model.parameters())
-        if len(theirs) != len(self.params):
+        theirs = [*model.parameters(), *model.buffers()]
+        ours = [*self.params, *self.buffers]
+        if [t.shape for t in theirs] != [t.shape for t in ours]:
             raise ValueError("the model is not of the architecture this trainer captured")
         with torch.no_grad():
-            for mine, other in zip(self.params, theirs, strict=True):
+            for mine, other in zip(ours, theirs, strict=True):
                 mine.copy_(other)
             for anchor, p in zip(self.anchors, self.pulled, strict=True):
                 anchor.copy_(p)
@@ -147,14 +154,15 @@ class GraphedTrainer:
                         p.grad = g  # the graph's gradient tensors stay attached
                 seen += len(y)
         with torch.no_grad():
-            for mine, other in zip(self.params, theirs, strict=True):
+            for mine, other in zip(ours, theirs, strict=True):
                 other.copy_(mine)
         return float(self.total) / max(seen, 1), seen
 
 
 def _signature(model: nn.Module) -> tuple:
     """What makes two models the same architecture for a captured step."""
-    return (repr(model), tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()))
+    return (repr(model), tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters()),
+            tuple((n, tuple(b.shape), b.dtype) for n, b in model.named_buffers()))
 
 
 def trainer_for(model: nn.Module, x: Tensor, y: Tensor, *, device: torch.device, speed,
@@ -165,7 +173,9 @@ def trainer_for(model: nn.Module, x: Tensor, y: Tensor, *, device: torch.device,
     key = (_signature(model), tuple(x.shape), x.dtype, tuple(y.shape), str(device), speed,
            tuple(sorted((lr_scale or {}).items())), float(proximal_mu),
            tuple(proximal_to) if proximal_to is not None and proximal_mu > 0 else None)
-    if key not in _CACHE:
+    if key in _CACHE:
+        _CACHE[key] = _CACHE.pop(key)  # now the most recently used
+    else:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = GraphedTrainer(model, x, y, device=device, speed=speed, lr_scale=lr_scale,

@@ -28,6 +28,7 @@ LR = "lr"
 COHORT = "cohort"  # engine="cohort": the partitions one node trains together (a list of ints)
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx.configure_train (its key); absent otherwise
 
+
 def cohort_key(record: str, partition_id: int) -> str:
     """A cohort reply's record key for one partition: e.g. "arrays.3", "metrics.3"."""
     return f"{record}.{partition_id}"

@@ -196,18 +196,22 @@ class FedParaStrategy:
         configured = self.flower.configure_train(
             server_round, arrays, round_config, _Cohort(self.nodes[p] for p in sampled))
         by_node = {m.metadata.dst_node_id: m.content for m in configured}
+        wires: dict[int, ArrayRecord] = {}  # encoded once per distinct record (Flower shares one)
         messages = []
         for p in sampled:
             content = by_node[self.nodes[p]]
-            records = {ARRAYS: self._wire(content.array_records[ARRAYS]),
-                       ROUND: content.config_records[ROUND]}
+            record = content.array_records[ARRAYS]
+            if id(record) not in wires:
+                wires[id(record)] = self._wire(record)
+            records = {ARRAYS: wires[id(record)], ROUND: content.config_records[ROUND]}
             messages.append(self._message(p, MessageType.TRAIN, records, server_round))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord, dict[str, Any]]:
-        """The new global arrays: Flower's strategy aggregating the returned arrays (decoded
-        from the transport format, replies in partition order), each in the dtype it was sent.
+        """The new global arrays: Flower's strategy aggregating the returned arrays, decoded
+        from the transport format and handed over in float64 (so FedAvg's weighted sum runs in
+        float64, in partition order), each result cast back to its decoded dtype (float32).
 
         Also the round's `RoundRecord` fields from the replies' metrics: `train_loss`,
         `parameter_change` (a list, `task.tracked_parameters` order: the mean over the clients)
@@ -220,14 +224,18 @@ class FedParaStrategy:
         weights = np.array([float(c[METRICS][NUM_EXAMPLES]) for c in contents])
         weights /= weights.sum()
         self.trained.update(int(c[METRICS][PARTITION_ID]) for c in contents)
-        if self.config.transport != "float32":
-            for content in contents:
-                content[ARRAYS] = ArrayRecord(decode(content[ARRAYS].to_torch_state_dict(),
-                                                     self.config.transport))
-        dtypes = {key: array.numpy().dtype for key, array in contents[0][ARRAYS].items()}
+        decoded = [decode(c[ARRAYS].to_torch_state_dict(), self.config.transport)
+                   for c in contents]
+        dtypes = {key: value.numpy().dtype for key, value in decoded[0].items()}
+        for content, state in zip(contents, decoded, strict=True):
+            content[ARRAYS] = ArrayRecord({k: Array(v.numpy().astype(np.float64))
+                                           for k, v in state.items()})
         result, _ = self.flower.aggregate_train(server_round, replies)
         aggregated = ArrayRecord({key: Array(np.asarray(result[key].numpy()).astype(dtype))
                                   for key, dtype in dtypes.items()})
+        if isinstance(getattr(self.flower, "current_arrays", None), ArrayRecord):
+            # FedAvgM steps from its current arrays: the global model as kept and sent (float32)
+            self.flower.current_arrays = aggregated
         # how far local training moved each tracked parameter, the mean over the clients
         changes = np.array([list(c[METRICS][CHANGE]) for c in contents], dtype=np.float64)
         fields: dict[str, Any] = {

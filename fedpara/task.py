@@ -278,13 +278,16 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
         from fedpara.graphed import trainer_for
 
         shape = (batches.batch_size, *batches.x.shape[1:])
-        trainer = trainer_for(model, batches.x.new_empty(shape), batches.y.new_empty(shape[:1]),
-                              device=device, speed=speed, lr_scale=lr_scale,
-                              proximal_mu=proximal_mu, proximal_to=proximal_to)
-        with _cudnn_benchmark(speed.cudnn_benchmark):
-            loss, _ = trainer.train(model, batches, epochs=epochs, lr=lr, seed=seed)
-        if speed.channels_last:
-            model.to(memory_format=torch.contiguous_format)
+        try:  # captured (and autotuned) on first use, then replayed
+            with _cudnn_benchmark(speed.cudnn_benchmark):
+                trainer = trainer_for(model, batches.x.new_empty(shape),
+                                      batches.y.new_empty(shape[:1]), device=device, speed=speed,
+                                      lr_scale=lr_scale, proximal_mu=proximal_mu,
+                                      proximal_to=proximal_to)
+                loss, _ = trainer.train(model, batches, epochs=epochs, lr=lr, seed=seed)
+        finally:
+            if speed.channels_last:
+                model.to(memory_format=torch.contiguous_format)
         return TrainResult(loss=loss, num_examples=_num_samples(batches))
     proximal = None
     if proximal_mu > 0:

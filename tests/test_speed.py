@@ -203,7 +203,9 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
         assert record["cohort"][model]["together_vs_apart_largest_relative_difference"] < 1e-3
     assert record["time_ratio_fedpara_to_original"]["fedpara-0.1"]["default"] > 0
     projected = record["projected_full_presets"]["cifar10-noniid/fedpara"]
-    assert projected["default"]["seconds"] > 0 and projected["cohort"]["seconds"] > 0
+    assert projected["default"]["seconds"] > 0
+    # a cohort of 2 is no CIFAR preset's round (16 or 8 clients): no cohort projection
+    assert "cohort" not in projected
     [smoke_json] = out.glob("gpu-smoke-*.json")
     smoke = json.loads(smoke_json.read_text())["smoke"]
     assert len(smoke["fast"]) == len(smoke["plain"]) == 1

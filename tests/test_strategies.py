@@ -75,7 +75,14 @@ def strategy_config(data_dir, variant="fedpara-fedadam", **changes) -> Experimen
     (dict(strategy="fedavgm", server_momentum=1.0), "server_momentum=1.0 must be in"),
     (dict(proximal_mu=0.1), "proximal_mu=0.1 applies to strategy 'fedprox' only"),
     (dict(strategy="fedprox", server_lr=0.5), "server_lr=0.5 applies to strategy 'fedavgm' or"),
-    (dict(strategy="fedadam", server_momentum=0.9), "server_momentum=0.9 applies to strategy"),
+    (dict(strategy="fedadam", server_lr=0.01, server_momentum=0.9),
+     "server_momentum=0.9 applies to strategy"),
+    (dict(strategy="fedadam"), "server_lr=1.0 is fedadam's eta.*allowed for it: 0 < server_lr < 1"),
+    (dict(strategy="fedyogi", server_lr=2.0), "allowed for it: 0 < server_lr < 1"),
+    (dict(strategy="fedavgm", transport="bfloat16"), "transport='bfloat16' is supported with "
+                                                     "strategy fedavg or fedprox only"),
+    (dict(engine="cohort", fast_batches=False), "engine='cohort' needs fast_batches=True"),
+    (dict(engine="batched"), "engine='batched' is not supported; allowed: client, cohort"),
     (dict(algorithm="local", evaluation="clients", strategy="fedavgm"), "allowed for it: fedavg"),
 ])
 def test_bad_strategy_settings_name_the_field_and_the_allowed_values(changes, message):
