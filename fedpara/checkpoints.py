@@ -7,8 +7,9 @@ A checkpoint is `<checkpoint_dir>/round-NNNNN.pt`, one `torch.save`d dict: "roun
 (`ExperimentConfig.to_dict()`), "global" (the global keys' arrays), "local" (partition id ->
 that client's personal arrays), "trained" (the partitions that have trained, sorted),
 "strategy" (what the server's strategy carries between rounds: FedAvgM's momentum, FedAdam's
-and FedYogi's moments; empty for FedAvg and FedProx) and "history" (`History.to_dict()`). It is read only for the experiment that wrote it:
-`config.differing_fields` decides, the same rule that decides whether a stored history counts.
+and FedYogi's moments; empty for FedAvg and FedProx) and "history" (`History.to_dict()`).
+It is read only for the experiment that wrote it: `config.differing_fields` decides, the same
+rule that decides whether a stored history counts.
 
 No RNG state is stored because none is carried between rounds: sampling draws from
 (seed, round) and each client's training from (seed, round, partition id).

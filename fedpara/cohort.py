@@ -81,7 +81,7 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
     totals = torch.zeros(k, device=device)  # float32, as task.train sums (MPS has no float64)
     seen = [0] * k
     for _ in range(epochs):
-        for x, y, weight, active, sizes in _steps(batches, device):
+        for x, y, weight, active, sizes, counts in _steps(batches, device):
             grads, mean_losses = step(params, buffers, x, y, weight)
             with torch.no_grad():
                 totals += mean_losses.float() * sizes  # the batches' summed losses
@@ -92,8 +92,8 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
                     # an inactive client (no batch left) takes no step: its update is 0 * g
                     shape = (k,) + (1,) * (p.dim() - 1)
                     p.sub_(g * (active.to(p.dtype) * (lr * scale[name])).view(shape))
-            for i, n in enumerate(sizes.tolist()):
-                seen[i] += int(n)
+            for i, n in enumerate(counts):  # counted on the host: no device sync per step
+                seen[i] += n
     with torch.no_grad():
         for i, model in enumerate(models):
             for name, p in model.named_parameters():
@@ -104,10 +104,11 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
 
 
 def _steps(batches: Sequence[Batches], device: torch.device
-           ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]:
-    """One pass of every client, step by step: (x, y, weight, active, sizes) stacked over the
-    clients, each batch padded to the step's largest; weight is 1/n on a client's n real
-    samples and 0 on padding; active is 0 for a client whose pass has ended.
+           ) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[int]]]:
+    """One pass of every client, step by step: (x, y, weight, active, sizes, counts) stacked
+    over the clients, each batch padded to the step's largest; weight is 1/n on a client's n
+    real samples and 0 on padding; active is 0 for a client whose pass has ended; sizes are
+    the n on the device, counts the same on the host.
 
     A client whose pass has ended still runs a zero batch through the program (its step is
     then multiplied by 0): with clients of very unequal sizes that is wasted work, which
@@ -139,4 +140,4 @@ def _steps(batches: Sequence[Batches], device: torch.device
         yield (x, y, weight.to(device=device, dtype=x.dtype if x.is_floating_point()
                                 else torch.float32),
                (sizes > 0).to(device=device, dtype=torch.float32),
-               sizes.to(device=device, dtype=torch.float32))
+               sizes.to(device=device, dtype=torch.float32), counts)

@@ -256,7 +256,7 @@ def test_the_server_strategies_change_the_global_model_fedprox_the_local_trainin
 
 
 def test_fedprox_clients_are_told_mu_and_no_other_strategy_tells_them(smoke_runs):
-    for variant, (config, _, grid) in smoke_runs.items():
+    for config, _, grid in smoke_runs.values():
         training = [m for m in grid.sent if m.metadata.message_type == "train"]
         told = {m.content[ROUND].get("proximal-mu") for m in training}
         assert told == ({config.proximal_mu} if config.strategy == "fedprox" else {None})
