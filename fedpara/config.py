@@ -50,7 +50,7 @@ PERSONAL_SPLITS = ("plus-one", "product")
 # The server's aggregation rule, each Flower's own implementation (flwr.serverapp.strategy;
 # server_app.flower_strategy builds it): FedAvg, FedProx (its proximal term is applied in the
 # client's training, task.train), FedAvgM (server momentum), FedAdam and FedYogi (adaptive
-# server steps). Beyond the paper, which combines FedPara with other optimizers in its own code.
+# server steps). Beyond the book's reproduction of the paper (book/experiments/strategies.md).
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
 # which strategies read which of the server-side fields (the others must leave them at default)
 STRATEGY_FIELDS = {
