@@ -2,8 +2,8 @@
 
 The simulations run on real Fashion-MNIST (the `fmnist_dir` fixture). Ray costs ~12 s and
 ~2 GiB per simulation, so three module-scoped runs serve all the assertions that need one:
-a FedAvg run of a FedPara MLP (the smoke run), and a pFedPara run that is then interrupted
-and resumed.
+a FedAvg run of a FedPara MLP (the smoke run, on the cohort engine), and a pFedPara run under
+FedAvgM that is then interrupted and resumed.
 """
 
 from __future__ import annotations
@@ -353,10 +353,12 @@ def test_the_server_averages_decoded_arrays_and_keeps_float32(fmnist_dir, call_c
 
 @pytest.fixture(scope="module")
 def fedpara_run(fmnist_dir, tmp_path_factory):
-    """The shared smoke simulation: FedAvg on a FedPara MLP, 4 clients, 2 per round, 2 rounds."""
+    """The shared smoke simulation: FedAvg on a FedPara MLP, 4 clients, 2 per round, 2 rounds,
+    with the cohort engine: each round's 2 clients train together on one node, in one message
+    through Flower's simulation, and are still counted and aggregated per client."""
     from fedpara.experiment import run_experiment
 
-    config = smoke_config(fmnist_dir)
+    config = smoke_config(fmnist_dir, engine="cohort")
     return config, run_experiment(config, progress=False)
 
 
@@ -407,14 +409,15 @@ def test_history_of_a_run_survives_json(fedpara_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def pfedpara_run(fmnist_dir, tmp_path_factory):
-    """pFedPara, 2 shards per client, 3 rounds with a checkpoint after each round."""
+    """pFedPara, 2 shards per client, 3 rounds with a checkpoint after each round, aggregated
+    by Flower's FedAvgM (server momentum: state the checkpoints must carry for a resume)."""
     from fedpara.experiment import run_experiment
 
     checkpoints = tmp_path_factory.mktemp("checkpoints")
     config = smoke_config(fmnist_dir, algorithm="pfedpara", gamma=0.5, evaluation="clients",
                           partition="shard", num_clients=6, clients_per_round=2, rounds=3,
                           lr=0.05, client_samples=500, checkpoint_dir=str(checkpoints),
-                          checkpoint_every=1)
+                          checkpoint_every=1, strategy="fedavgm", server_momentum=0.5)
     return config, run_experiment(config, progress=False)
 
 
@@ -482,6 +485,8 @@ def test_resumed_run_equals_the_uninterrupted_run(pfedpara_run, tmp_path):
     reference = torch.load(checkpoint_path(config.checkpoint_dir, 3), weights_only=True)
     for key, value in reference["global"].items():
         assert torch.equal(final["global"][key], value)
+    # FedAvgM's momentum travelled through the checkpoint, by global key (pFedPara's W1 only)
+    assert set(reference["strategy"]["momentum_vector"]) == set(reference["global"])
     assert reference["local"].keys() == final["local"].keys()
     for client, arrays in reference["local"].items():
         assert all(torch.equal(final["local"][client][k], v) for k, v in arrays.items())
