@@ -364,6 +364,15 @@ class Chapter:
         """Variant -> history, for one preset (what `fedpara.plots.plot_curves` takes)."""
         return {variant: h for (p, variant), h in self.histories.items() if p == preset}
 
+    def grouped(self, outer: str, inner: str) -> dict[Any, dict[Any, History]]:
+        """The runs that have a history, by the values of two config fields, e.g.
+        `grouped("strategy", "parameterization")["fedprox"]["fedpara"]`."""
+        groups: dict[Any, dict[Any, History]] = {}
+        for key, history in self.histories.items():
+            config = self.configs[key]
+            groups.setdefault(getattr(config, outer), {})[getattr(config, inner)] = history
+        return groups
+
     @property
     def missing(self) -> list[ExperimentConfig]:
         """The configs without a history: the runs still to make."""

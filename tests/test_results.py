@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
 import pytest
+import torch
 
 from fedpara import task
 from fedpara.accounting import comm_cost_gib
@@ -224,3 +225,17 @@ def test_open_chapter_rejects_unknown_presets_and_variants(tmp_path):
         open_chapter("fmnist-noniid", chapter="x", variants="no-such-variant", root=root)
     with pytest.raises(ValueError, match="fake-data writer"):
         open_chapter("fmnist-noniid", chapter="x", fake_data=True, root=root)
+
+
+def test_stored_runs_group_by_two_config_fields():
+    """The strategies chapter's view of the committed runs: strategy -> model -> history."""
+    from fedpara.results import find_root, open_chapter
+
+    root = find_root(Path(__file__).parent)
+    page = open_chapter("fmnist-strategies,fmnist-noniid", chapter="strategies",
+                        variants="fedpara,original,fedpara-fedadam,original-fedadam",
+                        root=root, checkpoints=False, progress=False)
+    grouped = page.grouped("strategy", "parameterization")
+    assert {s: sorted(models) for s, models in grouped.items()} == {
+        "fedavg": ["fedpara", "original"], "fedadam": ["fedpara", "original"]}
+    assert grouped["fedadam"]["fedpara"] is page.histories["fmnist-strategies", "fedpara-fedadam"]
