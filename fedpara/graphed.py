@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedpara.task import Proximal
+
 __all__ = ["GraphedTrainer", "trainer_for"]
 
 _WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy init, cuDNN autotuning)
@@ -63,10 +65,10 @@ class GraphedTrainer:
             groups.setdefault(float((lr_scale or {}).get(name, 1.0)), []).append(p)
         self.groups = [(scale, ps, torch.zeros((), device=self.device, dtype=ps[0].dtype))
                        for scale, ps in groups.items()]
-        self.mu = float(proximal_mu)
-        pulled = list(named) if proximal_to is None else [n for n in proximal_to if n in named]
-        self.pulled = [named[n] for n in pulled] if self.mu > 0 else []
-        self.anchors = [torch.zeros_like(p) for p in self.pulled]
+        # FedProx's term (task.Proximal); its anchors are static tensors, refilled per client
+        self.proximal = (Proximal.of(self.model, float(proximal_mu), list(named)
+                                     if proximal_to is None else proximal_to)
+                         if proximal_mu > 0 else None)
         self.x = torch.zeros_like(x, device=self.device)
         if self.channels_last and self.x.dim() == 4:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
@@ -86,12 +88,8 @@ class GraphedTrainer:
             loss = F.cross_entropy(self.model(x), y)
         loss.backward()
         with torch.no_grad():
-            pairs = [(p, a) for p, a in zip(self.pulled, self.anchors, strict=True)
-                     if p.grad is not None]
-            if pairs:  # FedProx: mu * (p - anchor) added to the gradient
-                ps, anchors = [p for p, _ in pairs], [a for _, a in pairs]
-                torch._foreach_add_([p.grad for p in ps], torch._foreach_sub(ps, anchors),
-                                    alpha=self.mu)
+            if self.proximal is not None:  # FedProx: mu * (p - anchor) added to the gradient
+                self.proximal.add_to_gradients()
             for _, ps, rate in self.groups:
                 ps = [p for p in ps if p.grad is not None]  # a parameter the loss does not use
                 if ps:
@@ -131,8 +129,9 @@ class GraphedTrainer:
         with torch.no_grad():
             for mine, other in zip(ours, theirs, strict=True):
                 mine.copy_(other)
-            for anchor, p in zip(self.anchors, self.pulled, strict=True):
-                anchor.copy_(p)
+            if self.proximal is not None:  # this client's start is the anchor
+                for anchor, p in zip(self.proximal.anchors, self.proximal.params, strict=True):
+                    anchor.copy_(p)
             for scale, _, rate in self.groups:
                 rate.fill_(lr * scale)
             self.total.zero_()
