@@ -1,13 +1,18 @@
 """The Flower ClientApp: one client's local training and evaluation (Message API, flwr 1.42).
 
 Run through `fedpara.run_experiment` (simulation) or `flwr run .` (simulation or deployment).
-Each node reads which partition it holds from its node config (`partition-id`,
-`num-partitions`): the simulation sets them, a real SuperNode gets them from
-`--node-config "partition-id=0 num-partitions=2"`.
+Each node reads which partitions it holds from its node config (`partition-id`,
+`num-partitions`, and optionally `partitions-held`): the simulation sets the first two, one
+partition per node; a real SuperNode gets them from `--node-config "partition-id=0
+num-partitions=2"`, or holds a block of partitions, for example all of them on one GPU node:
+`--node-config "partition-id=0 num-partitions=100 partitions-held=100"`. Each message names
+the partition it is for (`ADDRESS`).
 
 A client keeps its personal part (FedPer's head; for pFedPara everything but the W1 factors,
-that is the W2 factors, the biases and any norm; the whole model for local-only training) in `context.state`, which Flower keeps per node for the length of a run;
-only the global keys travel. The record keys and query names are `fedpara.messages`'.
+that is the W2 factors, the biases and any norm; the whole model for local-only training) in
+`context.state`, which Flower keeps per node for the length of a run, under one key per
+partition (`cohort_key(LOCAL, p)`); only the global keys travel. The record keys and query
+names are `fedpara.messages`'.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from fedpara import task
 from fedpara.cohort import train_cohort
 from fedpara.config import ExperimentConfig
 from fedpara.messages import (
+    ADDRESS,
     ARRAYS,
     CHANGE,
     COHORT,
@@ -35,6 +41,7 @@ from fedpara.messages import (
     OWN_EXAMPLES,
     PARTITION_ACTION,
     PARTITION_ID,
+    PARTITIONS_HELD,
     PROXIMAL_MU,
     ROUND,
     SERVER_ROUND,
@@ -51,34 +58,57 @@ app = ClientApp()
 
 
 def _setup(msg: Message, context: Context) -> tuple[ExperimentConfig, int]:
-    """The experiment config sent by the server and this node's partition id."""
+    """The experiment config sent by the server and the partition the message is for."""
     config = ExperimentConfig.from_run_config(dict(msg.content.config_records[EXPERIMENT]))
-    partition_id, num_partitions = _partition(context)
+    held, num_partitions = _held(context)
     if num_partitions != config.num_clients:
         raise ValueError(
             f"this node has num-partitions={num_partitions} but the experiment has "
-            f"num_clients={config.num_clients}; start the federation with that many nodes"
+            f"num_clients={config.num_clients}; start the federation with that many partitions"
         )
-    return config, partition_id
+    return config, _addressed(msg, held)
 
 
-def _partition(context: Context) -> tuple[int, int]:
+def _held(context: Context) -> tuple[range, int]:
+    """The partitions this node holds and the federation's number of partitions."""
+    node = context.node_config
     try:
-        return int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
+        first, num_partitions = int(node[PARTITION_ID]), int(node[NUM_PARTITIONS])
     except KeyError:
         raise ValueError(
             "node_config lacks partition-id / num-partitions: start the SuperNode with "
-            '--node-config "partition-id=<i> num-partitions=<N>"'
+            '--node-config "partition-id=<i> num-partitions=<N>" (optionally partitions-held=<k>)'
         ) from None
+    count = int(node.get(PARTITIONS_HELD, 1))
+    if count < 1 or not 0 <= first <= first + count <= num_partitions:
+        raise ValueError(
+            f"node_config partition-id={first} partitions-held={count} num-partitions="
+            f"{num_partitions}: a node holds partition-id .. partition-id + partitions-held - 1, "
+            f"which must lie in 0..{num_partitions - 1}, with partitions-held >= 1"
+        )
+    return range(first, first + count), num_partitions
 
 
-def _client_model(config: ExperimentConfig, msg: Message, context: Context):
+def _addressed(msg: Message, held: range) -> int:
+    """The partition `msg` is for (ADDRESS; a one-partition node's own if it names none)."""
+    address = msg.content.config_records.get(ADDRESS)
+    if address is None and len(held) == 1:
+        return held[0]
+    partition_id = int(address[PARTITION_ID]) if address is not None else None
+    if partition_id not in held:
+        raise ValueError(f"a message for partition {partition_id} reached a node holding "
+                         f"partitions {held.start}..{held.stop - 1}")
+    return partition_id
+
+
+def _client_model(config: ExperimentConfig, msg: Message, context: Context, partition_id: int):
     """The initial model, overwritten by the global arrays sent and the personal ones kept."""
     model = task.init_model(config)
     sent = msg.content.array_records[ARRAYS].to_torch_state_dict()
     task.set_arrays(model, decode(sent, config.transport))
-    if LOCAL in context.state.array_records:
-        task.set_arrays(model, context.state.array_records[LOCAL].to_torch_state_dict())
+    local = context.state.array_records.get(cohort_key(LOCAL, partition_id))
+    if local is not None:
+        task.set_arrays(model, local.to_torch_state_dict())
     return model
 
 
@@ -99,7 +129,7 @@ def train(msg: Message, context: Context) -> Message:
 
     # 1. the model: global arrays from the server, personal ones from the last round
     device = task.resolve_device(config.device)
-    model = _client_model(config, msg, context).to(device)
+    model = _client_model(config, msg, context, partition_id).to(device)
     before = task.snapshot(model)  # on the device: the changes cost one sync per client
     # 2. train locally; every random draw is seeded by (seed, round, client). FedProx pulls
     # the arrays that came from the server (the global keys) towards where they started.
@@ -111,7 +141,8 @@ def train(msg: Message, context: Context) -> Message:
                         proximal_mu=proximal_mu, proximal_to=global_keys)
     # 3. keep the personal part, send the global part
     if local_keys:
-        context.state[LOCAL] = ArrayRecord(task.get_arrays(model, local_keys))
+        context.state[cohort_key(LOCAL, partition_id)] = ArrayRecord(
+            task.get_arrays(model, local_keys))
     arrays, metrics = _reply_records(config, model, before, result, data, partition_id,
                                      global_keys, device)
     return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
@@ -165,7 +196,7 @@ def _train_cohort(msg: Message, config: ExperimentConfig, partitions: list[int],
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's model (global + personal parts) on its own held-out data."""
     config, partition_id = _setup(msg, context)
-    model = _client_model(config, msg, context)
+    model = _client_model(config, msg, context, partition_id)
     data = task.client_data(config, partition_id)
     result = task.evaluate(model, data.holdout, device=task.resolve_device(config.device))
     metrics = MetricRecord(
@@ -181,23 +212,27 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 @app.query(PARTITION_ACTION)
 def query_partition(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random, partitions not)."""
-    partition_id, num_partitions = _partition(context)
-    metrics = MetricRecord({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
+    """Tell the server which partitions this node holds (node ids are random, partitions not)."""
+    held, num_partitions = _held(context)
+    metrics = MetricRecord({PARTITION_ID: held.start, PARTITIONS_HELD: len(held),
+                            NUM_PARTITIONS: num_partitions})
     return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
 
 
 @app.query(GET_LOCAL_ACTION)
 def query_get_local(msg: Message, context: Context) -> Message:
-    """Hand this client's personal arrays to the server's checkpoint (not FL traffic)."""
-    local = context.state.array_records.get(LOCAL, ArrayRecord())
-    return Message(content=RecordDict({LOCAL: local}), reply_to=msg)
+    """Hand a client's personal arrays to the server's checkpoint (not FL traffic)."""
+    partition_id = _addressed(msg, _held(context)[0])
+    local = context.state.array_records.get(cohort_key(LOCAL, partition_id), ArrayRecord())
+    return Message(content=RecordDict({LOCAL: local,
+                                       METRICS: MetricRecord({PARTITION_ID: partition_id})}),
+                   reply_to=msg)
 
 
 @app.query(SET_LOCAL_ACTION)
 def query_set_local(msg: Message, context: Context) -> Message:
-    """Restore this client's personal arrays from a checkpoint (resume)."""
-    context.state[LOCAL] = msg.content.array_records[LOCAL]
-    partition_id, _ = _partition(context)
+    """Restore a client's personal arrays from a checkpoint (resume)."""
+    partition_id = _addressed(msg, _held(context)[0])
+    context.state[cohort_key(LOCAL, partition_id)] = msg.content.array_records[LOCAL]
     return Message(content=RecordDict({METRICS: MetricRecord({PARTITION_ID: partition_id})}),
                    reply_to=msg)

@@ -10,7 +10,9 @@ A training message holds EXPERIMENT, ROUND and ARRAYS; its reply ARRAYS and METR
 OWN_EXAMPLES). With engine="cohort" one training message carries ROUND[COHORT], the round's
 partitions, and its reply one "arrays.<p>" and one "metrics.<p>" record per partition
 (`cohort_key`). An evaluation message holds EXPERIMENT and ARRAYS; its reply METRICS
-(NUM_EXAMPLES, LOSS, CORRECT, PARTITION_ID).
+(NUM_EXAMPLES, LOSS, CORRECT, PARTITION_ID). Every message the server sends to a partition
+also holds ADDRESS[PARTITION_ID]: a SuperNode may hold several partitions (node config
+"partition-id=<first> partitions-held=<count>"), and the message says which one it is for.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ LOCAL = "local"  # ArrayRecord: a client's personal arrays (context.state; check
 EXPERIMENT = "experiment"  # ConfigRecord: the ExperimentConfig as Flower run config
 ROUND = "round"  # ConfigRecord: SERVER_ROUND, LR and what the strategy adds (PROXIMAL_MU)
 METRICS = "metrics"  # MetricRecord of a reply
+ADDRESS = "address"  # ConfigRecord: the PARTITION_ID a message is for
 
 # ROUND's entries
 SERVER_ROUND = "server-round"
@@ -38,6 +41,8 @@ def cohort_key(record: str, partition_id: int) -> str:
 NUM_EXAMPLES = "num-examples"  # training examples (weights the average) or held-out examples
 PARTITION_ID = "partition-id"  # also the node-config key a SuperNode is started with
 NUM_PARTITIONS = "num-partitions"  # also a node-config key
+PARTITIONS_HELD = "partitions-held"  # also an optional node-config key (default 1): a node
+# holds partitions partition-id, ..., partition-id + partitions-held - 1
 TRAIN_LOSS = "train-loss"
 CHANGE = "relative-change"  # per tracked parameter: how far local training moved it
 OWN_CORRECT = "own-correct"  # client evaluation: held-out hits right after local training

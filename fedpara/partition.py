@@ -6,20 +6,32 @@
 
 The splits themselves come from flwr-datasets' partitioners, run on a `datasets.Dataset` that
 holds only the labels (and writer ids) plus each row's position; `partition` is the one place
-that fixes their settings. Nothing is cached: a split is recomputed from its arguments (a second
-or less), so a split made for one scheme or alpha can never be reused for another (the
-baseline's defect 2). `holdout_indices` and `plot_label_distribution` need only numpy and
-matplotlib; `partition` needs flwr-datasets.
+that fixes their settings. By default nothing is stored: a split is recomputed from its
+arguments (a second or less). With the environment variable FEDPARA_SPLITS naming a folder,
+`partition` also keeps each split there, in a file named by a SHA-256 digest of every argument
+and of the labels (and ids) themselves, and reads it back when the same arguments meet the same
+labels again. So a stored split is never reused for another scheme, alpha, seed or dataset (the
+baseline's defect 2), and a machine without flwr-datasets (a GPU node) can use a split that was
+computed elsewhere. `holdout_indices` and `plot_label_distribution` need only numpy and
+matplotlib; `partition` needs flwr-datasets unless its split is stored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from fedpara.config import SCHEMES  # the allowed names live in config
+from fedpara.storage import write_atomic
+
+SPLITS_ENV = "FEDPARA_SPLITS"  # a folder where `partition` keeps and finds its splits
 
 
 def _as_labels(labels, name: str = "labels") -> np.ndarray:
@@ -78,6 +90,7 @@ def partition(
             f"samples), got {num_partitions} · {shards_per_partition}"
         )
     num_partitions = int(num_partitions)
+    codes = None
     if scheme == "natural":
         if ids is None or len(ids) != n:
             raise ValueError(
@@ -91,16 +104,34 @@ def partition(
                 f"ids) for scheme 'natural', got {num_partitions}"
             )
 
+    stored = _stored_split_path(labels, num_partitions, scheme, alpha, shards_per_partition,
+                                ids, seed)
+    if stored is not None and stored[0].exists():
+        return _read_split(*stored, num_partitions)
+    parts = _compute(labels, num_partitions, scheme, alpha, shards_per_partition, seed, codes)
+    if stored is not None:
+        _write_split(*stored, parts)
+    return parts
+
+
+def _compute(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float,
+             shards_per_partition: int, seed: int, codes: np.ndarray | None
+             ) -> list[np.ndarray]:
+    """`partition`'s split from flwr-datasets' partitioners (arguments already checked;
+    `codes`: for "natural", each sample's id as its rank among the distinct ids)."""
     from datasets import Dataset
     from flwr_datasets import partitioner as fp
+
+    n = len(labels)
 
     columns = {"label": labels, "position": np.arange(n)}
     if scheme == "natural":
         # choose the ids first, so the partitioner (a Python loop over rows) sees only their rows
-        chosen = np.arange(len(unique_ids))
-        if num_partitions < len(unique_ids):
+        num_ids = int(codes.max()) + 1
+        chosen = np.arange(num_ids)
+        if num_partitions < num_ids:
             rng = np.random.default_rng(seed)
-            chosen = np.sort(rng.choice(len(unique_ids), num_partitions, replace=False))
+            chosen = np.sort(rng.choice(num_ids, num_partitions, replace=False))
         keep = np.isin(codes, chosen)
         columns = {"label": labels[keep], "position": np.flatnonzero(keep), "id": codes[keep]}
     table = Dataset.from_dict(columns)
@@ -140,6 +171,42 @@ def partition(
             for i in range(num_partitions)
         ]
     return [p.astype(np.int64) for p in positions]
+
+
+def _stored_split_path(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float,
+                       shards: int, ids, seed: int) -> tuple[Path, str] | None:
+    """Where $FEDPARA_SPLITS keeps this split, and its digest (None when the variable is unset).
+
+    The digest covers the arguments that shape the split (alpha only for "dirichlet", shards
+    only for "shard", ids only for "natural") and the labels' and ids' values."""
+    folder = os.environ.get(SPLITS_ENV)
+    if not folder:
+        return None
+    arguments = {"format": 1, "scheme": scheme, "num_partitions": num_partitions, "seed": seed,
+                 "alpha": float(alpha) if scheme == "dirichlet" else None,
+                 "shards_per_partition": int(shards) if scheme == "shard" else None}
+    digest = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    if scheme == "natural":
+        digest.update("\0".join(map(str, np.asarray(ids).tolist())).encode())
+    hexdigest = digest.hexdigest()
+    return Path(folder) / f"split-{scheme}-{num_partitions}-{hexdigest[:16]}.npz", hexdigest
+
+
+def _write_split(path: Path, digest: str, parts: list[np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, positions=np.concatenate(parts),
+             sizes=np.array([len(p) for p in parts], dtype=np.int64), digest=np.array(digest))
+    write_atomic(path, buffer.getvalue())
+
+
+def _read_split(path: Path, digest: str, num_partitions: int) -> list[np.ndarray]:
+    with np.load(path) as stored:
+        if str(stored["digest"]) != digest or len(stored["sizes"]) != num_partitions:
+            raise ValueError(f"{path} does not hold the split its name promises (digest "
+                             f"{str(stored['digest'])[:16]}…, expected {digest[:16]}…): delete "
+                             f"it, and {SPLITS_ENV}'s folder will get it recomputed")
+        return np.split(stored["positions"].astype(np.int64), np.cumsum(stored["sizes"])[:-1])
 
 
 def holdout_indices(

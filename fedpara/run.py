@@ -60,15 +60,22 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     return config
 
 
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
 def write_run_config(config: ExperimentConfig, path: Path) -> None:
     """A TOML file of Flower run-config overrides (kebab-case keys)."""
-    def toml(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return f'"{value}"' if isinstance(value, str) else repr(value)
-
-    lines = [f"{key} = {toml(value)}" for key, value in config.to_run_config().items()]
+    lines = [f"{key} = {_toml(value)}" for key, value in config.to_run_config().items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def run_config_pairs(config: ExperimentConfig) -> str:
+    """The config as `flwr run --run-config "<pairs>"` takes it: key=value pairs, TOML values
+    (a TOML file cannot be combined with other pairs on Flower's command line)."""
+    return " ".join(f"{key}={_toml(value)}" for key, value in config.to_run_config().items())
 
 
 class RunFailure(Exception):

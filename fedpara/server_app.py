@@ -62,6 +62,7 @@ from fedpara.checkpoints import (
 from fedpara.config import STRATEGIES, ExperimentConfig
 from fedpara.history import History, RoundRecord, hardware_info
 from fedpara.messages import (
+    ADDRESS,
     ARRAYS,
     CHANGE,
     COHORT,
@@ -76,6 +77,7 @@ from fedpara.messages import (
     OWN_CORRECT,
     OWN_EXAMPLES,
     PARTITION_ID,
+    PARTITIONS_HELD,
     QUERY_GET_LOCAL,
     QUERY_PARTITION,
     QUERY_SET_LOCAL,
@@ -113,13 +115,14 @@ def flower_strategy(config: ExperimentConfig) -> flower.FedAvg:
     It sees only the global keys' arrays (FedPara's factors like any other array; pFedPara's
     local factors and FedPer's head never reach it), weighs clients by NUM_EXAMPLES, and reads
     and writes the ARRAYS and ROUND records of the messages. It samples every node of the
-    cohort it is shown (`_Cohort`); the round's metrics are read by `FedParaStrategy`.
+    cohort it is shown (`_Cohort`: the distinct nodes holding the round's partitions, as few
+    as one); the round's metrics are read by `FedParaStrategy`.
     """
     if config.strategy not in STRATEGIES:
         raise ValueError(f"strategy={config.strategy!r}; allowed: {', '.join(STRATEGIES)}")
     common = dict(fraction_train=1.0, fraction_evaluate=1.0,
-                  min_train_nodes=config.clients_per_round, min_evaluate_nodes=0,
-                  min_available_nodes=config.clients_per_round, weighted_by_key=NUM_EXAMPLES,
+                  min_train_nodes=1, min_evaluate_nodes=0,
+                  min_available_nodes=1, weighted_by_key=NUM_EXAMPLES,
                   arrayrecord_key=ARRAYS, configrecord_key=ROUND,
                   train_metrics_aggr_fn=_no_metrics, evaluate_metrics_aggr_fn=_no_metrics)
     if config.strategy == "fedprox":
@@ -176,7 +179,8 @@ class FedParaStrategy:
 
     def _message(self, partition_id: int, message_type: str, records: dict[str, Any],
                  server_round: int) -> Message:
-        content = RecordDict({EXPERIMENT: ConfigRecord(self.config.to_run_config()), **records})
+        content = RecordDict({EXPERIMENT: ConfigRecord(self.config.to_run_config()),
+                              ADDRESS: ConfigRecord({PARTITION_ID: partition_id}), **records})
         return Message(content=content, dst_node_id=self.nodes[partition_id],
                        message_type=message_type, group_id=str(server_round))
 
@@ -201,8 +205,8 @@ class FedParaStrategy:
         round_config = ConfigRecord({SERVER_ROUND: server_round,
                                      LR: self.config.round_lr(server_round)})
         sampled = self.sample(server_round)
-        configured = self.flower.configure_train(
-            server_round, arrays, round_config, _Cohort(self.nodes[p] for p in sampled))
+        configured = self.flower.configure_train(  # one per node (a node may hold several)
+            server_round, arrays, round_config, _Cohort(sorted({self.nodes[p] for p in sampled})))
         by_node = {m.metadata.dst_node_id: m.content for m in configured}
         wires: dict[int, ArrayRecord] = {}  # encoded once per distinct record (Flower shares one)
         messages = []
@@ -365,32 +369,46 @@ class FedParaStrategy:
     # node discovery and per-client state ---------------------------------------------------
 
     def discover_nodes(self, grid: Grid, timeout: float = _NODE_WAIT_SECONDS) -> None:
-        """Wait for `num_clients` nodes and ask each which partition it holds."""
+        """Wait until the connected nodes hold all `num_clients` partitions, asking each new
+        node which it holds (a simulated node holds one, a SuperNode may hold a block)."""
         n = self.config.num_clients
         deadline = time.monotonic() + timeout
-        while len(node_ids := sorted(grid.get_node_ids())) < n:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"only {len(node_ids)} of num_clients={n} nodes connected "
-                                   f"after {timeout:.0f} s")
-            time.sleep(0.5)
-        queries = [Message(content=RecordDict(), dst_node_id=node, message_type=QUERY_PARTITION)
-                   for node in node_ids]
-        replies = list(grid.send_and_receive(queries))
-        _raise_errors(replies, "node discovery")
         nodes: dict[int, int] = {}
-        for reply in replies:
-            m = reply.content[METRICS]
-            if int(m[NUM_PARTITIONS]) != n:
-                raise ValueError(
-                    f"a node reports num-partitions={int(m[NUM_PARTITIONS])} but the experiment "
-                    f"has num_clients={n}: run the federation with exactly {n} nodes "
-                    f"(simulation: --federation-config \"num-supernodes={n}\")"
-                )
-            nodes[int(m[PARTITION_ID])] = reply.metadata.src_node_id
-        if sorted(nodes) != list(range(n)):
-            raise ValueError(f"nodes hold partitions {sorted(nodes)}; expected 0..{n - 1}, "
-                             f"each exactly once (check each SuperNode's partition-id)")
-        self.nodes = nodes
+        asked: set[int] = set()
+        while True:
+            new = sorted(set(grid.get_node_ids()) - asked)
+            if new:
+                queries = [Message(content=RecordDict(), dst_node_id=node,
+                                   message_type=QUERY_PARTITION) for node in new]
+                replies = list(grid.send_and_receive(queries))
+                _raise_errors(replies, "node discovery")
+                asked.update(new)
+                for reply in replies:
+                    self._add_node(nodes, reply.content[METRICS], reply.metadata.src_node_id)
+            if len(nodes) == n:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {len(asked)} connected nodes hold {len(nodes)} of "
+                                   f"num_clients={n} partitions after {timeout:.0f} s")
+            time.sleep(0.5)
+        self.nodes = dict(sorted(nodes.items()))
+
+    def _add_node(self, nodes: dict[int, int], m: MetricRecord, node: int) -> None:
+        """Record the partitions one node reports, checking them against the experiment."""
+        n = self.config.num_clients
+        if int(m[NUM_PARTITIONS]) != n:
+            raise ValueError(
+                f"a node reports num-partitions={int(m[NUM_PARTITIONS])} but the experiment "
+                f"has num_clients={n}: run the federation with exactly {n} partitions "
+                f"(simulation: --federation-config \"num-supernodes={n}\")"
+            )
+        first = int(m[PARTITION_ID])
+        for p in range(first, first + int(m.get(PARTITIONS_HELD, 1))):
+            if p in nodes:
+                raise ValueError(f"partition {p} is held by two nodes; expected 0..{n - 1}, "
+                                 f"each exactly once (check each SuperNode's partition-id and "
+                                 f"partitions-held)")
+            nodes[p] = node
 
     def gather_local(self, grid: Grid) -> dict[int, dict[str, torch.Tensor]]:
         """Each trained client's personal arrays, for a checkpoint."""
@@ -399,8 +417,7 @@ class FedParaStrategy:
         queries = [self._message(p, QUERY_GET_LOCAL, {}, 0) for p in sorted(self.trained)]
         replies = list(grid.send_and_receive(queries))
         _raise_errors(replies, "checkpointing")
-        partition_of = {node: p for p, node in self.nodes.items()}
-        return {partition_of[r.metadata.src_node_id]: r.content[LOCAL].to_torch_state_dict()
+        return {int(r.content[METRICS][PARTITION_ID]): r.content[LOCAL].to_torch_state_dict()
                 for r in replies}
 
     def restore_local(self, grid: Grid, local: dict[int, dict[str, torch.Tensor]]) -> None:

@@ -1,20 +1,32 @@
 #!/usr/bin/env bash
-# A real Flower deployment on loopback: one SuperLink, two SuperNodes (one partition each), and
-# fedpara's apps submitted with `flwr run`. Checks the run completed, then stops every process it
-# started, by PID. What docs/flower.md describes for several machines, on one.
+# A real Flower deployment on loopback: one SuperLink, SuperNodes (by default two, one partition
+# each), and fedpara's apps submitted with `flwr run`. Checks the run completed, then stops every
+# process it started, by PID. What docs/flower.md describes for several machines, on one.
 #
 #   scripts/local_deployment.sh                      # 2 rounds of a small FedPara MLP
 #   scripts/local_deployment.sh "rounds=3 lr=0.05"   # run-config overrides (they win)
+#   NODES=1 PARTITIONS=10 scripts/local_deployment.sh "engine='cohort'"
+#                       # one SuperNode holding all 10 partitions (node config partitions-held)
 #
-# Needs the venv (make install) and Fashion-MNIST (Debian's dataset-fashion-mnist). Offline:
-# the app runs in this environment (no `uv sync`), with a private FLWR_HOME. Exit status 0 when
-# the run finished completed and its history was written.
+# NODES SuperNodes share PARTITIONS partitions (default: one each) in contiguous blocks whose
+# sizes differ by at most one; num-clients and clients-per-round default to PARTITIONS.
+# Needs the venv (make install; VENV_BIN points elsewhere) and Fashion-MNIST (Debian's
+# dataset-fashion-mnist) unless the overrides name other data. Offline: the app runs in this
+# environment (no `uv sync`), with a private FLWR_HOME. Exit status 0 when the run finished
+# completed and its history was written; RESULTS_DIR keeps that history (default: a temporary
+# folder, removed).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="${VENV_BIN:-$ROOT/.venv/bin}"
 EXTRA_CONFIG="${1:-}"
-NUM_NODES=2
+NUM_NODES="${NODES:-2}"
+NUM_PARTITIONS="${PARTITIONS:-$NUM_NODES}"
+if ! [ "$NUM_NODES" -ge 1 ] 2>/dev/null || ! [ "$NUM_PARTITIONS" -ge "$NUM_NODES" ] 2>/dev/null; then
+  echo "NODES must be an integer >= 1 and PARTITIONS an integer >= NODES; got NODES=$NUM_NODES" \
+    "PARTITIONS=$NUM_PARTITIONS" >&2
+  exit 2
+fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fedpara-deployment.XXXXXX")"
 export FLWR_HOME="$WORK/flwr-home"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 UV_OFFLINE=1
@@ -56,12 +68,15 @@ setsid flower-superlink --insecure --host 127.0.0.1 --port "$LINK_PORT" \
   >"$WORK/superlink.log" 2>&1 &
 PIDS+=($!)
 
-# 2. the SuperNodes, each told which partition it holds
+# 2. the SuperNodes, each told which block of partitions it holds
+FIRST=0
 for ((i = 0; i < NUM_NODES; i++)); do
+  HELD=$((NUM_PARTITIONS / NUM_NODES + (i < NUM_PARTITIONS % NUM_NODES ? 1 : 0)))
   setsid flower-supernode --insecure --superlink "127.0.0.1:$LINK_PORT" --port "${PORTS[$((i + 1))]}" \
-    --node-config "partition-id=$i num-partitions=$NUM_NODES" \
+    --node-config "partition-id=$FIRST num-partitions=$NUM_PARTITIONS partitions-held=$HELD" \
     >"$WORK/supernode-$i.log" 2>&1 &
   PIDS+=($!)
+  FIRST=$((FIRST + HELD))
 done
 
 # 3. a connection named "loopback" to this SuperLink
@@ -87,9 +102,9 @@ while time.monotonic() < deadline:
 else:
     sys.exit("the SuperLink did not start listening within 60 s")
 EOF
-RESULTS="$WORK/results"
+RESULTS="${RESULTS_DIR:-$WORK/results}"
 CONFIG=""
-for pair in "num-clients=$NUM_NODES" "clients-per-round=$NUM_NODES" "rounds=2" \
+for pair in "num-clients=$NUM_PARTITIONS" "clients-per-round=$NUM_PARTITIONS" "rounds=2" \
             "partition='iid'" "client-samples=2000" "eval-samples=2000" "device='cpu'"; do
   case " $EXTRA_CONFIG" in *" ${pair%%=*}="*) ;; *) CONFIG="$CONFIG $pair" ;; esac  # extra wins
 done

@@ -253,7 +253,7 @@ def call_client(monkeypatch):
 ])
 def test_personalized_client_sends_only_the_global_part(
         fmnist_dir, call_client, algorithm, parameterization, kept):
-    from fedpara.messages import ARRAYS, LOCAL
+    from fedpara.messages import ARRAYS, LOCAL, cohort_key
     from fedpara.server_app import array_bytes
 
     config = smoke_config(fmnist_dir, algorithm=algorithm, parameterization=parameterization,
@@ -263,7 +263,7 @@ def test_personalized_client_sends_only_the_global_part(
     content, context = call_client(config, "train", task.get_arrays(model, global_keys))
     assert list(content[ARRAYS].keys()) == global_keys
     assert array_bytes(content) == payload_bytes(model, algorithm) < payload_bytes(model)
-    assert list(context.state[LOCAL].keys()) == local_keys
+    assert list(context.state[cohort_key(LOCAL, 0)].keys()) == local_keys
     if kept is not None:
         assert local_keys == kept
     else:  # pFedPara keeps the second factor pair (W2) and the bias of every layer
@@ -272,14 +272,14 @@ def test_personalized_client_sends_only_the_global_part(
 
 
 def test_personal_state_persists_between_rounds(fmnist_dir, call_client):
-    from fedpara.messages import ARRAYS, LOCAL
+    from fedpara.messages import ARRAYS, LOCAL, cohort_key
 
     config = smoke_config(fmnist_dir, algorithm="local", parameterization="original",
                           evaluation="clients", client_samples=300)
     model = task.init_model(config)
     content, context = call_client(config, "train", {})
     assert len(content[ARRAYS]) == 0  # local-only training sends nothing
-    first = context.state[LOCAL].to_torch_state_dict()
+    first = context.state[cohort_key(LOCAL, 0)].to_torch_state_dict()
     # the next round starts from the kept model, not from the initial one
     content, context = call_client(config, "evaluate", {}, state=context.state, server_round=2)
     task.set_arrays(model, first)

@@ -89,11 +89,30 @@ def test_flwr_run_on_the_local_simulation_federation(fmnist_dir, tmp_path):
     assert listening_pid(http_port) is None  # torn down
 
 
-def test_loopback_deployment_with_two_supernodes(fmnist_dir):
-    """A SuperLink and two SuperNodes (partition-id 0 and 1) on loopback, one round (~1 min)."""
+@pytest.mark.parametrize("nodes, partitions, overrides", [
+    (2, 2, ""),  # one partition each, as on separate machines
+    # two nodes holding blocks of 3 and 2; pFedPara keeps each partition's W2 on its node
+    (2, 5, "clients-per-round=3 algorithm='pfedpara' evaluation='clients'"),
+    (1, 4, "clients-per-round=3 engine='cohort'"),  # one node trains each round's cohort
+], ids=["one-partition-each", "blocks-pfedpara", "one-node-cohort"])
+def test_loopback_deployment(fmnist_dir, tmp_path, nodes, partitions, overrides):
+    """A SuperLink and SuperNodes holding `partitions` partitions on loopback (~1 min each)."""
     script = REPO / "scripts" / "local_deployment.sh"
-    done = subprocess.run([str(script), f"rounds=1 data-dir='{fmnist_dir}'"], cwd=REPO,
-                          capture_output=True, text=True, timeout=500)
+    env = {**os.environ, "NODES": str(nodes), "PARTITIONS": str(partitions),
+           "RESULTS_DIR": str(tmp_path / "results")}
+    done = subprocess.run(
+        [str(script), f"rounds=1 client-samples=500 data-dir='{fmnist_dir}' {overrides}"],
+        cwd=REPO, capture_output=True, text=True, timeout=500, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "runs: ['finished:completed']" in done.stdout
     assert "loopback deployment: OK" in done.stdout
+    [path] = (tmp_path / "results").rglob("*.json")
+    history = json.loads(path.read_text())
+    config, records = history["config"], history["records"]
+    assert config["num_clients"] == partitions
+    assert len(records) == config["rounds"]
+    for record in records:  # every sampled partition trained, and its traffic was counted
+        assert len(record["clients"]) == config["clients_per_round"]
+        assert record["bytes_up"] > 0 and record["bytes_up"] % config["clients_per_round"] == 0
+    if config["algorithm"] == "pfedpara":  # scored on their own data, with their kept part
+        assert records[-1]["eval_clients"] >= config["clients_per_round"]

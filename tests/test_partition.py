@@ -1,4 +1,5 @@
-"""Federated splits: properties of each scheme, per-client held-out data, the label plot."""
+"""Federated splits: properties of each scheme, stored splits, per-client held-out data, the
+label plot."""
 
 from __future__ import annotations
 
@@ -101,6 +102,56 @@ def test_ids_are_ignored_by_label_schemes():
     with_ids = partition(LABELS, 5, "iid", ids=WRITERS, seed=2)
     without = partition(LABELS, 5, "iid", seed=2)
     assert all(np.array_equal(a, b) for a, b in zip(with_ids, without, strict=True))
+
+
+# stored splits ($FEDPARA_SPLITS) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme, kwargs", [
+    ("dirichlet", {"alpha": 0.3}), ("shard", {"shards_per_partition": 3}), ("natural", {}),
+    ("iid", {}),
+])
+def test_a_stored_split_is_the_computed_one_and_is_read_back_without_flwr_datasets(
+        tmp_path, monkeypatch, scheme, kwargs):
+    import fedpara.partition as module
+
+    computed = split(scheme, seed=4, **kwargs)
+    monkeypatch.setenv("FEDPARA_SPLITS", str(tmp_path))
+    stored = split(scheme, seed=4, **kwargs)
+    [path] = tmp_path.glob(f"split-{scheme}-20-*.npz")
+
+    def unavailable(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'flwr_datasets'")
+
+    monkeypatch.setattr(module, "_compute", unavailable)  # a machine without flwr-datasets
+    read = split(scheme, seed=4, **kwargs)
+    for a, b, c in zip(computed, stored, read, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c) and c.dtype == np.int64
+    with pytest.raises(ModuleNotFoundError):  # anything else is still computed
+        split(scheme, seed=5, **kwargs)
+
+
+def test_a_stored_split_is_never_reused_for_other_arguments_or_labels(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPARA_SPLITS", str(tmp_path))
+    first = split("dirichlet", alpha=0.5, seed=0)
+    split("dirichlet", alpha=0.3, seed=0)
+    split("dirichlet", alpha=0.5, seed=1)
+    split("dirichlet", alpha=0.5, seed=0, num_partitions=19)
+    other = partition(np.roll(LABELS, 1), 20, "dirichlet", alpha=0.5, seed=0)
+    split("dirichlet", alpha=0.5, seed=0, shards_per_partition=5)  # shards: not a dirichlet arg
+    assert len(list(tmp_path.glob("split-*.npz"))) == 5
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_a_stored_file_that_does_not_match_its_name_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPARA_SPLITS", str(tmp_path))
+    split("dirichlet", alpha=0.5, seed=0)
+    [a] = tmp_path.glob("split-*.npz")
+    split("dirichlet", alpha=0.3, seed=0)
+    [b] = set(tmp_path.glob("split-*.npz")) - {a}
+    b.write_bytes(a.read_bytes())  # another split's file under this split's name
+    with pytest.raises(ValueError, match="does not hold the split its name promises.*delete it"):
+        split("dirichlet", alpha=0.3, seed=0)
 
 
 def test_partition_of_real_fashion_mnist(fmnist):

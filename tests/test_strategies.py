@@ -20,15 +20,21 @@ from fedpara.messages import ARRAYS, CHANGE, METRICS, NUM_EXAMPLES, PARTITION_ID
 
 
 class InProcessGrid:
-    """A Grid whose nodes are the ClientApp called in this process, one Context per node."""
+    """A Grid whose nodes are the ClientApp called in this process, one Context per node.
 
-    def __init__(self, num_nodes: int) -> None:
-        self.contexts = {
-            100 + p: Context(run_id=1, node_id=100 + p, state=RecordDict(),
-                             node_config={"partition-id": p, "num-partitions": num_nodes},
-                             run_config={})
-            for p in range(num_nodes)
-        }
+    `blocks`: how many partitions each node holds, in order (default: one each, the node
+    config a simulation gives; a node holding more gets "partitions-held")."""
+
+    def __init__(self, num_partitions: int, blocks: list[int] | None = None) -> None:
+        self.contexts = {}
+        first = 0
+        for i, count in enumerate(blocks or [1] * num_partitions):
+            node_config = {"partition-id": first, "num-partitions": num_partitions}
+            if count != 1:
+                node_config["partitions-held"] = count
+            self.contexts[100 + i] = Context(run_id=1, node_id=100 + i, state=RecordDict(),
+                                             node_config=node_config, run_config={})
+            first += count
         self.sent: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
@@ -52,10 +58,10 @@ def identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
 
-def run_in_process(config: ExperimentConfig, **kwargs):
+def run_in_process(config: ExperimentConfig, blocks: list[int] | None = None, **kwargs):
     from fedpara.server_app import run_server
 
-    grid = InProcessGrid(config.num_clients)
+    grid = InProcessGrid(config.num_clients, blocks)
     return run_server(grid, config, **kwargs), grid
 
 
@@ -324,3 +330,88 @@ def test_a_cohort_round_equals_its_clients_trained_apart(fmnist_dir, identity, o
         assert b.parameter_change == pytest.approx(a.parameter_change, rel=1e-3)
     with pytest.raises(ValueError, match="engine='client'"):
         config.replace(algorithm="fedper", evaluation="clients", engine="cohort")
+
+
+# nodes holding several partitions (one GPU node can hold a whole federation) -----------------
+
+
+def same_rounds(a, b) -> None:
+    for x, y in zip(a.records, b.records, strict=True):
+        assert (x.clients, x.bytes_up, x.bytes_down, x.train_loss, x.accuracy, x.loss) == (
+            y.clients, y.bytes_up, y.bytes_down, y.train_loss, y.accuracy, y.loss)
+
+
+@pytest.mark.parametrize("preset, variant, engine", [
+    ("fmnist-personal", "pfedpara", "client"),  # personal state per partition on one node
+    ("fmnist-strategies", "fedpara-fedprox", "client"),
+    ("fmnist-noniid", "fedpara", "cohort"),
+])
+def test_one_node_holding_every_partition_runs_the_federation_of_one_node_each(
+        fmnist_dir, identity, one_thread, tmp_path, preset, variant, engine):
+    from fedpara.checkpoints import checkpoint_path
+
+    config = get_preset(preset, variant=variant, profile="smoke", device="cpu",
+                        data_dir=str(fmnist_dir), engine=engine, rounds=2, client_samples=150,
+                        eval_samples=300, checkpoint_every=1)
+    runs = {}
+    for blocks in (None, [config.num_clients], [3, config.num_clients - 3]):
+        ckpt = tmp_path / str(blocks)
+        runs[str(blocks)] = (run_in_process(config.replace(checkpoint_dir=str(ckpt)), blocks),
+                             torch.load(checkpoint_path(ckpt, 2), weights_only=True))
+    (reference, _), first_state = runs.pop("None")
+    for (history, grid), state in runs.values():
+        same_rounds(reference, history)
+        assert len(grid.contexts) < config.num_clients
+        assert state["local"].keys() == first_state["local"].keys()
+        for p, arrays in first_state["local"].items():  # pFedPara: each partition's own W2
+            for key, value in arrays.items():
+                assert torch.equal(state["local"][p][key], value)
+    if config.personalized:
+        assert first_state["local"]
+
+
+def test_a_resumed_run_restores_each_partitions_state_on_a_shared_node(
+        fmnist_dir, identity, one_thread, tmp_path):
+    from fedpara.checkpoints import checkpoint_path
+
+    config = get_preset("fmnist-personal", variant="pfedpara", profile="smoke", device="cpu",
+                        data_dir=str(fmnist_dir), rounds=3, client_samples=150,
+                        eval_samples=300, checkpoint_every=1, checkpoint_dir=str(tmp_path))
+    blocks = [config.num_clients]
+    uninterrupted, _ = run_in_process(config, blocks)
+    checkpoint_path(tmp_path, 3).unlink()
+    resumed, grid = run_in_process(config, blocks, resume=True)  # a fresh node: no state
+    same_rounds(uninterrupted, resumed)
+
+
+def test_node_discovery_checks_that_the_nodes_hold_each_partition_once(fmnist_dir, identity):
+    from fedpara.server_app import FedParaStrategy
+
+    config = strategy_config(fmnist_dir, variant="fedpara-fedprox")
+    n = config.num_clients
+    grid = InProcessGrid(n, [2, n - 2])
+    grid.contexts[101].node_config["partition-id"] = 1  # holds 1.., overlapping node 100's
+    with pytest.raises(ValueError, match="partition 1 is held by two nodes.*partitions-held"):
+        FedParaStrategy(config).discover_nodes(grid, timeout=0.1)
+    with pytest.raises(RuntimeError, match=f"hold {n - 1} of num_clients={n} partitions"):
+        FedParaStrategy(config).discover_nodes(InProcessGrid(n, [n - 1]), timeout=0.1)
+    grid = InProcessGrid(n, [n])
+    grid.contexts[100].node_config["partitions-held"] = n + 1
+    with pytest.raises(ValueError, match=f"partitions-held={n + 1}.*must lie in 0..{n - 1}"):
+        FedParaStrategy(config).discover_nodes(grid, timeout=0.1)
+
+
+def test_a_message_for_a_partition_the_node_does_not_hold_is_refused(fmnist_dir, identity):
+    from flwr.app import ConfigRecord
+
+    from fedpara.client_app import app
+    from fedpara.messages import ADDRESS, EXPERIMENT
+
+    config = strategy_config(fmnist_dir, variant="fedpara-fedprox")
+    grid = InProcessGrid(config.num_clients, [2, config.num_clients - 2])
+    content = RecordDict({EXPERIMENT: ConfigRecord(config.to_run_config()),
+                          ADDRESS: ConfigRecord({PARTITION_ID: 5}), ARRAYS: ArrayRecord()})
+    with pytest.raises(ValueError, match="message for partition 5 reached a node holding "
+                                         "partitions 0..1"):
+        app(Message(content=content, dst_node_id=100, message_type="evaluate"),
+            grid.contexts[100])
