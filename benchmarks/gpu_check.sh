@@ -18,6 +18,14 @@
 #      CIFAR-10 files                                   -> gpu-smoke-<device>.json
 #   3. benchmarks/layer_overhead.py with bf16 and channels-last (the fast path's settings)
 #                                                       -> layer_overhead-<device>.json
+#   4. benchmarks/deployment_rounds.py: 3 rounds of cifar10-noniid/fedpara (E = 1) through
+#      Flower's deployment runtime (a SuperLink and one SuperNode holding all 100 partitions,
+#      the cohort engine) on full-size fake CIFAR-10, each round's wall time against the
+#      projection from step 1's file                    -> deployment-<device>.json
+#      Needs flwr: installed, or its wheels in benchmarks/device-wheels with the split in
+#      benchmarks/device-splits, which benchmarks/prepare_device.sh makes on a machine with a
+#      network (carry both folders to the device). Without either, the step fails (is skipped
+#      in the tiny mode).
 # Results go to $OUT when it is set (the device tool's output folder), else benchmarks/results/.
 # Copy them into benchmarks/results/ and commit them; book/performance.md reads them from there.
 # GPU_CHECK_TINY=1 shrinks every step to seconds: it checks the script, it measures nothing.
@@ -34,10 +42,17 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
               --eval-samples 4 --threads 1 --cohort 2)
   SMOKE=(--smoke-rounds 1 --smoke-clients 2 --smoke-samples 8 --batch 4 --threads 1)
   OVERHEAD=(--repeats 1 --steps 1 --batch 4 --threads 1 --variants original fedpara)
+  DEPLOY=(--rounds 1 --set clients_per_round=2 --set client_samples=8 --set local_epochs=1
+          --set eval_samples=16 --train-images 10000 --test-images 100)
 else
   THROUGHPUT=(--repeats 3 --cohort 16 --cohort-models original fedpara-0.1)
   SMOKE=(--smoke-rounds 3)
   OVERHEAD=(--bf16 --channels-last)
+  DEPLOY=(--rounds 3 --set local_epochs=1)
+fi
+WHEELS="${GPU_CHECK_WHEELS:-benchmarks/device-wheels}"  # flwr's wheels (prepare_device.sh)
+if [[ -d "$WHEELS" ]]; then
+  DEPLOY+=(--wheels "$WHEELS")
 fi
 
 # what the machine has (environment.txt), and the device's name as a file-name slug
@@ -79,12 +94,20 @@ step() {  # step <name> <seconds> <command...>
   fi
 }
 
-step throughput 270 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
+step throughput 200 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
   --out "$RESULTS/throughput-$SLUG.json"
-step smoke 40 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
+step smoke 30 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
   --out "$RESULTS/gpu-smoke-$SLUG.json"
-step layer_overhead 35 "$PY" benchmarks/layer_overhead.py --device "$DEVICE" "${OVERHEAD[@]}" \
+step layer_overhead 30 "$PY" benchmarks/layer_overhead.py --device "$DEVICE" "${OVERHEAD[@]}" \
   --out "$RESULTS/layer_overhead-$SLUG.json"
+if [[ "${GPU_CHECK_TINY:-0}" == 1 && ! -d "$WHEELS" ]] && ! "$PY" -c "import flwr" 2>/dev/null
+then
+  echo "== deployment: skipped (no flwr and no $WHEELS; the tiny mode only)"
+else
+  step deployment 95 "$PY" benchmarks/deployment_rounds.py --device "$DEVICE" "${DEPLOY[@]}" \
+    --timeout 90 --throughput "$RESULTS/throughput-$SLUG.json" \
+    --out "$RESULTS/deployment-$SLUG.json"
+fi
 
 ls -l "$RESULTS"
 exit $failed

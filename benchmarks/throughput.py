@@ -320,13 +320,25 @@ def overheads(name: str, split: ImageDataset, test: ImageDataset, device: torch.
 
 def project(throughput: float, over: dict, preset: str) -> dict:
     """Wall time of a full preset from an images/s figure and the measured overheads."""
-    c = get_preset(preset, profile="full")
-    samples = CIFAR_TRAIN / c.num_clients  # images per client (on average for non-IID splits)
+    return project_config(throughput, over, get_preset(preset, profile="full"))
+
+
+def project_config(throughput: float, over: dict, c: ExperimentConfig,
+                   train_images: int = CIFAR_TRAIN, test_images: int = CIFAR_TEST) -> dict:
+    """Wall time of the run `c` describes, from an images/s figure and the measured overheads:
+    per client, setup + a trip each way + its share of the average + its epochs; per round, the
+    clients one after the other (or together: `throughput` is then the round's images/s) and
+    the evaluation of the test set."""
+    samples = train_images / c.num_clients  # images per client (on average for non-IID splits)
+    if 0 < c.client_samples < samples:
+        samples = c.client_samples
+    tests = min(c.eval_samples, test_images) if c.eval_samples > 0 else test_images
     per_client = (over["client_setup_seconds"] + 2 * over["trip_seconds"]
                   + over["average_seconds_per_client"] + c.local_epochs * samples / throughput)
-    per_round = c.clients_per_round * per_client + CIFAR_TEST * over["eval_seconds_per_image"]
+    per_round = c.clients_per_round * per_client + tests * over["eval_seconds_per_image"]
     return {"seconds": c.rounds * per_round, "rounds": c.rounds, "clients": c.clients_per_round,
             "epochs": c.local_epochs, "samples_per_client": samples,
+            "seconds_per_round": per_round,
             "training_fraction": c.clients_per_round * c.local_epochs * samples / throughput
             / per_round}
 

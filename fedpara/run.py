@@ -72,10 +72,12 @@ def write_run_config(config: ExperimentConfig, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def run_config_pairs(config: ExperimentConfig) -> str:
+def run_config_pairs(config: ExperimentConfig, without: tuple[str, ...] = ()) -> str:
     """The config as `flwr run --run-config "<pairs>"` takes it: key=value pairs, TOML values
-    (a TOML file cannot be combined with other pairs on Flower's command line)."""
-    return " ".join(f"{key}={_toml(value)}" for key, value in config.to_run_config().items())
+    (a TOML file cannot be combined with other pairs on Flower's command line), leaving out the
+    run-config keys in `without` (a key may appear only once)."""
+    return " ".join(f"{key}={_toml(value)}" for key, value in config.to_run_config().items()
+                    if key not in without)
 
 
 class RunFailure(Exception):

@@ -116,3 +116,51 @@ def test_loopback_deployment(fmnist_dir, tmp_path, nodes, partitions, overrides)
         assert record["bytes_up"] > 0 and record["bytes_up"] % config["clients_per_round"] == 0
     if config["algorithm"] == "pfedpara":  # scored on their own data, with their kept part
         assert records[-1]["eval_clients"] >= config["clients_per_round"]
+
+
+def test_deployment_rounds_on_a_node_without_flwr_datasets(tmp_path):
+    """benchmarks/deployment_rounds.py as on the GPU machine: the split stored beforehand
+    (--prepare), then a deployment whose processes cannot import datasets or flwr-datasets, one
+    SuperNode holding all 100 partitions and training each round's cohort; its rounds' wall
+    time is compared with a projection from a throughput record."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import deployment_rounds
+
+    splits = tmp_path / "splits"
+    tiny = ["--device", "cpu", "--set", "clients_per_round=2", "--set", "client_samples=8",
+            "--set", "local_epochs=1", "--set", "eval_samples=16", "--train-images", "10000",
+            "--test-images", "100", "--splits", str(splits)]
+    deployment_rounds.main([*tiny, "--prepare"])
+    [stored] = splits.glob("split-dirichlet-100-*.npz")
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('datasets', 'flwr_datasets'):\n"
+        "    sys.modules[name] = None  # import raises ImportError\n")
+    over = {"client_setup_seconds": 0.5, "trip_seconds": 0.25,
+            "average_seconds_per_client": 0.0, "eval_seconds_per_image": 1e-3}
+    throughput = tmp_path / "throughput.json"
+    throughput.write_text(json.dumps({  # what benchmarks/throughput.py writes, the keys used
+        "device": "test", "overheads": {"fedpara-0.1": over},
+        "cohort": {"fedpara-0.1": {"clients": 2}}, "round_images_per_second": {"fedpara-0.1": 80.0},
+        "images_per_second": {"fedpara-0.1": {"default": 40.0}}}))
+    out = tmp_path / "deployment.json"
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    done = subprocess.run(
+        [str(BIN / "python"), str(REPO / "benchmarks" / "deployment_rounds.py"), *tiny,
+         "--rounds", "2", "--throughput", str(throughput), "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [p.name for p in splits.glob("*.npz")] == [stored.name]  # read, not recomputed
+    record = json.loads(out.read_text())
+    assert record["engine"] == "cohort" and record["config"]["num_clients"] == 100
+    assert len(record["round_wall_seconds"]) == 2
+    assert record["median_round_seconds_after_first"] == record["round_wall_seconds"][1]
+    projection = record["projection"]
+    # 2 clients x (0.5 + 2 x 0.25 + 8 images / 80 images/s) + 16 test images x 1e-3 s
+    assert projection["path"] == "cohort"
+    assert projection["seconds_per_round"] == pytest.approx(2 * (1.0 + 0.1) + 0.016)
+    assert record["measured_to_projected"] == pytest.approx(
+        record["round_wall_seconds"][1] / projection["seconds_per_round"])

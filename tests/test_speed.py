@@ -168,6 +168,13 @@ def test_projection_adds_training_and_overheads():
     c = get_preset("cifar10-iid")
     per_client = 0.5 + 0.5 + c.local_epochs * 500 / 1000
     assert proj["seconds"] == pytest.approx(c.rounds * (c.clients_per_round * per_client + 1.0))
+    assert proj["seconds_per_round"] == pytest.approx(proj["seconds"] / c.rounds)
+    # a run of its own (the deployment check's): fewer rounds, epochs, images and test images
+    run = c.replace(rounds=3, local_epochs=1, client_samples=100, eval_samples=2000)
+    small = throughput.project_config(1000.0, over, run)
+    assert small["seconds_per_round"] == pytest.approx(
+        c.clients_per_round * (0.5 + 0.5 + 100 / 1000) + 2000 * 1e-4)
+    assert small["seconds"] == pytest.approx(3 * small["seconds_per_round"])
     assert throughput.preset_model("cifar100-iid", "fedpara") == "fedpara-0.4"
     assert throughput.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert throughput.peak_bf16_flops("AMD EPYC, 2 cores") is None
@@ -183,11 +190,15 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
     )
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_TINY": "1",
-           "PYTHON": sys.executable, "PYTHONPATH": str(blocker)}
+           "PYTHON": sys.executable, "PYTHONPATH": str(blocker),
+           "GPU_CHECK_WHEELS": str(tmp_path / "no-wheels")}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "flwr not installed" in (out / "environment.txt").read_text()
+    # no flwr and no wheels: the deployment step says why it did not run (tests/test_flwr_run.py
+    # runs it)
+    assert "== deployment: skipped (no flwr and no " in done.stdout
     [throughput_json] = out.glob("throughput-*.json")
     record = json.loads(throughput_json.read_text())
     assert set(record["images_per_second"]) == {"original", "fedpara-0.1"}

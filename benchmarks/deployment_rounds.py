@@ -1,0 +1,244 @@
+"""A few rounds of a preset through Flower's deployment runtime, timed against the projection.
+
+    python benchmarks/deployment_rounds.py                        # cifar10-noniid/fedpara, 3 rounds
+    python benchmarks/deployment_rounds.py --wheels benchmarks/device-wheels \
+        --throughput benchmarks/results/throughput-nvidia-h200.json   # on the GPU machine
+
+One SuperLink and one SuperNode holding every partition (`scripts/local_deployment.sh` with
+NODES=1), fedpara's apps submitted with `flwr run`, on fake CIFAR files written in the real
+on-disk format at the dataset's full size (so every client holds its full share). The run is
+the preset's full profile with `--rounds`, `--engine` and `--set` overrides. What it reports:
+each round's wall time as the ServerApp measured it (`RoundRecord.wall_seconds`), and, given a
+throughput file measured on the same machine (`benchmarks/throughput.py`), the projection for
+the same run (`throughput.project_config`: the images/s of the engine's path plus the measured
+per-client overheads) and the measured/projected ratio of the rounds after the first (the first
+also pays cuDNN autotuning and the first ClientApp's start).
+
+Machines without flwr (the GPU machine has torch only): `--wheels DIR` installs the wheels in
+DIR into a private folder first and runs Flower from there. The clients' split needs
+flwr-datasets unless it is stored: `--splits DIR` is $FEDPARA_SPLITS (fedpara.partition), where
+`--prepare` (on a machine with flwr-datasets) stores the split of the same fake labels and
+stops. `benchmarks/prepare_device.sh` does both preparations for the GPU check: the wheels
+(without numpy and uv, which that machine has or does not need) and the split.
+Writes deployment-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from fedpara.config import ExperimentConfig, get_preset, parse_overrides  # noqa: E402
+from fedpara.fakedata import write_fake_cifar  # noqa: E402
+from fedpara.run import run_config_pairs  # noqa: E402
+from fedpara.storage import write_atomic  # noqa: E402
+
+ENGINES_PATH = {"cohort": "cohort", "client": "default"}  # the throughput path each engine runs
+FULL_SIZE = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
+
+
+def flower_bin(wheels: Path | None, work: Path) -> tuple[Path, dict[str, str]]:
+    """A folder with `python` and Flower's commands, and the environment that makes them work:
+    the wheels in `wheels` installed into `work` when given, else this interpreter's own."""
+    here = Path(sys.executable).parent
+    if wheels is None:
+        if shutil.which("flower-superlink", path=str(here)) and _importable("flwr"):
+            return here, {}
+        raise SystemExit("flwr is not installed here: pass --wheels DIR "
+                         "(benchmarks/prepare_device.sh fills one)")
+    files = sorted(str(w) for w in Path(wheels).glob("*.whl"))
+    if not files:
+        raise SystemExit(f"--wheels {wheels}: no .whl files there")
+    site = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                    "--disable-pip-version-check", "--target", str(site), *files], check=True)
+    (site / "bin" / "python").symlink_to(sys.executable)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), str(ROOT),
+                                                       os.environ.get("PYTHONPATH")]))}
+    return site / "bin", env
+
+
+def _importable(module: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {module}"],
+                          capture_output=True).returncode == 0
+
+
+def deploy(pairs: str, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run scripts/local_deployment.sh; past `timeout`, stop it the way that lets it stop the
+    daemons it started (SIGTERM to its whole process group, then its exit trap runs)."""
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "local_deployment.sh"), pairs],
+                            cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, output
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+        return 124, output + f"\n(stopped after --timeout {timeout:g} s)"
+
+
+def experiment(args: argparse.Namespace, data_dir: Path, results_dir: Path) -> ExperimentConfig:
+    config = get_preset(args.preset, variant=args.variant, profile="full")
+    return config.replace(rounds=args.rounds, engine=args.engine, device=args.device,
+                          data_dir=str(data_dir), results_dir=str(results_dir),
+                          checkpoint_dir="", **parse_overrides(args.set))
+
+
+def prepare_split(config: ExperimentConfig, splits: Path) -> dict:
+    """Store the clients' split of `config`'s (fake) data in `splits`, as the run would."""
+    from fedpara import task
+    from fedpara.partition import SPLITS_ENV
+
+    before = set(splits.glob("split-*.npz"))
+    os.environ[SPLITS_ENV] = str(splits.resolve())
+    task.client_data(config.replace(device="cpu"), 0)
+    files = sorted(set(splits.glob("split-*.npz")) - before) or sorted(before)
+    print(f"split stored in {splits}: {[f.name for f in files]}")
+    return {"splits": [str(f) for f in files]}
+
+
+def projection(config: ExperimentConfig, throughput_file: Path, train: int, test: int) -> dict:
+    """The run's projected seconds per round from a throughput file, with what it used."""
+    import throughput as tp  # benchmarks/throughput.py
+
+    record = json.loads(Path(throughput_file).read_text())
+    model = tp.preset_model(config.preset, config.variant)
+    path = ENGINES_PATH[config.engine]
+    if path == "cohort":
+        cohort = record.get("cohort", {}).get(model, {})
+        if cohort.get("clients") != config.clients_per_round:
+            raise SystemExit(f"{throughput_file} has no cohort of {config.clients_per_round} "
+                             f"clients for {model}: run throughput.py --cohort "
+                             f"{config.clients_per_round} --cohort-models {model}")
+        images_per_second = record["round_images_per_second"][model]
+    else:  # files from before the "default" alias name the default path separately
+        rates = record["images_per_second"][model]
+        path = path if path in rates else record.get("default_path") or "fast"
+        images_per_second = rates[path]
+    projected = tp.project_config(images_per_second, record["overheads"][model], config,
+                                  train_images=train, test_images=test)
+    return {"file": str(throughput_file), "device": record["device"], "model": model,
+            "path": path, "images_per_second": images_per_second, **projected}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cifar10-noniid", choices=_cifar_presets())
+    p.add_argument("--variant", default="fedpara")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--engine", default="cohort", choices=sorted(ENGINES_PATH))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more config overrides (e.g. local_epochs=1); repeatable")
+    p.add_argument("--train-images", type=int, default=None,
+                   help="fake training images (default: the dataset's full size)")
+    p.add_argument("--test-images", type=int, default=None)
+    p.add_argument("--wheels", type=Path, default=None, help="flwr's wheels, if not installed")
+    p.add_argument("--splits", type=Path, default=ROOT / "benchmarks" / "device-splits",
+                   help="$FEDPARA_SPLITS for the run (stored splits are read, new ones kept)")
+    p.add_argument("--throughput", type=Path, default=None,
+                   help="throughput-<device>.json measured on this machine, for the projection")
+    p.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
+    p.add_argument("--prepare", action="store_true",
+                   help="only store the run's split in --splits (needs flwr-datasets) and stop")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default: benchmarks/results/deployment-<device>.json)")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+
+    with tempfile.TemporaryDirectory(prefix="fedpara-deployment-rounds-") as tmp:
+        work = Path(tmp)
+        config = experiment(args, work / "data", work / "results")  # checks the overrides first
+        full_train, full_test = FULL_SIZE[config.dataset]
+        train, test = args.train_images or full_train, args.test_images or full_test
+        started = time.perf_counter()
+        write_fake_cifar(work / "data", config.dataset, n_train=train, n_test=test)
+        data_seconds = time.perf_counter() - started
+        if args.prepare:
+            return prepare_split(config, args.splits)
+        bin_dir, env = flower_bin(args.wheels, work)
+        env = {**os.environ, **env, "NODES": "1", "PARTITIONS": str(config.num_clients),
+               "RESULTS_DIR": str(work / "results"), "VENV_BIN": str(bin_dir),
+               "FEDPARA_SPLITS": str(args.splits.resolve())}
+        started = time.perf_counter()
+        status, output = deploy(run_config_pairs(config, without=("results-dir",)), env,
+                                args.timeout)
+        run_seconds = time.perf_counter() - started
+        if status != 0:
+            sys.stderr.write(output[-6000:])
+            raise SystemExit(f"the deployment run failed (status {status})")
+        [history_path] = (work / "results").rglob("*.json")
+        history = json.loads(history_path.read_text())
+
+    walls = [r["wall_seconds"] for r in history["records"]]
+    later = walls[1:] or walls
+    record = {
+        "benchmark": "deployment_rounds",
+        "device": (history.get("hardware") or {}).get("device_name") or args.device,
+        "hardware": history.get("hardware"),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runtime": "Flower deployment: 1 SuperLink, 1 SuperNode holding every partition",
+        "preset": config.preset, "variant": config.variant, "engine": config.engine,
+        "config": config.to_dict(),
+        "fake_images": {"train": train, "test": test},
+        "data_seconds": data_seconds,
+        "run_seconds": run_seconds,  # everything: daemons, `flwr run`, all rounds
+        "round_wall_seconds": walls,
+        "median_round_seconds_after_first": statistics.median(later),
+        "final_accuracy_on_fake_data": history["records"][-1]["accuracy"],
+    }  # fmt: skip
+    if args.throughput is not None:
+        record["projection"] = projection(config, args.throughput, train, test)
+        projected = record["projection"]["seconds_per_round"]
+        ratio = record["median_round_seconds_after_first"] / projected
+        record["measured_to_projected"] = ratio
+        record["within_20_percent"] = abs(ratio - 1) <= 0.2
+    out = args.out or ROOT / "benchmarks" / "results" / f"deployment-{_slug(record['device'])}.json"
+    write_atomic(out, (json.dumps(record, indent=2) + "\n").encode())
+    print(f"rounds (s): {[round(w, 2) for w in walls]}; after the first, median "
+          f"{record['median_round_seconds_after_first']:.2f} s")
+    if "projection" in record:
+        print(f"projected {record['projection']['seconds_per_round']:.2f} s per round "
+              f"({record['projection']['path']} path): measured/projected "
+              f"{record['measured_to_projected']:.2f}")
+    print(f"wrote {out}")
+    return record
+
+
+def _cifar_presets() -> list[str]:
+    from fedpara.config import PRESETS
+
+    return sorted(name for name in PRESETS
+                  if get_preset(name, profile="full").dataset in FULL_SIZE)
+
+
+def _slug(text: str) -> str:
+    import throughput as tp
+
+    return tp.slug(text)
+
+
+if __name__ == "__main__":
+    main()
