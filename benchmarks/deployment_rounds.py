@@ -137,8 +137,10 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
         images_per_second = rates[path]
     projected = tp.project_config(images_per_second, record["overheads"][model], config,
                                   train_images=train, test_images=test)
-    return {"file": str(throughput_file), "device": record["device"], "model": model,
-            "path": path, "images_per_second": images_per_second, **projected}
+    return {"file": Path(throughput_file).name, "device": record["device"],
+            "measured": record.get("date"), "model": model, "path": path,
+            "images_per_second": images_per_second, "overheads": record["overheads"][model],
+            **projected}
 
 
 def main(argv: list[str] | None = None) -> dict:
