@@ -10,9 +10,11 @@ on-disk format at the dataset's full size (so every client holds its full share)
 the preset's full profile with `--rounds`, `--engine` and `--set` overrides. What it reports:
 each round's wall time as the ServerApp measured it (`RoundRecord.wall_seconds`), and, given a
 throughput file measured on the same machine (`benchmarks/throughput.py`), the projection for
-the same run (`throughput.project_config`: the images/s of the engine's path plus the measured
-per-client overheads) and the measured/projected ratio of the rounds after the first (the first
-also pays cuDNN autotuning and the first ClientApp's start).
+each round with the clients it sampled (the images/s of the engine's path for those clients'
+images, padded to the largest for the cohort engine, plus the per-client overheads and the
+evaluation measured with it), the same for the average client (`throughput.project_config`,
+what the preset projections use), and the measured/projected ratio of the medians of the rounds
+after the first (the first also pays cuDNN autotuning).
 
 Machines without flwr (the GPU machine has torch only): `--wheels DIR` installs the wheels in
 DIR into a private folder first and runs Flower from there. The clients' split needs
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -45,6 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from fedpara.config import ExperimentConfig, get_preset, parse_overrides  # noqa: E402
 from fedpara.fakedata import write_fake_cifar  # noqa: E402
+from fedpara.partition import SPLITS_ENV  # noqa: E402
 from fedpara.run import run_config_pairs  # noqa: E402
 from fedpara.storage import write_atomic  # noqa: E402
 
@@ -107,7 +111,6 @@ def experiment(args: argparse.Namespace, data_dir: Path, results_dir: Path) -> E
 def prepare_split(config: ExperimentConfig, splits: Path) -> dict:
     """Store the clients' split of `config`'s (fake) data in `splits`, as the run would."""
     from fedpara import task
-    from fedpara.partition import SPLITS_ENV
 
     before = set(splits.glob("split-*.npz"))
     os.environ[SPLITS_ENV] = str(splits.resolve())
@@ -141,6 +144,34 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
             "measured": record.get("date"), "model": model, "path": path,
             "images_per_second": images_per_second, "overheads": record["overheads"][model],
             **projected}
+
+
+def sampled_rounds(config: ExperimentConfig, projected: dict, sizes: list[list[int]],
+                   tests: int) -> list[float]:
+    """The projection of each round with the clients it sampled: `project_config`'s per-client
+    overheads and evaluation, and the training of those clients' images (the cohort engine
+    pads every client to the largest one's batches, so it trains K times the largest)."""
+    over, rate = projected["overheads"], projected["images_per_second"]
+    seconds = []
+    for clients in sizes:
+        if config.engine == "cohort":
+            steps = max(math.ceil(n / config.batch_size) for n in clients)
+            work = len(clients) * steps * config.batch_size  # padded slots
+        else:
+            work = sum(clients)
+        per_client = (over["client_setup_seconds"] + 2 * over["trip_seconds"]
+                      + over["average_seconds_per_client"])
+        seconds.append(len(clients) * per_client + config.local_epochs * work / rate
+                       + tests * over["eval_seconds_per_image"])
+    return seconds
+
+
+def client_sizes(config: ExperimentConfig, rounds: list[list[int]]) -> list[list[int]]:
+    """How many training images each sampled client of each round held."""
+    from fedpara import task
+
+    cpu = config.replace(device="cpu")
+    return [[task.client_data(cpu, p).num_train for p in clients] for clients in rounds]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"the deployment run failed (status {status})")
         [history_path] = (work / "results").rglob("*.json")
         history = json.loads(history_path.read_text())
+        os.environ[SPLITS_ENV] = str(args.splits.resolve())  # the run's split, read back
+        sizes = client_sizes(config, [r["clients"] for r in history["records"]])
 
     walls = [r["wall_seconds"] for r in history["records"]]
     later = walls[1:] or walls
@@ -208,13 +241,20 @@ def main(argv: list[str] | None = None) -> dict:
         "data_seconds": data_seconds,
         "run_seconds": run_seconds,  # everything: daemons, `flwr run`, all rounds
         "round_wall_seconds": walls,
+        "round_client_sizes": sizes,
         "median_round_seconds_after_first": statistics.median(later),
         "final_accuracy_on_fake_data": history["records"][-1]["accuracy"],
     }  # fmt: skip
     if args.throughput is not None:
+        # the average client's round (what the preset projections use), and each round with
+        # its own sampled clients, which the measurement is compared with
         record["projection"] = projection(config, args.throughput, train, test)
-        projected = record["projection"]["seconds_per_round"]
-        ratio = record["median_round_seconds_after_first"] / projected
+        tests = min(config.eval_samples, test) if config.eval_samples > 0 else test
+        rounds = sampled_rounds(config, record["projection"], sizes, tests)
+        record["projected_round_seconds"] = rounds
+        record["median_projected_seconds_after_first"] = statistics.median(rounds[1:] or rounds)
+        ratio = (record["median_round_seconds_after_first"]
+                 / record["median_projected_seconds_after_first"])
         record["measured_to_projected"] = ratio
         record["within_20_percent"] = abs(ratio - 1) <= 0.2
     out = args.out or ROOT / "benchmarks" / "results" / f"deployment-{_slug(record['device'])}.json"
@@ -222,8 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"rounds (s): {[round(w, 2) for w in walls]}; after the first, median "
           f"{record['median_round_seconds_after_first']:.2f} s")
     if "projection" in record:
-        print(f"projected {record['projection']['seconds_per_round']:.2f} s per round "
-              f"({record['projection']['path']} path): measured/projected "
+        print(f"projected with the sampled clients (s): "
+              f"{[round(w, 2) for w in record['projected_round_seconds']]}; for the average "
+              f"client {record['projection']['seconds_per_round']:.2f} s per round "
+              f"({record['projection']['path']} path); measured/projected "
               f"{record['measured_to_projected']:.2f}")
     print(f"wrote {out}")
     return record
