@@ -223,3 +223,16 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
     assert 0 <= smoke["fast"][0]["accuracy"] <= 1
     [overhead_json] = out.glob("layer_overhead-*.json")
     assert json.loads(overhead_json.read_text())["device_type"] == "cpu"
+
+
+def test_client_start_times_a_cold_clientapp_with_the_split_computed_and_stored(tmp_path):
+    out = tmp_path / "client_start.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "client_start.py"),
+                           "--repeats", "1", "--train-images", "10000", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["flwr_datasets_imported"] == {"computed": True, "stored": False}
+    for how in ("computed", "stored"):
+        assert len(record["samples"][how]) == 1
+        assert all(v > 0 for v in record["median_seconds"][how].values())
