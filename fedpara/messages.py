@@ -33,7 +33,8 @@ PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx.configure_train (its key)
 
 
 def cohort_key(record: str, partition_id: int) -> str:
-    """A cohort reply's record key for one partition: e.g. "arrays.3", "metrics.3"."""
+    """A record key for one partition: a cohort reply's "arrays.3" and "metrics.3", and the
+    personal arrays a node keeps for partition 3 in its state, "local.3"."""
     return f"{record}.{partition_id}"
 
 
