@@ -124,7 +124,11 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
     """The run's projected seconds per round from a throughput file, with what it used."""
     import throughput as tp  # benchmarks/throughput.py
 
-    record = json.loads(Path(throughput_file).read_text())
+    try:
+        record = json.loads(Path(throughput_file).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--throughput {throughput_file}: cannot read it as a throughput "
+                         f"record ({err}); benchmarks/throughput.py writes one") from None
     model = tp.preset_model(config.preset, config.variant)
     path = ENGINES_PATH[config.engine]
     if path == "cohort":
@@ -202,9 +206,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="fedpara-deployment-rounds-") as tmp:
         work = Path(tmp)
-        config = experiment(args, work / "data", work / "results")  # checks the overrides first
+        try:  # the overrides checked first
+            config = experiment(args, work / "data", work / "results")
+        except ValueError as err:
+            raise SystemExit(f"--set: {err}") from None
         full_train, full_test = FULL_SIZE[config.dataset]
         train, test = args.train_images or full_train, args.test_images or full_test
+        # the projection's inputs, read before the run so that a wrong file stops it first
+        projected = (projection(config, args.throughput, train, test)
+                     if args.throughput is not None and not args.prepare else None)
         started = time.perf_counter()
         write_fake_cifar(work / "data", config.dataset, n_train=train, n_test=test)
         data_seconds = time.perf_counter() - started
@@ -245,10 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
         "median_round_seconds_after_first": statistics.median(later),
         "final_accuracy_on_fake_data": history["records"][-1]["accuracy"],
     }  # fmt: skip
-    if args.throughput is not None:
+    if projected is not None:
         # the average client's round (what the preset projections use), and each round with
         # its own sampled clients, which the measurement is compared with
-        record["projection"] = projection(config, args.throughput, train, test)
+        record["projection"] = projected
         tests = min(config.eval_samples, test) if config.eval_samples > 0 else test
         rounds = sampled_rounds(config, record["projection"], sizes, tests)
         record["projected_round_seconds"] = rounds

@@ -236,3 +236,21 @@ def test_client_start_times_a_cold_clientapp_with_the_split_computed_and_stored(
     for how in ("computed", "stored"):
         assert len(record["samples"][how]) == 1
         assert all(v > 0 for v in record["median_seconds"][how].values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "bogus=1"], "--set: unknown config field.*bogus"),
+    (["--throughput", "missing.json"], "--throughput missing.json: cannot read it"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
+])
+def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, message,
+                                                                          monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import deployment_rounds
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("fake data written before the input was checked")
+
+    monkeypatch.setattr(deployment_rounds, "write_fake_cifar", no_data)
+    with pytest.raises(SystemExit, match=message):
+        deployment_rounds.main(["--device", "cpu", *args])
