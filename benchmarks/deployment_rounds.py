@@ -155,7 +155,8 @@ def sampled_rounds(config: ExperimentConfig, projected: dict, sizes: list[list[i
     """The projection of each round with the clients it sampled: `project_config`'s per-client
     overheads and evaluation, and the training of those clients' images (the cohort engine
     pads every client to the largest one's batches, so it trains K times the largest)."""
-    over, rate = projected["overheads"], projected["images_per_second"]
+    import throughput as tp  # benchmarks/throughput.py
+
     seconds = []
     for clients in sizes:
         if config.engine == "cohort":
@@ -163,10 +164,9 @@ def sampled_rounds(config: ExperimentConfig, projected: dict, sizes: list[list[i
             work = len(clients) * steps * config.batch_size  # padded slots
         else:
             work = sum(clients)
-        per_client = (over["client_setup_seconds"] + 2 * over["trip_seconds"]
-                      + over["average_seconds_per_client"])
-        seconds.append(len(clients) * per_client + config.local_epochs * work / rate
-                       + tests * over["eval_seconds_per_image"])
+        seconds.append(tp.round_seconds(projected["overheads"], len(clients), work,
+                                        config.local_epochs, projected["images_per_second"],
+                                        tests))
     return seconds
 
 

@@ -333,14 +333,23 @@ def project_config(throughput: float, over: dict, c: ExperimentConfig,
     if 0 < c.client_samples < samples:
         samples = c.client_samples
     tests = min(c.eval_samples, test_images) if c.eval_samples > 0 else test_images
-    per_client = (over["client_setup_seconds"] + 2 * over["trip_seconds"]
-                  + over["average_seconds_per_client"] + c.local_epochs * samples / throughput)
-    per_round = c.clients_per_round * per_client + tests * over["eval_seconds_per_image"]
+    per_round = round_seconds(over, c.clients_per_round, c.clients_per_round * samples,
+                              c.local_epochs, throughput, tests)
     return {"seconds": c.rounds * per_round, "rounds": c.rounds, "clients": c.clients_per_round,
             "epochs": c.local_epochs, "samples_per_client": samples,
             "seconds_per_round": per_round,
             "training_fraction": c.clients_per_round * c.local_epochs * samples / throughput
             / per_round}
+
+
+def round_seconds(over: dict, clients: int, images: float, epochs: int, throughput: float,
+                  tests: int) -> float:
+    """One round: each client's setup, trip each way and share of the average, `epochs` passes
+    over the round's `images` at `throughput` images/s, and scoring `tests` test images."""
+    per_client = (over["client_setup_seconds"] + 2 * over["trip_seconds"]
+                  + over["average_seconds_per_client"])
+    return (clients * per_client + epochs * images / throughput
+            + tests * over["eval_seconds_per_image"])
 
 
 def preset_model(preset: str, variant: str) -> str:
