@@ -215,12 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
         # the projection's inputs, read before the run so that a wrong file stops it first
         projected = (projection(config, args.throughput, train, test)
                      if args.throughput is not None and not args.prepare else None)
+        # Flower found (or its wheels installed) before the data is written
+        bin_dir, env = (None, {}) if args.prepare else flower_bin(args.wheels, work)
         started = time.perf_counter()
         write_fake_cifar(work / "data", config.dataset, n_train=train, n_test=test)
         data_seconds = time.perf_counter() - started
         if args.prepare:
             return prepare_split(config, args.splits)
-        bin_dir, env = flower_bin(args.wheels, work)
         env = {**os.environ, **env, "NODES": "1", "PARTITIONS": str(config.num_clients),
                "RESULTS_DIR": str(work / "results"), "VENV_BIN": str(bin_dir),
                "FEDPARA_SPLITS": str(args.splits.resolve())}

@@ -242,6 +242,7 @@ def test_client_start_times_a_cold_clientapp_with_the_split_computed_and_stored(
     (["--set", "bogus=1"], "--set: unknown config field.*bogus"),
     (["--throughput", "missing.json"], "--throughput missing.json: cannot read it"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--wheels", "."], "--wheels .: no .whl files there"),
 ])
 def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, message,
                                                                           monkeypatch):
