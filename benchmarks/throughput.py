@@ -44,7 +44,8 @@ model) are timed as well.
 Per-round overhead, measured on the fast path for each model: building a client (init_model and
 its batches), one trip of the model between server and client (state_dict copies, NumPy
 serialization plus SHA-256 as Flower's `Array` does, deserialization into a model), the server's
-weighted average per client, and the evaluation on the 10,000 test images. Then
+weighted average per client (`task.weighted_mean`, as the ServerApp), and the evaluation on the
+10,000 test images. Then
 
     wall(preset) = rounds × [clients × (setup + 2·trip + average + epochs·samples / throughput)
                              + evaluation]
@@ -297,14 +298,11 @@ def overheads(name: str, split: ImageDataset, test: ImageDataset, device: torch.
                 for k, b in zip(keys, blobs, strict=True)}
         task.set_arrays(model, back)
 
-    clients = [{k: v.numpy() for k, v in task.get_arrays(model, keys).items()} for _ in range(4)]
-    weights = np.full(len(clients), 1 / len(clients))
+    clients = [task.get_arrays(model, keys) for _ in range(4)]
 
-    def average():  # as the ServerApp: float64 sums in client order, back to the arrays' dtype
-        for key in keys:
-            arrays = [c[key] for c in clients]
-            mean = sum(w * a.astype(np.float64) for w, a in zip(weights, arrays, strict=True))
-            np.asarray(mean).astype(arrays[0].dtype)
+    def average():  # as the ServerApp: the float64 mean in client order, back to float32
+        mean = task.weighted_mean(clients, [1.0] * len(clients))
+        return {k: v.to(clients[0][k].dtype).numpy() for k, v in mean.items()}
 
     eval_batches = task.make_batches(test, None, config, device, train=False, seed=0)
     return {
@@ -314,7 +312,7 @@ def overheads(name: str, split: ImageDataset, test: ImageDataset, device: torch.
         "eval_seconds_per_image": _median_seconds(
             lambda: task.evaluate(model, eval_batches, device=device), repeats, device
         ) / len(test),
-        "model_bytes": sum(a.nbytes for a in clients[0].values()),
+        "model_bytes": sum(a.numel() * a.element_size() for a in clients[0].values()),
     }
 
 

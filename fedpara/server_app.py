@@ -11,7 +11,8 @@ One round:
    only the W1 factors for pFedPara, none for local-only training) and get theirs back;
 3. aggregate them with the configured Flower strategy (`flower_strategy`: FedAvg, FedProx,
    FedAvgM, FedAdam or FedYogi from `flwr.serverapp.strategy`), weighted by training examples,
-   the replies in partition order (deterministic);
+   the replies in partition order (deterministic): the weighted mean with Flower's arithmetic
+   in float64 (`task.weighted_mean`), then the server optimizer's step, if any, by Flower;
 4. score: the global model on the test set here ("server"), or every client that has
    trained on its own held-out data ("clients"), weighted by examples; clients that never
    trained are counted, not scored;
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
+from torch import Tensor
 
 from fedpara import task
 from fedpara.checkpoints import (
@@ -156,6 +158,9 @@ class _Cohort:
 # server-side state a strategy carries between rounds (FedAvgM's momentum, FedOpt's moments),
 # saved in checkpoints so a resumed run continues the same optimizer
 _STRATEGY_STATE = ("momentum_vector", "m_t", "v_t")
+# strategies whose new global model is the clients' weighted mean (FedProx differs from FedAvg
+# only in what it tells the clients)
+_MEAN_IS_THE_RESULT = ("fedavg", "fedprox")
 
 
 class FedParaStrategy:
@@ -221,9 +226,10 @@ class FedParaStrategy:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord, dict[str, Any]]:
-        """The new global arrays: Flower's strategy aggregating the returned arrays, decoded
-        from the transport format and handed over in float64 (so FedAvg's weighted sum runs in
-        float64, in partition order), each result cast back to its decoded dtype (float32).
+        """The new global arrays: the returned arrays, decoded from the transport format,
+        averaged in float64 in partition order (`task.weighted_mean`: Flower's FedAvg
+        arithmetic), then stepped by Flower's server optimizer for FedAvgM, FedAdam and
+        FedYogi; each result cast back to its decoded dtype (float32).
 
         Also the round's `RoundRecord` fields from the replies' metrics: `train_loss`,
         `parameter_change` (a list, `task.tracked_parameters` order: the mean over the clients)
@@ -233,18 +239,23 @@ class FedParaStrategy:
         _raise_errors(replies, f"training in round {server_round}")
         replies.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
         contents = [m.content for m in replies]
-        weights = np.array([float(c[METRICS][NUM_EXAMPLES]) for c in contents])
-        weights /= weights.sum()
+        examples = [float(c[METRICS][NUM_EXAMPLES]) for c in contents]
+        weights = np.array(examples) / sum(examples)
         self.trained.update(int(c[METRICS][PARTITION_ID]) for c in contents)
-        decoded = [decode(c[ARRAYS].to_torch_state_dict(), self.config.transport)
-                   for c in contents]
-        dtypes = {key: value.numpy().dtype for key, value in decoded[0].items()}
-        for content, state in zip(contents, decoded, strict=True):
-            content[ARRAYS] = ArrayRecord({k: Array(v.numpy().astype(np.float64))
-                                           for k, v in state.items()})
-        result, _ = self.flower.aggregate_train(server_round, replies)
-        aggregated = ArrayRecord({key: Array(np.asarray(result[key].numpy()).astype(dtype))
-                                  for key, dtype in dtypes.items()})
+        dtypes: dict[str, torch.dtype] = {}
+
+        def decoded():
+            for content in contents:
+                state = decode(content[ARRAYS].to_torch_state_dict(), self.config.transport)
+                dtypes.update((key, value.dtype) for key, value in state.items())
+                yield state
+
+        mean = task.weighted_mean(decoded(), examples)
+        if self.config.strategy in _MEAN_IS_THE_RESULT:
+            result = {key: value.to(dtypes[key]).numpy() for key, value in mean.items()}
+        else:  # Flower's server step from the mean, handed over as one reply of weight 1
+            result = self._server_step(server_round, mean, replies[0], dtypes)
+        aggregated = ArrayRecord({key: Array(value) for key, value in result.items()})
         if isinstance(getattr(self.flower, "current_arrays", None), ArrayRecord):
             # FedAvgM steps from its current arrays: the global model as kept and sent (float32)
             self.flower.current_arrays = aggregated
@@ -263,6 +274,21 @@ class FedParaStrategy:
             fields["client_accuracy_after_training"] = [
                 k / n if n else float("nan") for k, n in zip(correct, seen, strict=True)]
         return aggregated, fields
+
+    def _server_step(self, server_round: int, mean: Mapping[str, Tensor], reply: Message,
+                     dtypes: Mapping[str, torch.dtype]) -> dict[str, np.ndarray]:
+        """Flower's FedAvgM / FedAdam / FedYogi step from the clients' float64 mean. Their
+        `aggregate_train` first averages the replies with FedAvg's; given the mean as a single
+        reply of weight 1, that average is the mean itself (x * 1.0 == x), and the step that
+        follows is Flower's own code."""
+        carrier = Message(content=RecordDict({
+            ARRAYS: ArrayRecord({key: Array(value.numpy()) for key, value in mean.items()}),
+            METRICS: MetricRecord({NUM_EXAMPLES: 1})}),
+            dst_node_id=reply.metadata.dst_node_id, message_type=MessageType.TRAIN,
+            group_id=str(server_round))
+        result, _ = self.flower.aggregate_train(server_round, [carrier])
+        return {key: torch.from_numpy(np.asarray(result[key].numpy())).to(dtype).numpy()
+                for key, dtype in dtypes.items()}
 
     def cohort_message(self, messages: list[Message], server_round: int) -> Message:
         """engine="cohort": the round's training messages as one, to the node of the first

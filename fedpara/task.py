@@ -25,7 +25,7 @@ import contextlib
 import copy
 import functools
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +135,36 @@ def set_arrays(model: nn.Module, arrays: Mapping[str, Tensor | np.ndarray]) -> N
     with torch.no_grad():
         for key, value in arrays.items():
             state[key].copy_(torch.as_tensor(value))
+
+
+def weighted_mean(states: Iterable[Mapping[str, Tensor]], examples: Sequence[float]
+                  ) -> OrderedDict[str, Tensor]:
+    """The clients' arrays averaged, weighted by their examples: float64 tensors. The server's
+    FedAvg step (`fedpara.server_app` calls it on the decoded replies, in partition order).
+
+    The arithmetic is that of Flower's `aggregate_arrayrecords` on float64 arrays (weights
+    `n / sum(n)`; each array times its weight, added in place in the given order), so the
+    result is bit for bit Flower's, without what its path costs: every reply re-wrapped as a
+    float64 `Array` (serialized to bytes, read back) and the mean serialized once more
+    (`benchmarks/aggregation.py` times both). `states` may be a generator: one client's
+    arrays are held at a time.
+    """
+    total = sum(examples)
+    factors = [n / total for n in examples]
+    mean: OrderedDict[str, Tensor] = OrderedDict()
+    count = 0
+    for count, state in enumerate(states, start=1):
+        if count > len(factors):
+            break
+        for key, value in state.items():
+            term = value.double() * factors[count - 1]
+            if key in mean:
+                mean[key] += term
+            else:
+                mean[key] = term
+    if count != len(factors):
+        raise ValueError(f"more or fewer clients' arrays than weights ({len(factors)})")
+    return mean
 
 
 def lr_scales(model: nn.Module, config: ExperimentConfig) -> dict[str, float]:

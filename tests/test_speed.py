@@ -238,6 +238,24 @@ def test_client_start_times_a_cold_clientapp_with_the_split_computed_and_stored(
         assert all(v > 0 for v in record["median_seconds"][how].values())
 
 
+def test_the_aggregation_benchmark_times_both_paths_and_checks_they_agree(tmp_path):
+    out = tmp_path / "aggregation.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aggregation.py"),
+                           "--preset", "fmnist-noniid", "--clients", "3", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert set(record["models"]) == {"original", "fedpara-0.1", "lowrank-0.1"}
+    for model in record["models"].values():
+        assert model["bit_for_bit_equal"] is True
+        assert {p: len(t) for p, t in model["seconds"].items()} == {"flower_float64": 1,
+                                                                     "weighted_mean": 1}
+        assert model["speedup"] > 0 and model["model_bytes"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aggregation.py"),
+                          "--clients", "0"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--clients and --repeats must be >= 1" in bad.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "bogus=1"], "--set: unknown config field.*bogus"),
     (["--throughput", "missing.json"], "--throughput missing.json: cannot read it"),

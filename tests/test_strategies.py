@@ -212,6 +212,69 @@ def test_each_strategy_applies_its_own_rule_to_the_clients_mean(fmnist_dir, iden
         np.testing.assert_allclose(new[key].numpy(), expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi"])
+def test_the_servers_mean_is_bit_for_bit_flowers_on_float64_replies(fmnist_dir, identity,
+                                                                    strategy):
+    """`aggregate_train` averages with Flower's arithmetic outside Flower's `Array`s; the new
+    global arrays equal, bit for bit, Flower's strategy handed every reply in float64 (what
+    the ServerApp did before) and cast back to float32. Three clients of unequal weight, in
+    shuffled order, two rounds (the server optimizers' state carries over)."""
+    from fedpara.server_app import FedParaStrategy, flower_strategy
+
+    settings = {"fedprox": {"proximal_mu": 0.1}, "fedavgm": {"server_momentum": 0.9},
+                "fedadam": {"server_lr": 0.05}, "fedyogi": {"server_lr": 0.05}}.get(strategy, {})
+    defaults = dict(proximal_mu=0.0, server_lr=1.0, server_momentum=0.0)
+    config = strategy_config(fmnist_dir).replace(strategy=strategy,
+                                                 **{**defaults, **settings})
+    server = FedParaStrategy(config)
+    server.nodes = {p: p + 10 for p in range(config.num_clients)}
+    reference = flower_strategy(config)
+    model = task.init_model(config)
+    arrays = task.get_arrays(model, task.split_keys(model, "fedavg")[0])
+    torch.manual_seed(3)
+    for server_round in (1, 2):
+        ours = server.configure_train(server_round, ArrayRecord(arrays))[0]
+        theirs = list(reference.configure_train(server_round, ArrayRecord(arrays),
+                                                ours.content[ROUND], _AllNodes([10])))[0]
+        assert dict(theirs.content[ROUND]) == dict(ours.content[ROUND])
+        states = [{k: v + torch.randn_like(v) * 0.1 for k, v in arrays.items()}
+                  for _ in range(3)]
+        replies = _replies(states, (7, 300, 41))[::-1]
+        new, _ = server.aggregate_train(server_round, replies)
+        in_float64 = _replies([{k: v.double() for k, v in s.items()} for s in states],
+                              (7, 300, 41))
+        expected, _ = reference.aggregate_train(server_round, in_float64)
+        expected = {k: torch.from_numpy(v.numpy()).float() for k, v in expected.items()}
+        if hasattr(reference, "current_arrays"):  # what FedParaStrategy keeps (float32)
+            reference.current_arrays = ArrayRecord(expected)
+        new = new.to_torch_state_dict()
+        assert list(new) == list(expected)
+        for key, value in expected.items():
+            assert new[key].dtype == torch.float32
+            assert torch.equal(new[key], value), key
+        changed = [not torch.equal(new[k], arrays[k]) for k in arrays]
+        assert sum(changed) == len(changed)  # every array moved: the comparison is not vacuous
+        arrays = new
+
+
+def test_weighted_mean_needs_one_state_per_weight():
+    from fedpara.task import weighted_mean
+
+    for states in ([{"w": torch.ones(2)}] * 2, [{"w": torch.ones(2)}] * 4):
+        with pytest.raises(ValueError, match=r"more or fewer clients' arrays than weights \(3\)"):
+            weighted_mean(states, [1.0, 2.0, 3.0])
+    mean = weighted_mean(({"w": torch.full((2,), float(i))} for i in (1, 4)), [3.0, 1.0])
+    assert mean["w"].dtype == torch.float64 and mean["w"].tolist() == [1.75, 1.75]
+
+
+class _AllNodes:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return self.nodes
+
+
 # runs -----------------------------------------------------------------------------------------
 
 
