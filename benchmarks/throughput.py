@@ -31,8 +31,9 @@ host. The paths:
 `--cohort K` (CUDA by default) trains K clients of `--samples` images each together
 (fedpara/cohort.py) against the same K one after the other on the fast path:
 `round_images_per_second[model]`. With dropout off it also checks the two ways agree, and that
-a graphed epoch agrees with an eager one (`engine_checks`: the largest parameter difference
-relative to the parameter's size, and the mean losses).
+a graphed epoch agrees with an eager one (`engine_checks`: the mean losses), each as
+`difference` (‖a − b‖ / ‖b‖ over the parameters, and the worst tensor) next to its
+`noise_floor`: the same training from a start one float ulp away.
 
 Models: the original VGG16-GN and FedPara for each of `--gammas` (10 classes). Models and paths
 are interleaved, the order reversed every repeat; images/s are medians over the repeats, and the
@@ -64,6 +65,7 @@ Writes benchmarks/results/throughput-<device>.json (`--out` to change).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -425,11 +427,43 @@ def _client_batches(k: int, samples: int, name: str, device: torch.device, batch
     return out
 
 
-def _largest_difference(models_a, models_b) -> float:
-    """max over parameters of |a - b| / max |b|: how far two trainings ended apart."""
-    return max(float((p - q).abs().max() / q.abs().max().clamp_min(1e-30))
-               for a, b in zip(models_a, models_b, strict=True)
-               for p, q in zip(a.parameters(), b.parameters(), strict=True))
+@torch.no_grad()
+def difference(models_a, models_b) -> dict:
+    """How far two trainings of the same models ended apart: ‖a − b‖ / ‖b‖ over all their
+    parameters, and the largest per-tensor max|a − b| / max|b| with its parameter's name.
+
+    The per-tensor figure is dominated by tensors still near zero (biases a few small steps
+    have barely moved), where the same absolute rounding is a large fraction; compare either
+    with the `noise_floor` of the same run."""
+    squares, norms, worst = 0.0, 0.0, (-1.0, "")
+    for a, b in zip(models_a, models_b, strict=True):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            gap = (p - q).double()
+            squares += float(gap.square().sum())
+            norms += float(q.double().square().sum())
+            worst = max(worst, (float(gap.abs().max() / q.abs().max().clamp_min(1e-30)), name))
+    return {"relative_difference": math.sqrt(squares / norms) if norms else math.nan,
+            "largest_tensor_relative_difference": worst[0], "largest_tensor": worst[1]}
+
+
+def _moved_one_ulp(models):
+    """The models with every parameter moved to the next float towards +inf: a start that
+    differs from theirs by float rounding alone."""
+    with torch.no_grad():
+        for model in models:
+            for p in model.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
+    return models
+
+
+def noise_floor(train, models, batches) -> dict:
+    """`difference` between `train` from the models' start and from that start moved by one
+    ulp (`_moved_one_ulp`), on the same batches: how far float rounding alone moves these
+    trainings apart, the scale against which the engines' agreement is read."""
+    start = [copy.deepcopy(m) for m in models]
+    train(models, batches())
+    train(_moved_one_ulp(start), batches())
+    return difference(start, models)
 
 
 def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.device,
@@ -465,10 +499,18 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
         for fn, out in ((together, t_together), (apart, t_apart))[:: 1 if r % 2 == 0 else -1]:
             out.append(fn()[0])
     # agreement: the same batches from fresh generators, fp32 on both sides (the fast path's
-    # bf16 would dominate the difference)
+    # bf16 would dominate the difference), against the float-rounding floor of two clients
     plain = dataclasses.replace(speed, bf16=False)
     _, ours = together(_client_batches(k, samples, name, device, batch))
     _, reference = apart(_client_batches(k, samples, name, device, batch), plain)
+
+    def train_apart(models, data):
+        for model, b in zip(models, data, strict=True):
+            task.train(model, b, epochs=1, lr=LR, device=device, speed=plain)
+
+    floor = noise_floor(train_apart,
+                        [_no_dropout(task.init_model(config)).to(device) for _ in range(2)],
+                        lambda: _client_batches(2, samples, name, device, batch))
     return {
         "clients": k, "samples_per_client": samples,
         "seconds_together": statistics.median(t_together),
@@ -476,7 +518,8 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
         "images_per_second_together": k * samples / statistics.median(t_together),
         "images_per_second_apart": k * samples / statistics.median(t_apart),
         "speedup": paired(t_apart, t_together),
-        "together_vs_apart_largest_relative_difference": _largest_difference(ours, reference),
+        "together_vs_apart": difference(ours, reference),
+        "noise_floor": floor,
     }
 
 
@@ -485,15 +528,21 @@ def graph_check(name: str, samples: int, batch: int, device: torch.device) -> di
     the largest relative parameter difference and both mean losses."""
     config = config_for(name, device, batch)
     results = {}
+
+    def train(models, data, graph=False):
+        speed = dataclasses.replace(task.Speed.default(device), bf16=False, graph=graph)
+        return task.train(models[0], data[0], epochs=2, lr=0.01, device=device, speed=speed,
+                          seed=0).loss
+
     for label, graph in (("graph", True), ("eager", False)):
         model = _no_dropout(task.init_model(config)).to(device)
-        (b,) = _client_batches(1, samples, name, device, batch)
-        speed = dataclasses.replace(task.Speed.default(device), bf16=False, graph=graph)
-        loss = task.train(model, b, epochs=2, lr=0.01, device=device, speed=speed, seed=0).loss
+        loss = train([model], _client_batches(1, samples, name, device, batch), graph)
         results[label] = (model, loss)
+    floor = noise_floor(train, [_no_dropout(task.init_model(config)).to(device)],
+                        lambda: _client_batches(1, samples, name, device, batch))
     return {"graph_loss": results["graph"][1], "eager_loss": results["eager"][1],
-            "largest_relative_difference": _largest_difference([results["graph"][0]],
-                                                               [results["eager"][0]])}
+            "graph_vs_eager": difference([results["graph"][0]], [results["eager"][0]]),
+            "noise_floor": floor}
 
 
 # FedAvg without Flower -----------------------------------------------------------------------
@@ -505,8 +554,8 @@ def fedavg(config: ExperimentConfig, *, speed: task.Speed | None = None) -> list
     IID split of the training set (a seeded permutation cut into `num_clients` parts, each
     trimmed to `client_samples` if set); each round `clients_per_round` clients drawn from
     (seed, round) train from the global model with the round's lr, their arrays are averaged
-    weighted by examples (float64 sums, as the ServerApp), and the global model is scored on the
-    first `eval_samples` test images. Returns one record per round.
+    weighted by examples (`task.weighted_mean`, as the ServerApp), and the global model is
+    scored on the first `eval_samples` test images. Returns one record per round.
     """
     device = task.resolve_device(config.device)
     train_set, _ = task.load_splits(config)
@@ -536,11 +585,8 @@ def fedavg(config: ExperimentConfig, *, speed: task.Speed | None = None) -> list
                                 speed=speed)
             replies.append((result.num_examples, task.get_arrays(client, keys)))
             losses.append(result.loss)
-        total = sum(n for n, _ in replies)
-        global_arrays = {
-            k: sum((n / total) * a[k].double() for n, a in replies).to(global_arrays[k].dtype)
-            for k in keys
-        }
+        mean = task.weighted_mean((a for _, a in replies), [n for n, _ in replies])
+        global_arrays = {k: v.to(global_arrays[k].dtype) for k, v in mean.items()}
         task.set_arrays(model, global_arrays)
         scored = task.evaluate(model, test, device=device)
         sync(device)
@@ -779,11 +825,13 @@ def report_throughput(record: dict) -> None:
         print(f"  {key:28s} {cells}")
     for n, row in record.get("cohort", {}).items():
         print(f"{n}: {row['clients']} clients together {row['images_per_second_together']:.1f} "
-              f"img/s, apart {row['images_per_second_apart']:.1f} img/s; largest relative "
-              f"difference {row['together_vs_apart_largest_relative_difference']:.2e}")
+              f"img/s, apart {row['images_per_second_apart']:.1f} img/s; relative difference "
+              f"{row['together_vs_apart']['relative_difference']:.2e} (float rounding alone: "
+              f"{row['noise_floor']['relative_difference']:.2e})")
     for n, row in record.get("engine_checks", {}).items():
         print(f"{n}: graphed vs eager loss {row['graph_loss']:.5f} / {row['eager_loss']:.5f}, "
-              f"largest relative difference {row['largest_relative_difference']:.2e}")
+              f"relative difference {row['graph_vs_eager']['relative_difference']:.2e} (float "
+              f"rounding alone: {row['noise_floor']['relative_difference']:.2e})")
     for row in record.get("parallel_clients", []):
         print(f"{row['processes']} process(es) side by side: {row['images_per_second']:.1f} img/s")
 

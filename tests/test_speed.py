@@ -210,8 +210,13 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
         assert record["images_per_second"][model]["default"] == record["images_per_second"][
             model][record["default_path"]]
         assert record["round_images_per_second"][model] > 0
-        # two clients together end where they end apart (fp32, dropout off)
-        assert record["cohort"][model]["together_vs_apart_largest_relative_difference"] < 1e-3
+        # two clients together end where they end apart (fp32, dropout off): within float
+        # rounding, as measured in the same run (a start one ulp away)
+        cohort = record["cohort"][model]
+        assert 0 < cohort["noise_floor"]["relative_difference"] < 1e-4
+        assert cohort["together_vs_apart"]["relative_difference"] < max(
+            10 * cohort["noise_floor"]["relative_difference"], 1e-6)
+        assert cohort["together_vs_apart"]["largest_tensor"]  # a parameter's name
     assert record["time_ratio_fedpara_to_original"]["fedpara-0.1"]["default"] > 0
     projected = record["projected_full_presets"]["cifar10-noniid/fedpara"]
     assert projected["default"]["seconds"] > 0
