@@ -143,7 +143,8 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
         path = path if path in rates else record.get("default_path") or "fast"
         images_per_second = rates[path]
     projected = tp.project_config(images_per_second, record["overheads"][model], config,
-                                  train_images=train, test_images=test)
+                                  train_images=train, test_images=test,
+                                  cohort=config.engine == "cohort")
     return {"file": Path(throughput_file).name, "device": record["device"],
             "measured": record.get("date"), "model": model, "path": path,
             "images_per_second": images_per_second, "overheads": record["overheads"][model],
@@ -166,7 +167,7 @@ def sampled_rounds(config: ExperimentConfig, projected: dict, sizes: list[list[i
             work = sum(clients)
         seconds.append(tp.round_seconds(projected["overheads"], len(clients), work,
                                         config.local_epochs, projected["images_per_second"],
-                                        tests))
+                                        tests, cohort=config.engine == "cohort"))
     return seconds
 
 

@@ -318,23 +318,25 @@ def overheads(name: str, split: ImageDataset, test: ImageDataset, device: torch.
     }
 
 
-def project(throughput: float, over: dict, preset: str) -> dict:
+def project(throughput: float, over: dict, preset: str, cohort: bool = False) -> dict:
     """Wall time of a full preset from an images/s figure and the measured overheads."""
-    return project_config(throughput, over, get_preset(preset, profile="full"))
+    return project_config(throughput, over, get_preset(preset, profile="full"), cohort=cohort)
 
 
 def project_config(throughput: float, over: dict, c: ExperimentConfig,
-                   train_images: int = CIFAR_TRAIN, test_images: int = CIFAR_TEST) -> dict:
+                   train_images: int = CIFAR_TRAIN, test_images: int = CIFAR_TEST,
+                   cohort: bool = False) -> dict:
     """Wall time of the run `c` describes, from an images/s figure and the measured overheads:
     per client, setup + a trip each way + its share of the average + its epochs; per round, the
-    clients one after the other (or together: `throughput` is then the round's images/s) and
-    the evaluation of the test set."""
+    clients one after the other (or together, `cohort`: `throughput` is then the round's
+    images/s, and the global model travels down once for all of them) and the evaluation of
+    the test set."""
     samples = train_images / c.num_clients  # images per client (on average for non-IID splits)
     if 0 < c.client_samples < samples:
         samples = c.client_samples
     tests = min(c.eval_samples, test_images) if c.eval_samples > 0 else test_images
     per_round = round_seconds(over, c.clients_per_round, c.clients_per_round * samples,
-                              c.local_epochs, throughput, tests)
+                              c.local_epochs, throughput, tests, cohort=cohort)
     return {"seconds": c.rounds * per_round, "rounds": c.rounds, "clients": c.clients_per_round,
             "epochs": c.local_epochs, "samples_per_client": samples,
             "seconds_per_round": per_round,
@@ -343,12 +345,14 @@ def project_config(throughput: float, over: dict, c: ExperimentConfig,
 
 
 def round_seconds(over: dict, clients: int, images: float, epochs: int, throughput: float,
-                  tests: int) -> float:
+                  tests: int, cohort: bool = False) -> float:
     """One round: each client's setup, trip each way and share of the average, `epochs` passes
-    over the round's `images` at `throughput` images/s, and scoring `tests` test images."""
-    per_client = (over["client_setup_seconds"] + 2 * over["trip_seconds"]
-                  + over["average_seconds_per_client"])
-    return (clients * per_client + epochs * images / throughput
+    over the round's `images` at `throughput` images/s, and scoring `tests` test images. A
+    `cohort` (engine="cohort") receives the global model in one message: one trip down for
+    all its clients, one up for each."""
+    trips = clients + 1 if cohort else 2 * clients
+    per_client = over["client_setup_seconds"] + over["average_seconds_per_client"]
+    return (clients * per_client + trips * over["trip_seconds"] + epochs * images / throughput
             + tests * over["eval_seconds_per_image"])
 
 
@@ -692,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
             preset = key.split("/")[0]
             if proj["model"] in rounds and get_preset(preset).clients_per_round == cohort:
                 proj["cohort"] = project(record["round_images_per_second"][proj["model"]],
-                                         over[proj["model"]], preset)
+                                         over[proj["model"]], preset, cohort=True)
         write_json(out, record)
     if args.parallel:
         record["parallel_clients"] = [

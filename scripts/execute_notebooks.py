@@ -52,12 +52,12 @@ SHARED_SOURCES: dict[str, dict] = {
     "cifar10": {
         "source": "cifar",
         "parameters": {"chapter": "cifar10", "presets": "cifar10-iid,cifar10-noniid"},
-        "title": "CIFAR-10, Figure 3 (a) and (d): no runs yet, the plan for a GPU",
+        "title": "CIFAR-10, Figure 3 (a) and (d)",
     },
     "cifar100": {
         "source": "cifar",
         "parameters": {"chapter": "cifar100", "presets": "cifar100-iid,cifar100-noniid"},
-        "title": "CIFAR-100, Figure 3 (b) and (e): no runs yet, the plan for a GPU",
+        "title": "CIFAR-100, Figure 3 (b) and (e)",
     },
 }
 

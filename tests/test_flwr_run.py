@@ -159,12 +159,13 @@ def test_deployment_rounds_on_a_node_without_flwr_datasets(tmp_path):
     assert len(record["round_wall_seconds"]) == 2
     assert record["median_round_seconds_after_first"] == record["round_wall_seconds"][1]
     projection = record["projection"]
-    # the average client: 2 clients x (0.5 + 2 x 0.25 + 8 images / 80 images/s) + 16 x 1e-3 s
+    # the average client: 2 clients x (0.5 setup + 8 images / 80 images/s), 3 trips of 0.25 s
+    # (the cohort's one message down, a reply per client up) + 16 x 1e-3 s
     assert projection["path"] == "cohort"
-    assert projection["seconds_per_round"] == pytest.approx(2 * (1.0 + 0.1) + 0.016)
+    assert projection["seconds_per_round"] == pytest.approx(2 * (0.5 + 0.1) + 0.75 + 0.016)
     # the sampled clients: 8 images each, padded by the cohort engine to one batch of 64 each
     assert record["round_client_sizes"] == [[8, 8], [8, 8]]
-    per_round = 2 * 1.0 + 2 * 64 / 80 + 0.016
+    per_round = 2 * 0.5 + 0.75 + 2 * 64 / 80 + 0.016
     assert record["projected_round_seconds"] == pytest.approx([per_round, per_round])
     assert record["measured_to_projected"] == pytest.approx(
         record["round_wall_seconds"][1] / per_round)

@@ -175,6 +175,10 @@ def test_projection_adds_training_and_overheads():
     assert small["seconds_per_round"] == pytest.approx(
         c.clients_per_round * (0.5 + 0.5 + 100 / 1000) + 2000 * 1e-4)
     assert small["seconds"] == pytest.approx(3 * small["seconds_per_round"])
+    # a cohort gets the global model once: one trip down for all, one up for each client
+    together = throughput.project_config(1000.0, over, run, cohort=True)
+    assert small["seconds_per_round"] - together["seconds_per_round"] == pytest.approx(
+        (c.clients_per_round - 1) * 0.25)
     assert throughput.preset_model("cifar100-iid", "fedpara") == "fedpara-0.4"
     assert throughput.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert throughput.peak_bf16_flops("AMD EPYC, 2 cores") is None
