@@ -156,8 +156,8 @@ def weighted_mean(states: Iterable[Mapping[str, Tensor]], examples: Sequence[flo
     for count, state in enumerate(states, start=1):
         if count > len(factors):
             break
-        for key, value in state.items():
-            term = value.double() * factors[count - 1]
+        for key, value in state.items():  # in place on a copy: one temporary per array
+            term = value.to(torch.float64, copy=True).mul_(factors[count - 1])
             if key in mean:
                 mean[key] += term
             else:

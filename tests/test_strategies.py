@@ -263,8 +263,10 @@ def test_weighted_mean_needs_one_state_per_weight():
     for states in ([{"w": torch.ones(2)}] * 2, [{"w": torch.ones(2)}] * 4):
         with pytest.raises(ValueError, match=r"more or fewer clients' arrays than weights \(3\)"):
             weighted_mean(states, [1.0, 2.0, 3.0])
-    mean = weighted_mean(({"w": torch.full((2,), float(i))} for i in (1, 4)), [3.0, 1.0])
+    states = [{"w": torch.full((2,), float(i), dtype=torch.float64)} for i in (1, 4)]
+    mean = weighted_mean(iter(states), [3.0, 1.0])
     assert mean["w"].dtype == torch.float64 and mean["w"].tolist() == [1.75, 1.75]
+    assert [s["w"].tolist() for s in states] == [[1.0, 1.0], [4.0, 4.0]]  # inputs untouched
 
 
 class _AllNodes:
