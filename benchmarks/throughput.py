@@ -31,7 +31,7 @@ host. The paths:
 `--cohort K` (CUDA by default) trains K clients of `--samples` images each together
 (fedpara/cohort.py) against the same K one after the other on the fast path:
 `round_images_per_second[model]`. With dropout off it also checks the two ways agree, and that
-a graphed epoch agrees with an eager one (`engine_checks`: the mean losses), each as
+two graphed epochs agree with two eager ones (`engine_checks`: the mean losses), each as
 `difference` (‖a − b‖ / ‖b‖ over the parameters, and the worst tensor) next to its
 `noise_floor`: the same training from a start one float ulp away.
 
@@ -50,6 +50,9 @@ weighted average per client (`task.weighted_mean`, as the ServerApp), and the ev
 
     wall(preset) = rounds × [clients × (setup + 2·trip + average + epochs·samples / throughput)
                              + evaluation]
+
+(a round's clients trained together get the global model in one message: clients + 1 trips
+instead of 2·clients, `round_seconds`).
 
 Flower's own messaging (Ray, protobuf, chunking) is not included: it cannot run here without flwr.
 
@@ -528,8 +531,8 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
 
 
 def graph_check(name: str, samples: int, batch: int, device: torch.device) -> dict:
-    """One client epoch graphed and eager (fp32, dropout off, the same batches and start):
-    the largest relative parameter difference and both mean losses."""
+    """Two client epochs graphed and eager (fp32, dropout off, the same batches and start):
+    both mean losses, and their `difference` against its `noise_floor`."""
     config = config_for(name, device, batch)
     results = {}
 
