@@ -49,7 +49,7 @@ from fedpara.messages import (
     TRAIN_LOSS,
     cohort_key,
 )
-from fedpara.transport import decode, encode
+from fedpara.transport import from_wire, to_wire
 
 app = ClientApp()
 
@@ -105,7 +105,7 @@ def _client_model(config: ExperimentConfig, msg: Message, context: Context, part
     """The initial model, overwritten by the global arrays sent and the personal ones kept."""
     model = task.init_model(config)
     sent = msg.content.array_records[ARRAYS].to_torch_state_dict()
-    task.set_arrays(model, decode(sent, config.transport))
+    task.set_arrays(model, from_wire(sent, config.transport))
     local = context.state.array_records.get(cohort_key(LOCAL, partition_id))
     if local is not None:
         task.set_arrays(model, local.to_torch_state_dict())
@@ -160,7 +160,7 @@ def _reply_records(config: ExperimentConfig, model, before, result: task.TrainRe
     if config.evaluation == "clients":  # the model right after local training, on own data
         own = task.evaluate(model, data.holdout, device=device)
         metrics[OWN_CORRECT], metrics[OWN_EXAMPLES] = own.correct, own.num_examples
-    arrays = ArrayRecord(encode(task.get_arrays(model, global_keys), config.transport))
+    arrays = ArrayRecord(to_wire(task.get_arrays(model, global_keys), config.transport))
     return arrays, metrics
 
 
@@ -170,7 +170,7 @@ def _train_cohort(msg: Message, config: ExperimentConfig, partitions: list[int],
     (cohort.train_cohort), each with the data and seed it would have alone; one reply holding
     each partition's arrays and metrics under `cohort_key`."""
     device = task.resolve_device(config.device)
-    sent = decode(msg.content.array_records[ARRAYS].to_torch_state_dict(), config.transport)
+    sent = from_wire(msg.content.array_records[ARRAYS].to_torch_state_dict(), config.transport)
     models, before, data = [], [], []
     for p in partitions:
         model = task.init_model(config)

@@ -88,7 +88,7 @@ from fedpara.messages import (
     TRAIN_LOSS,
     cohort_key,
 )
-from fedpara.transport import decode, encode
+from fedpara.transport import from_wire, to_wire
 
 log = logging.getLogger("fedpara")
 RoundCallback = Callable[[RoundRecord, History], None]
@@ -196,10 +196,9 @@ class FedParaStrategy:
         return sorted(int(p) for p in chosen)
 
     def _wire(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The global arrays as sent: rounded to the config's transport format."""
-        if self.config.transport == "float32":
-            return arrays
-        return ArrayRecord(encode(arrays.to_torch_state_dict(), self.config.transport))
+        """The global arrays as sent: rounded to the config's transport format and packed
+        (`transport.to_wire`)."""
+        return ArrayRecord(to_wire(arrays.to_torch_state_dict(), self.config.transport))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord) -> list[Message]:
         """The training messages of `server_round`: one per sampled partition.
@@ -246,7 +245,7 @@ class FedParaStrategy:
 
         def decoded():
             for content in contents:
-                state = decode(content[ARRAYS].to_torch_state_dict(), self.config.transport)
+                state = from_wire(content[ARRAYS].to_torch_state_dict(), self.config.transport)
                 dtypes.update((key, value.dtype) for key, value in state.items())
                 yield state
 

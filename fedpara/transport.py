@@ -18,10 +18,20 @@ keeps a float32 global model; clients train in float32): only the copies on the 
   carries).
 
 Integer entries (e.g. BatchNorm's `num_batches_tracked`) travel unchanged in every format.
+
+Packing: `to_wire` also packs the encoded arrays into one flat array per dtype, and `from_wire`
+unpacks them (`pack`, `unpack`). Flower 1.42 moves every array of a message as objects of its
+own (one request each in a deployment, each hashed and stored), so a model of many small
+arrays pays per array, not per byte: FedPara's VGG16 has twice the original's arrays at a
+tenth of its bytes. Packed, a client's arrays are one or a few objects; the numbers and the
+bytes counted are the same. The layout (names, shapes, positions) travels in the flat array's
+key, so a packed record describes itself; a record that is not packed is read as it is.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -30,9 +40,11 @@ from torch import Tensor
 
 from fedpara.config import TRANSPORTS  # the allowed names live in config
 
-__all__ = ["TRANSPORTS", "decode", "encode", "wire_itemsize"]
+__all__ = ["TRANSPORTS", "decode", "encode", "from_wire", "pack", "to_wire", "unpack",
+           "wire_itemsize"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BFLOAT16_CARRIER = torch.int16  # the int type bfloat16's bits travel in
+PACKED = "fedpara.packed "  # the key of a packed array starts so; its JSON layout follows
 
 
 def _check(transport: str) -> torch.dtype:
@@ -71,3 +83,46 @@ def decode(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Ten
             value = value.float()
         state[key] = value
     return state
+
+
+def pack(arrays: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
+    """`arrays` as one flat tensor per dtype, keyed by `PACKED` + the JSON of its layout:
+    [[position, name, shape], ...] in the order of `arrays` (`unpack` inverts it exactly)."""
+    groups: dict[torch.dtype, list] = {}
+    for position, (name, value) in enumerate(arrays.items()):
+        groups.setdefault(value.dtype, []).append((position, name, value))
+    packed = OrderedDict()
+    for entries in groups.values():
+        layout = [[position, name, list(value.shape)] for position, name, value in entries]
+        flat = torch.cat([value.detach().reshape(-1) for _, _, value in entries])
+        packed[PACKED + json.dumps(layout, separators=(",", ":"))] = flat
+    return packed
+
+
+def unpack(arrays: Mapping[str, Tensor]) -> OrderedDict[str, Tensor]:
+    """The arrays `pack` packed, in their first order, each a view of its flat tensor;
+    `arrays` as they are when none of its keys is packed."""
+    if not any(key.startswith(PACKED) for key in arrays):
+        return OrderedDict(arrays)
+    entries = []
+    for key, flat in arrays.items():
+        if not key.startswith(PACKED):
+            raise ValueError(f"a record mixes packed and plain arrays (plain: {key!r})")
+        layout = json.loads(key[len(PACKED):])
+        sizes = [math.prod(shape) for _, _, shape in layout]
+        if sum(sizes) != flat.numel() or flat.dim() != 1:
+            raise ValueError(f"a packed array of shape {tuple(flat.shape)} does not hold the "
+                             f"{sum(sizes)} numbers its layout names")
+        for (position, name, shape), piece in zip(layout, flat.split(sizes), strict=True):
+            entries.append((position, name, piece.view(shape)))
+    return OrderedDict((name, value) for _, name, value in sorted(entries))
+
+
+def to_wire(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Tensor]:
+    """What a message carries: `arrays` encoded in `transport` (`encode`), then packed."""
+    return pack(encode(arrays, transport))
+
+
+def from_wire(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Tensor]:
+    """The arrays a message carried, unpacked and decoded: float32 again (`decode`)."""
+    return decode(unpack(arrays), transport)

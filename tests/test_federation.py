@@ -255,13 +255,15 @@ def test_personalized_client_sends_only_the_global_part(
         fmnist_dir, call_client, algorithm, parameterization, kept):
     from fedpara.messages import ARRAYS, LOCAL, cohort_key
     from fedpara.server_app import array_bytes
+    from fedpara.transport import unpack
 
     config = smoke_config(fmnist_dir, algorithm=algorithm, parameterization=parameterization,
                           gamma=0.5, evaluation="clients", client_samples=200)
     model = task.init_model(config)
     global_keys, local_keys = task.split_keys(model, algorithm)
     content, context = call_client(config, "train", task.get_arrays(model, global_keys))
-    assert list(content[ARRAYS].keys()) == global_keys
+    assert len(content[ARRAYS]) == 1  # packed: one flat float32 array (fedpara.transport)
+    assert list(unpack(content[ARRAYS].to_torch_state_dict())) == global_keys
     assert array_bytes(content) == payload_bytes(model, algorithm) < payload_bytes(model)
     assert list(context.state[cohort_key(LOCAL, 0)].keys()) == local_keys
     if kept is not None:
@@ -291,7 +293,7 @@ def test_a_bfloat16_client_trains_on_the_rounded_model_and_replies_in_16_bits(
         fmnist_dir, call_client, one_thread):
     from fedpara.messages import ARRAYS
     from fedpara.server_app import array_bytes
-    from fedpara.transport import decode, encode
+    from fedpara.transport import decode, encode, from_wire
 
     config = smoke_config(fmnist_dir, client_samples=300)
     model = task.init_model(config)
@@ -302,8 +304,9 @@ def test_a_bfloat16_client_trains_on_the_rounded_model_and_replies_in_16_bits(
     full, _ = call_client(config, "train", rounded)  # float32 wire, same rounded start
     assert array_bytes(half) * 2 == array_bytes(full) == payload_bytes(model)
     assert array_bytes(half) == payload_bytes(model, transport="bfloat16")
-    got = decode(half[ARRAYS].to_torch_state_dict(), "bfloat16")
-    expected = decode(encode(full[ARRAYS].to_torch_state_dict(), "bfloat16"), "bfloat16")
+    got = from_wire(half[ARRAYS].to_torch_state_dict(), "bfloat16")
+    expected = decode(encode(from_wire(full[ARRAYS].to_torch_state_dict(), "float32"),
+                             "bfloat16"), "bfloat16")
     assert list(got) == list(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert not all(torch.equal(got[k], rounded[k]) for k in expected)  # it did train
@@ -466,8 +469,8 @@ def test_personalized_rounds_record_the_mechanism(pfedpara_run):
 
 def test_resumed_run_equals_the_uninterrupted_run(pfedpara_run, tmp_path):
     """Interrupted after round 2 (round 3's checkpoint never written), then resumed."""
-    from fedpara.experiment import run_experiment
     from fedpara.checkpoints import checkpoint_path
+    from fedpara.experiment import run_experiment
 
     config, uninterrupted = pfedpara_run
     shutil.copytree(config.checkpoint_dir, tmp_path, dirs_exist_ok=True)

@@ -1,4 +1,5 @@
-"""Wire precision: 16-bit encodings of the arrays a round sends, and what they cost."""
+"""Wire precision: 16-bit encodings of the arrays a round sends, and what they cost; packing
+the arrays of a message into one flat array per dtype."""
 
 import pytest
 import torch
@@ -7,7 +8,16 @@ from flwr.app import ArrayRecord
 from fedpara.accounting import comm_cost_gib, payload_bytes
 from fedpara.config import ExperimentConfig, get_preset
 from fedpara.models import mlp
-from fedpara.transport import TRANSPORTS, decode, encode, wire_itemsize
+from fedpara.transport import (
+    TRANSPORTS,
+    decode,
+    encode,
+    from_wire,
+    pack,
+    to_wire,
+    unpack,
+    wire_itemsize,
+)
 
 # largest relative rounding error of a normal number: half a unit in the last place
 RELATIVE_ERROR = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -70,3 +80,31 @@ def test_transport_preset_differs_from_its_reference_only_on_the_wire():
         differ = {k for k in config if config[k] != reference[k]}
         assert differ == {"transport", "preset", "variant"}
         assert config["transport"] == transport
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_packing_sends_one_array_per_dtype_and_the_same_numbers_and_bytes(transport):
+    state = {"conv.x1": torch.randn(8, 3), "count": torch.tensor(7), "conv.t1": torch.randn(3, 3,
+             2, 2), "bias": torch.randn(8), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    record = ArrayRecord(to_wire(state, transport))  # as a message holds it
+    assert len(record) == 2  # the floats (in the wire format) and the int64 entry
+    wire = record.to_torch_state_dict()
+    assert sum(v.numel() * v.element_size() for v in wire.values()) == payload_bytes(
+        state, transport=transport)
+    back = from_wire(wire, transport)
+    assert list(back) == list(state)  # the first order, across the two dtypes
+    expected = decode(encode(state, transport), transport)
+    for key, value in expected.items():
+        assert back[key].shape == value.shape and back[key].dtype == value.dtype
+        assert torch.equal(back[key], value), key
+
+
+def test_an_unpacked_record_is_read_as_it_is_and_a_bad_layout_is_refused():
+    state = _state()
+    assert list(unpack(state)) == list(state) and unpack(state)["weight"] is state["weight"]
+    packed = pack({"w": torch.ones(2, 3)})
+    (key, flat), = packed.items()
+    with pytest.raises(ValueError, match="does not hold the 6 numbers its layout names"):
+        unpack({key: flat[:5]})
+    with pytest.raises(ValueError, match="mixes packed and plain arrays"):
+        unpack({**packed, "plain": torch.ones(1)})
