@@ -11,9 +11,9 @@ and end with the new global arrays in float32:
 - "weighted_mean": what it does now: `FedParaStrategy.aggregate_train` itself, which averages
   the decoded tensors with the same float64 arithmetic (`fedpara.task.weighted_mean`).
 
-Timed interleaved in one process (median of `--repeats`), for the models of a preset's two
-variants (default cifar10-noniid: VGG16 original and FedPara gamma = 0.1); every repeat also
-checks that the two results are bit for bit equal. Writes
+Timed interleaved in one process (median of `--repeats`), for the model of each of a preset's
+variants (default cifar10-noniid: VGG16 original, low-rank and FedPara at gamma = 0.1); every
+repeat also checks that the two results are bit for bit equal. Writes
 benchmarks/results/aggregation-<device>.json.
 """
 
