@@ -53,6 +53,8 @@ from fedpara.run import run_config_pairs  # noqa: E402
 from fedpara.storage import write_atomic  # noqa: E402
 
 ENGINES_PATH = {"cohort": "cohort", "client": "default"}  # the throughput path each engine runs
+# fedpara.server_app.POLL_ENV, spelled here because this script runs without flwr installed
+POLL_ENV = "FEDPARA_POLL_SECONDS"
 FULL_SIZE = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
 
 
@@ -197,6 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--throughput", type=Path, default=None,
                    help="throughput-<device>.json measured on this machine, for the projection")
     p.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
+    p.add_argument("--poll-seconds", type=float, default=None,
+                   help="the ServerApp's wait between pulls for replies ($FEDPARA_POLL_SECONDS; "
+                        "default: the ServerApp's own)")
     p.add_argument("--prepare", action="store_true",
                    help="only store the run's split in --splits (needs flwr-datasets) and stop")
     p.add_argument("--out", type=Path, default=None,
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    if args.poll_seconds is not None and not 0 < args.poll_seconds < math.inf:
+        raise SystemExit(f"--poll-seconds must be a positive number, got {args.poll_seconds}")
 
     with tempfile.TemporaryDirectory(prefix="fedpara-deployment-rounds-") as tmp:
         work = Path(tmp)
@@ -226,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         env = {**os.environ, **env, "NODES": "1", "PARTITIONS": str(config.num_clients),
                "RESULTS_DIR": str(work / "results"), "VENV_BIN": str(bin_dir),
                "FEDPARA_SPLITS": str(args.splits.resolve())}
+        env.pop(POLL_ENV, None)
+        if args.poll_seconds is not None:
+            env[POLL_ENV] = repr(args.poll_seconds)
         started = time.perf_counter()
         status, output = deploy(run_config_pairs(config, without=("results-dir",)), env,
                                 args.timeout)
@@ -250,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "preset": config.preset, "variant": config.variant, "engine": config.engine,
         "config": config.to_dict(),
         "fake_images": {"train": train, "test": test},
+        "server_poll_seconds": args.poll_seconds,  # null: the ServerApp's default
         "data_seconds": data_seconds,
         "run_seconds": run_seconds,  # everything: daemons, `flwr run`, all rounds
         "round_wall_seconds": walls,

@@ -35,6 +35,8 @@ written and read by `fedpara.checkpoints`.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -93,6 +95,8 @@ from fedpara.transport import from_wire, to_wire
 log = logging.getLogger("fedpara")
 RoundCallback = Callable[[RoundRecord, History], None]
 _NODE_WAIT_SECONDS = 600.0
+_POLL_SECONDS = 1.0  # between pulls for replies, on a grid without its own pull_interval
+POLL_ENV = "FEDPARA_POLL_SECONDS"  # overrides it, on every grid
 
 
 def array_bytes(content: RecordDict) -> int:
@@ -102,6 +106,46 @@ def array_bytes(content: RecordDict) -> int:
         for record in content.array_records.values()
         for array in record.values()
     )
+
+
+def poll_seconds(grid: Grid) -> float:
+    """How long `exchange` waits between pulls on `grid`: $FEDPARA_POLL_SECONDS if set, else
+    the grid's own `pull_interval` where it has one (the simulation's in-memory grid: 0.1 s),
+    else 1 s (a deployment's grid)."""
+    raw = os.environ.get(POLL_ENV)
+    if raw is None:
+        return float(getattr(grid, "pull_interval", _POLL_SECONDS))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"${POLL_ENV}={raw!r}: must be a positive number of seconds "
+                         f"(unset: {_POLL_SECONDS:g} s on a deployment, the simulation's own "
+                         f"interval in a simulation)")
+    return value
+
+
+def exchange(grid: Grid, messages: Iterable[Message]) -> list[Message]:
+    """Push `messages` and wait for every reply, like Flower's `Grid.send_and_receive`.
+
+    The difference is the wait between pulls (`poll_seconds`). Flower 1.42's grid for a
+    deployment (`flwr/superlink/grid/http_grid.py`) waits 3 s, so a reply sits 1.5 s on
+    average before the ServerApp sees it, in every exchange of every round; this loop waits
+    1 s there. Each pull is a request that costs the SuperLink CPU, so the wait is not made
+    as short as the simulation's: `benchmarks/server_poll.py` measures whole deployment
+    rounds with several waits.
+    """
+    wait = poll_seconds(grid)
+    waiting = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies.extend(pulled)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        if waiting:
+            time.sleep(wait)
+    return replies
 
 
 def _raise_errors(replies: list[Message], what: str) -> None:
@@ -351,9 +395,9 @@ class FedParaStrategy:
         messages = self.configure_train(server_round, arrays)
         if self.config.engine == "cohort":  # one node trains them all; counted per client
             cohort = self.cohort_message(messages, server_round)
-            replies = self.split_cohort(list(grid.send_and_receive([cohort])), server_round)
+            replies = self.split_cohort(exchange(grid, [cohort]), server_round)
         else:
-            replies = list(grid.send_and_receive(messages))
+            replies = exchange(grid, messages)
         bytes_down = sum(array_bytes(m.content) for m in messages)
         bytes_up = sum(array_bytes(r.content) for r in replies if not r.has_error())
         aggregated, fields = self.aggregate_train(server_round, replies)
@@ -363,7 +407,7 @@ class FedParaStrategy:
                        ) -> dict[str, Any]:
         """Client evaluation of `arrays`: the round's evaluation fields and the bytes sent."""
         messages = self.configure_evaluate(server_round, arrays)
-        fields = self.aggregate_evaluate(server_round, grid.send_and_receive(messages))
+        fields = self.aggregate_evaluate(server_round, exchange(grid, messages))
         return {**fields, "eval_bytes_down": sum(array_bytes(m.content) for m in messages)}
 
     # the strategy's own state ------------------------------------------------------------
@@ -405,7 +449,7 @@ class FedParaStrategy:
             if new:
                 queries = [Message(content=RecordDict(), dst_node_id=node,
                                    message_type=QUERY_PARTITION) for node in new]
-                replies = list(grid.send_and_receive(queries))
+                replies = exchange(grid, queries)
                 _raise_errors(replies, "node discovery")
                 asked.update(new)
                 for reply in replies:
@@ -440,7 +484,7 @@ class FedParaStrategy:
         if not self.config.personalized or not self.trained:
             return {}
         queries = [self._message(p, QUERY_GET_LOCAL, {}, 0) for p in sorted(self.trained)]
-        replies = list(grid.send_and_receive(queries))
+        replies = exchange(grid, queries)
         _raise_errors(replies, "checkpointing")
         return {int(r.content[METRICS][PARTITION_ID]): r.content[LOCAL].to_torch_state_dict()
                 for r in replies}
@@ -450,7 +494,7 @@ class FedParaStrategy:
         queries = [self._message(p, QUERY_SET_LOCAL, {LOCAL: ArrayRecord(dict(arrays))}, 0)
                    for p, arrays in sorted(local.items())]
         if queries:
-            _raise_errors(list(grid.send_and_receive(queries)), "restoring client state")
+            _raise_errors(exchange(grid, queries), "restoring client state")
 
 
 # the run -----------------------------------------------------------------------------------

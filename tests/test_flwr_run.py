@@ -150,12 +150,14 @@ def test_deployment_rounds_on_a_node_without_flwr_datasets(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(blocker)}
     done = subprocess.run(
         [str(BIN / "python"), str(REPO / "benchmarks" / "deployment_rounds.py"), *tiny,
-         "--rounds", "2", "--throughput", str(throughput), "--out", str(out)],
+         "--rounds", "2", "--throughput", str(throughput), "--poll-seconds", "0.5",
+         "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [p.name for p in splits.glob("*.npz")] == [stored.name]  # read, not recomputed
     record = json.loads(out.read_text())
     assert record["engine"] == "cohort" and record["config"]["num_clients"] == 100
+    assert record["server_poll_seconds"] == 0.5
     assert len(record["round_wall_seconds"]) == 2
     assert record["median_round_seconds_after_first"] == record["round_wall_seconds"][1]
     projection = record["projection"]

@@ -269,6 +269,7 @@ def test_the_aggregation_benchmark_times_both_paths_and_checks_they_agree(tmp_pa
     (["--throughput", "missing.json"], "--throughput missing.json: cannot read it"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--wheels", "."], "--wheels .: no .whl files there"),
+    (["--poll-seconds", "0"], "--poll-seconds must be a positive number"),
 ])
 def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, message,
                                                                           monkeypatch):
@@ -281,3 +282,31 @@ def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, me
     monkeypatch.setattr(deployment_rounds, "write_fake_cifar", no_data)
     with pytest.raises(SystemExit, match=message):
         deployment_rounds.main(["--device", "cpu", *args])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--polls", "1", "0"], r"--polls must be positive numbers of seconds, got \[1.0, 0.0\]"),
+    (["--rounds", "1"], "--rounds >= 2 .the first round is not compared., got 2 and 1"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_the_poll_benchmark_refuses_bad_input_before_any_run(args, message, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import deployment_rounds
+    import server_poll
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a deployment started before the input was checked")
+
+    monkeypatch.setattr(deployment_rounds, "main", no_run)
+    with pytest.raises(SystemExit, match=message):
+        server_poll.main(args)
+
+
+def test_the_deployment_check_names_the_servers_poll_variable():
+    """deployment_rounds.py spells the variable itself (it runs where flwr is not importable)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import deployment_rounds
+
+    from fedpara.server_app import POLL_ENV
+
+    assert deployment_rounds.POLL_ENV == POLL_ENV

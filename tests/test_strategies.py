@@ -9,6 +9,8 @@ simulation.
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import numpy as np
 import pytest
 import torch
@@ -36,16 +38,31 @@ class InProcessGrid:
                                              node_config=node_config, run_config={})
             first += count
         self.sent: list[Message] = []
+        self.waiting: dict[str, Message] = {}
+        self.per_pull: int | None = None
+        self.pulls = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+    def push_messages(self, messages) -> list[str]:
+        """Answer each message at once; the replies wait to be pulled (ids as Flower's
+        in-memory grid makes them)."""
         from fedpara.client_app import app
 
-        messages = list(messages)
-        self.sent.extend(messages)
-        return [app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = str(uuid4())
+            self.sent.append(m)
+            self.waiting[m.metadata.message_id] = app(m, self.contexts[m.metadata.dst_node_id])
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        """At most `per_pull` of the replies asked for (all by default)."""
+        ready = [i for i in message_ids if i in self.waiting][: self.per_pull]
+        self.pulls += 1
+        return [self.waiting.pop(i) for i in ready]
 
 
 @pytest.fixture
@@ -466,6 +483,33 @@ def test_node_discovery_checks_that_the_nodes_hold_each_partition_once(fmnist_di
     grid.contexts[100].node_config["partitions-held"] = n + 1
     with pytest.raises(ValueError, match=f"partitions-held={n + 1}.*must lie in 0..{n - 1}"):
         FedParaStrategy(config).discover_nodes(grid, timeout=0.1)
+
+
+def test_exchange_waits_for_every_reply_however_they_are_pulled(fmnist_dir, identity,
+                                                               monkeypatch):
+    from fedpara.messages import QUERY_PARTITION
+    from fedpara.server_app import POLL_ENV, exchange, poll_seconds
+
+    grid = InProcessGrid(3)
+    assert poll_seconds(grid) == 1.0  # a grid without its own pull_interval
+    grid.pull_interval = 0.25
+    assert poll_seconds(grid) == 0.25
+    monkeypatch.setenv(POLL_ENV, "0.01")
+    assert poll_seconds(grid) == 0.01
+    queries = [Message(content=RecordDict(), dst_node_id=node, message_type=QUERY_PARTITION)
+               for node in grid.get_node_ids()]
+    grid.per_pull = 1  # one reply per pull, as when they come back at different times
+    replies = exchange(grid, queries)
+    assert grid.pulls == 3 and not grid.waiting
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(
+        q.metadata.message_id for q in queries)
+    assert sorted(int(r.content[METRICS][PARTITION_ID]) for r in replies) == [0, 1, 2]
+    for bad in ("0", "-1", "soon", "nan", "inf"):
+        monkeypatch.setenv(POLL_ENV, bad)
+        with pytest.raises(ValueError, match=f"FEDPARA_POLL_SECONDS='{bad}': must be a "
+                                             "positive number of seconds"):
+            exchange(grid, queries)
+    assert len(grid.sent) == 3  # refused before anything was pushed
 
 
 def test_a_message_for_a_partition_the_node_does_not_hold_is_refused(fmnist_dir, identity):
