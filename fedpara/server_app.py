@@ -29,7 +29,8 @@ partition, who has trained), addresses the round's partitions, and hands Flower'
 the two calls that are its algorithm: `configure_train` (what the clients are told, e.g.
 FedProx's mu; the arrays FedOpt remembers) and `aggregate_train` (the new global arrays).
 The record keys and query names both apps use are `fedpara.messages`'; checkpoints are
-written and read by `fedpara.checkpoints`.
+written and read by `fedpara.checkpoints`. Every exchange with the nodes goes through `exchange`,
+Flower's push-then-pull loop with a shorter wait between pulls on a deployment.
 """
 
 from __future__ import annotations
