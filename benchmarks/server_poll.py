@@ -1,17 +1,21 @@
-"""How long the ServerApp should wait between pulls for replies in a deployment.
+"""How long a deployment's ServerApp and SuperExecs should wait before they look again.
 
-    python benchmarks/server_poll.py                      # 3, 1 and 0.1 s, twice each, ~10 min
-    python benchmarks/server_poll.py --polls 3 1 --repeats 3
+    python benchmarks/server_poll.py                      # the default settings, 3 runs each
+    python benchmarks/server_poll.py --settings 3:1 1:0.2 --repeats 2
 
-Flower 1.42's deployment grid pulls replies every 3 s; `fedpara.server_app.exchange` pulls every
-`poll_seconds` ($FEDPARA_POLL_SECONDS). A shorter wait sees a reply sooner, but every pull is a
-request the SuperLink answers, and on a small machine that CPU is taken from the node that
-trains. This runs the same small deployment (`benchmarks/deployment_rounds.py`: one SuperLink,
-one SuperNode holding all of cifar10-noniid's partitions, the cohort engine) once per wait, the
-waits interleaved and their order flipped every repeat, and compares the medians of the rounds
-after the first. The rounds are deliberately small (a few images per client), so that what is
-measured is the deployment's own waiting and not the training. Writes
-server_poll-<device>.json.
+Two of the waits in a Flower 1.42 deployment are ours to set:
+- the ServerApp's wait between pulls for replies: Flower's `Grid.send_and_receive` waits 3 s on a
+  deployment, `fedpara.server_app.exchange` waits `$FEDPARA_POLL_SECONDS` (default 1 s);
+- the SuperExecs' wait before they look again for a ServerApp or ClientApp process to start:
+  Flower's `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` (default 1 s; `scripts/local_deployment.sh` sets
+  0.2 s unless it is set already).
+A shorter wait sees work sooner, but every look is a request that a daemon answers, and on a
+small machine that CPU is taken from the node that trains. Each setting SERVER:SUPEREXEC (in
+seconds) runs the same small deployment (`benchmarks/deployment_rounds.py`: one SuperLink, one
+SuperNode holding all of cifar10-noniid's partitions, the cohort engine); the settings are
+interleaved, their order flipped every repeat, and the medians of the rounds after the first are
+compared. The rounds train almost nothing (2 clients of 8 images), so what is measured is the
+deployment's own waiting. Writes server_poll-<device>.json.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -35,49 +40,69 @@ from throughput import slug  # noqa: E402
 
 from fedpara.storage import write_atomic  # noqa: E402
 
+SUPEREXEC_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's; it accepts 0.01 to 60 s
 # a round that trains next to nothing: the deployment's waiting is what is left
 SMALL = ["--set", "clients_per_round=2", "--set", "client_samples=8", "--set", "local_epochs=1",
          "--set", "eval_samples=16", "--train-images", "10000", "--test-images", "100"]
+# Flower's own waits; the ServerApp's new one; both new; both as short as the simulation's
+DEFAULT_SETTINGS = ["3:1", "1:1", "1:0.2", "0.1:0.2"]
+
+
+def parse_setting(text: str) -> tuple[float, float]:
+    """'SERVER:SUPEREXEC' in seconds -> (server, superexec), both checked."""
+    try:
+        server, superexec = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--settings: {text!r} is not SERVER:SUPEREXEC in seconds "
+                         f"(e.g. 1:0.2)") from None
+    if not 0 < server < math.inf or not 0.01 <= superexec <= 60:
+        raise SystemExit(f"--settings: {text!r}: the server's wait must be a positive number "
+                         f"of seconds, the SuperExec's between 0.01 and 60 s")
+    return server, superexec
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--polls", type=float, nargs="+", default=[3.0, 1.0, 0.1],
-                   help="the waits to compare, in seconds (3: Flower's own)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per wait, interleaved")
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS,
+                   help="SERVER:SUPEREXEC waits in seconds (Flower's own: 3:1)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per setting, interleaved")
     p.add_argument("--rounds", type=int, default=5, help="rounds per run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--wheels", type=Path, default=None, help="flwr's wheels, if not installed")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/server_poll-<device>.json)")
     args = p.parse_args(argv)
-    if not args.polls or any(not 0 < x < float("inf") for x in args.polls):
-        raise SystemExit(f"--polls must be positive numbers of seconds, got {args.polls}")
+    settings = [parse_setting(x) for x in args.settings]
     if args.repeats < 1 or args.rounds < 2:
         raise SystemExit(f"--repeats must be >= 1 and --rounds >= 2 (the first round is not "
                          f"compared), got {args.repeats} and {args.rounds}")
     common = ["--device", args.device, "--rounds", str(args.rounds), *SMALL,
               *(["--wheels", str(args.wheels)] if args.wheels else [])]
-    runs: dict[str, list[dict]] = {repr(x): [] for x in args.polls}
+    runs: dict[tuple[float, float], list[dict]] = {s: [] for s in settings}
     load = []
-    with tempfile.TemporaryDirectory(prefix="fedpara-server-poll-") as tmp:
-        for repeat in range(args.repeats):
-            order = args.polls if repeat % 2 == 0 else args.polls[::-1]
-            for wait in order:
-                out = Path(tmp) / f"{wait!r}-{repeat}.json"
-                print(f"== repeat {repeat + 1}/{args.repeats}, poll every {wait:g} s", flush=True)
-                record = deployment_rounds.main([*common, "--poll-seconds", repr(wait),
-                                                 "--out", str(out)])
-                runs[repr(wait)].append({
-                    "round_wall_seconds": record["round_wall_seconds"],
-                    "median_round_seconds_after_first": record[
-                        "median_round_seconds_after_first"],
-                    "run_seconds": record["run_seconds"],
-                })
-                load.append(os.getloadavg()[0])
+    saved = os.environ.get(SUPEREXEC_ENV)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedpara-server-poll-") as tmp:
+            for repeat in range(args.repeats):
+                for server, superexec in settings if repeat % 2 == 0 else settings[::-1]:
+                    print(f"== repeat {repeat + 1}/{args.repeats}: the server waits {server:g} s, "
+                          f"the SuperExecs {superexec:g} s", flush=True)
+                    os.environ[SUPEREXEC_ENV] = repr(superexec)  # the deployment inherits it
+                    record = deployment_rounds.main([
+                        *common, "--poll-seconds", repr(server),
+                        "--out", str(Path(tmp) / f"{server!r}-{superexec!r}-{repeat}.json")])
+                    runs[server, superexec].append({
+                        "round_wall_seconds": record["round_wall_seconds"],
+                        "median_round_seconds_after_first": record[
+                            "median_round_seconds_after_first"],
+                        "run_seconds": record["run_seconds"],
+                    })
+                    load.append(os.getloadavg()[0])
+    finally:
+        os.environ.pop(SUPEREXEC_ENV, None)
+        if saved is not None:
+            os.environ[SUPEREXEC_ENV] = saved
     device = record["device"]
-    medians = {k: statistics.median(r["median_round_seconds_after_first"] for r in v)
-               for k, v in runs.items()}
     result = {
         "benchmark": "server_poll",
         "device": device,
@@ -90,13 +115,21 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds_per_run": args.rounds,
         "repeats": args.repeats,
         "load_average_after_each_run": load,
-        "runs": runs,
-        "median_round_seconds": medians,  # over the runs' medians after the first round
+        "settings": [{
+            "server_poll_seconds": server,
+            "superexec_poll_seconds": superexec,
+            "runs": measured,
+            # over the runs' medians of the rounds after the first
+            "median_round_seconds": statistics.median(
+                r["median_round_seconds_after_first"] for r in measured),
+        } for (server, superexec), measured in runs.items()],
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"server_poll-{slug(device)}.json"
     write_atomic(out, (json.dumps(result, indent=2) + "\n").encode())
-    for k, v in medians.items():
-        print(f"poll every {float(k):g} s: a round takes {v:.2f} s (median)")
+    for s in result["settings"]:
+        print(f"server {s['server_poll_seconds']:g} s, SuperExecs "
+              f"{s['superexec_poll_seconds']:g} s: a round takes {s['median_round_seconds']:.2f} "
+              f"s (median)")
     print(f"wrote {out}")
     return result
 

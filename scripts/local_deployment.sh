@@ -31,6 +31,9 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/fedpara-deployment.XXXXXX")"
 export FLWR_HOME="$WORK/flwr-home"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 UV_OFFLINE=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# How often the SuperExecs look for a ServerApp or ClientApp to start (Flower's default: 1 s);
+# every round starts at least one ClientApp process. benchmarks/server_poll.py measures it.
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}"
 export PATH="$BIN:$PATH"
 mkdir -p "$FLWR_HOME"
 

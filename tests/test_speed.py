@@ -285,8 +285,11 @@ def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, me
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--polls", "1", "0"], r"--polls must be positive numbers of seconds, got \[1.0, 0.0\]"),
-    (["--rounds", "1"], "--rounds >= 2 .the first round is not compared., got 2 and 1"),
+    (["--settings", "1:1", "0:1"], "--settings: '0:1': the server's wait must be a positive"),
+    (["--settings", "1:0.001"], "the SuperExec's between 0.01 and 60 s"),
+    (["--settings", "1"], "--settings: '1' is not SERVER:SUPEREXEC in seconds"),
+    (["--settings", "a:b"], "--settings: 'a:b' is not SERVER:SUPEREXEC"),
+    (["--rounds", "1"], "--rounds >= 2 .the first round is not compared., got 3 and 1"),
     (["--repeats", "0"], "--repeats must be >= 1"),
 ])
 def test_the_poll_benchmark_refuses_bad_input_before_any_run(args, message, monkeypatch):
