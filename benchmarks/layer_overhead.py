@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fedpara.layers import FedParaConv2d, _FedParaWeight  # noqa: E402
+from fedpara.layers import FedParaConv2d, _fedpara_weight  # noqa: E402
 from fedpara.models import vgg16  # noqa: E402
 from fedpara.storage import write_atomic  # noqa: E402
 
@@ -156,7 +156,7 @@ def compose_seconds(layers, how: str) -> float:
         elif how == "ordered_autograd":
             w = m.compose_weight()
         else:  # "ordered_recompute"
-            w = _FedParaWeight.apply(False, False, m.x1, m.y1, m.t1, m.x2, m.y2, m.t2)
+            w = _fedpara_weight(False, False, m.x1, m.y1, m.t1, m.x2, m.y2, m.t2)
         w.backward(torch.ones_like(w))
     return time.perf_counter() - start
 

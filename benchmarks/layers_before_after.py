@@ -10,8 +10,12 @@ weights in both) and times, interleaved and in alternating order, per round:
 - layer: forward + backward of each layer on a random batch of its input size (32×32 images).
 
 Reports the median over rounds of the current/baseline time ratio (rounds are adjacent in
-time, so the ratio is robust to load from other processes) and the medians of each. Prints
-JSON; writes nothing unless --out is given.
+time, so the ratio is robust to load from other processes) and the medians of each, and, for
+one 512-channel layer's forward + backward, the operations that do arithmetic or move data as
+torch's profiler lists them (the matrix products, the elementwise products, the copies, ...;
+an operation called inside another is not counted again). On a GPU each is at least one
+kernel launch, which is what bounds a FedPara step there. `--channels-last` gives the layers
+channels-last inputs. Prints JSON; writes nothing unless --out is given.
 """
 
 from __future__ import annotations
@@ -59,6 +63,35 @@ def build(module, gamma: float, personalized: bool, nonlinear: bool):
                                  nonlinear=nonlinear) for i, o, _ in VGG16_CONVS]
 
 
+# operations that compute or copy (views, allocations and bookkeeping are left out)
+COMPUTE_OPS = {"aten::" + n for n in (
+    "mm", "bmm", "addmm", "addmm_", "matmul", "mul", "mul_", "add", "add_", "sub", "rsub",
+    "neg", "tanh", "tanh_", "copy_", "clone", "contiguous", "fill_", "zero_", "sum", "addcmul_",
+    "mkldnn_convolution", "convolution_backward", "_conv_depthwise2d", "thnn_conv2d")}
+
+
+def compute_ops(layer, x) -> dict[str, int]:
+    """Counts of COMPUTE_OPS in one forward + backward of `layer` on `x`, outermost only."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name in COMPUTE_OPS:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    layer.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer(x).sum().backward()
+    counts: dict[str, int] = {}
+    for e in prof.events():
+        if e.name in COMPUTE_OPS and outermost(e):
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def time_compose(layers) -> float:
     start = time.perf_counter()
     for m in layers:
@@ -83,6 +116,7 @@ def main(argv=None) -> dict:
     p.add_argument("--personalized", action="store_true", help="pFedPara: W1 ⊙ (W2 + 1)")
     p.add_argument("--nonlinear", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--channels-last", action="store_true", help="channels-last layer inputs")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -97,6 +131,10 @@ def main(argv=None) -> dict:
         assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(args.batch, i, s, s, generator=g) for i, _, s in VGG16_CONVS]
+    if args.channels_last:
+        inputs = [x.to(memory_format=torch.channels_last) for x in inputs]
+    big = max(range(len(VGG16_CONVS)), key=lambda i: VGG16_CONVS[i][0] * VGG16_CONVS[i][1])
+    ops = {k: compute_ops(nets[k][big], inputs[big]) for k in nets}
     times = {(k, what): [] for k in nets for what in ("compose", "layer")}
     for k in nets:  # warm-up
         time_compose(nets[k]), time_layer(nets[k], inputs)
@@ -107,7 +145,10 @@ def main(argv=None) -> dict:
     record = {"baseline": args.baseline, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "gamma": args.gamma, "batch": args.batch,
               "personalized": args.personalized, "nonlinear": args.nonlinear,
-              "repeats": args.repeats}
+              "channels_last": args.channels_last, "repeats": args.repeats,
+              "layer_ops": {"layer": "%d→%d channels, forward + backward" % VGG16_CONVS[big][:2],
+                            **{k: {"total": sum(c.values()), "by_op": c}
+                               for k, c in ops.items()}}}
     for what in ("compose", "layer"):
         cur, base = times[("current", what)], times[("baseline", what)]
         record[what] = {

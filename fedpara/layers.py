@@ -18,11 +18,13 @@ factorization with the same budget stops at rank 2R. Variants:
 
 `_reference_weight` writes the paper's formulas one line each (X_i Y_iᵀ, one einsum per
 Tucker-2 branch, W1 ⊙ (W2 + 1)). It is the reference the tests check the two fast paths
-against: `compose_weight()` (the branches in a cheaper contraction
-order, `_branch`, then plain autograd) and the forward pass, which calls `_FedParaWeight`, an
-autograd Function that saves only the factors and rebuilds W1 and W2 in backward, so the
-dense-sized branches are not kept alive between forward and backward. `_FedParaWeight` also
-works under torch.func (vmap, grad), for training many clients' copies as one program.
+against. Both write every branch in matrix form, X_i B_iᵀ, where B_i is Y_i or, for Tucker-2,
+the unfolding of T_i ×2 Y_i built with one small GEMM (`_unfolded`): `compose_weight()` then
+uses plain autograd, and the forward pass calls `_FedParaWeight`, an autograd Function that
+saves only X_i and B_i and rebuilds W1 and W2 in backward, so the dense-sized branches are not
+kept alive between forward and backward. A layer's composition is a handful of GEMMs and
+products, few and large kernels. `_FedParaWeight` also works under torch.func (vmap, grad),
+for training many clients' copies as one program.
 """
 
 from __future__ import annotations
@@ -185,35 +187,44 @@ def _reference_weight(plus_one: bool, nonlinear: bool, *factors: Tensor) -> Tens
 # the fast composition: contraction order, in-place combination, and the gradients
 
 
-def _tucker_inner(y: Tensor, t: Tensor) -> Tensor:
-    """Z = T ×2 Y: (R, in, kh, kw) from y (in, R) and core t (R, R, kh, kw)."""
-    return torch.einsum("is,rskl->rikl", y, t)
+def _unfolded(y: Tensor, t: Tensor | None = None, channels_last: bool = False) -> Tensor:
+    """B with a branch's unfolding (out, in·kh·kw) = x Bᵀ: y itself in the matrix form.
+
+    For the Tucker-2 form, B is the unfolding of Z = T ×2 Y (R, in, kh, kw), built with one GEMM
+    of R·kh·kw·R·in multiply-adds: the core, viewed as (R·kh·kw, R), times yᵀ gives Z with its
+    taps before its inputs, (R, kh, kw, in). That is the unfolding of a channels-last kernel;
+    for the standard (contiguous) one the small Z is transposed to (R, in, kh, kw) first.
+    Either way the dense branch is then one GEMM of out·R·in·kh·kw, so a layer composes its
+    weight with a few large GEMMs and no per-factor reshuffling (an einsum would add copies).
+    """
+    if t is None:
+        return y
+    r, s, kh, kw = t.shape
+    # core[(r, k, l), s] = t[r, s, k, l]: a copy of the small core, or a view of a channels-last t
+    core = t.permute(0, 2, 3, 1).reshape(r * kh * kw, s)
+    z = (core @ y.T).reshape(r, kh * kw, y.shape[0])  # Z[r, (k, l), i]
+    if not channels_last:
+        z = z.transpose(1, 2)  # Z[r, i, (k, l)]
+    return z.reshape(r, -1).T  # (in·kh·kw, R), rows ordered as the kernel's memory
+
+
+def _dense(w: Tensor, y: Tensor, t: Tensor | None, channels_last: bool = False) -> Tensor:
+    """The unfolding (out, in·kh·kw) back as the kernel: (out, in), or (out, in, kh, kw) with
+    contiguous or channels-last strides (whichever `_unfolded` was built for)."""
+    if t is None:
+        return w
+    kh, kw = t.shape[2:]
+    if channels_last:
+        return w.reshape(w.shape[0], kh, kw, y.shape[0]).permute(0, 3, 1, 2)
+    return w.reshape(w.shape[0], y.shape[0], kh, kw)
 
 
 def _branch(x: Tensor, y: Tensor, t: Tensor | None = None) -> Tensor:
     """One dense branch: x yᵀ (out, in), or the Tucker-2 tensor t ×1 x ×2 y (out, in, kh, kw).
 
-    The reference's branch (`_reference_weight`) in a chosen contraction order: the core is
-    first merged with the small input factor (R²·in·kh·kw multiply-adds), leaving one GEMM of
-    out·R·in·kh·kw for the dense tensor.
+    The reference's branch (`_reference_weight`) in the contraction order of `_unfolded`.
     """
-    if t is None:
-        return x @ y.T
-    z = _tucker_inner(y, t)  # (R, in, kh, kw)
-    return (x @ z.reshape(z.shape[0], -1)).view(x.shape[0], *z.shape[1:])
-
-
-def _branch_grads(g: Tensor, x: Tensor, y: Tensor, t: Tensor | None = None) -> tuple:
-    """Gradients of one branch's factors given g = dL/dbranch (same shape as the branch)."""
-    if t is None:
-        return g @ y, g.T @ x, None  # (out, R), (in, R)
-    z = _tucker_inner(y, t)  # (R, in, kh, kw)
-    g2 = g.reshape(g.shape[0], -1)  # (out, in·kh·kw)
-    gx = g2 @ z.reshape(z.shape[0], -1).T  # (out, R)
-    gz = (x.T @ g2).view_as(z)  # (R, in, kh, kw)
-    gy = torch.einsum("rikl,rskl->is", gz, t)  # (in, R)
-    gt = torch.einsum("rikl,is->rskl", gz, y)  # (R, R, kh, kw)
-    return gx, gy, gt
+    return _dense(x @ _unfolded(y, t).T, y, t)
 
 
 def _combine(w1: Tensor, w2: Tensor, plus_one: bool, nonlinear: bool) -> Tensor:
@@ -272,13 +283,12 @@ def _no_autocast(device_type: str):
 
 
 class _FedParaWeight(torch.autograd.Function):
-    """Memory-saving composition of a FedPara weight; saves only the factors for backward.
+    """Memory-saving composition W = f(x1 b1ᵀ) ⊙ g(x2 b2ᵀ); saves only its inputs for backward.
 
-    apply(plus_one, nonlinear, x1, y1, x2, y2) for the matrix form, or
-    apply(plus_one, nonlinear, x1, y1, t1, x2, y2, t2) for the Tucker-2 form; the same value
-    as `_reference_weight(plus_one, nonlinear, *factors)`.
-    Plain autograd would keep both dense branches (and the Tucker intermediates) until
-    backward; here backward rebuilds W1 and W2 from the factors: one extra GEMM per branch.
+    apply(plus_one, nonlinear, x1, b1, x2, b2), with b_i = `_unfolded(y_i, t_i)`: the matrix
+    form of any FedPara layer (`_fedpara_weight` builds the arguments and the kernel's shape).
+    Plain autograd would keep both dense branches until backward; here backward rebuilds
+    them from x_i and b_i (one GEMM each), which are R/out and R/in of the dense size.
 
     Works under torch.func (vmap, grad, and so vmap over functional_call of stacked models):
     forward and backward are plain torch ops, so torch generates the vmap rule; the in-place
@@ -289,12 +299,10 @@ class _FedParaWeight(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(plus_one: bool, nonlinear: bool, *factors: Tensor) -> Tensor:
-        half = len(factors) // 2
-        with _no_autocast(factors[0].device.type):
-            w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
-            combine = _combine_in_place if _in_place_allowed() else _combine
-            return combine(w1, w2, plus_one, nonlinear)
+    def forward(plus_one: bool, nonlinear: bool, x1: Tensor, b1: Tensor, x2: Tensor,
+                b2: Tensor) -> Tensor:
+        combine = _combine_in_place if _in_place_allowed() else _combine
+        return combine(x1 @ b1.T, x2 @ b2.T, plus_one, nonlinear)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
@@ -304,17 +312,32 @@ class _FedParaWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        factors = ctx.saved_tensors
-        half = len(factors) // 2
+        x1, b1, x2, b2 = ctx.saved_tensors
         with _no_autocast(grad.device.type):
-            grad = grad.to(factors[0].dtype)
-            w1, w2 = _branch(*factors[:half]), _branch(*factors[half:])
-            g1, g2 = _combine_grads(
-                grad, w1, w2, ctx.plus_one, ctx.nonlinear, in_place=_in_place_allowed()
-            )
-            grads1 = _branch_grads(g1, *factors[:half])[:half]
-            grads2 = _branch_grads(g2, *factors[half:])[:half]
-        return (None, None, *grads1, *grads2)
+            grad = grad.to(x1.dtype)
+            g1, g2 = _combine_grads(grad, x1 @ b1.T, x2 @ b2.T, ctx.plus_one, ctx.nonlinear,
+                                    in_place=_in_place_allowed())
+            return None, None, g1 @ b1, g1.T @ x1, g2 @ b2, g2.T @ x2
+
+
+def _fedpara_weight(plus_one: bool, nonlinear: bool, *factors: Tensor,
+                    channels_last: bool = False) -> Tensor:
+    """The forward pass's composed kernel; the same value as `_reference_weight`.
+
+    Takes the reference's arguments, factors (x1, y1, x2, y2) or (x1, y1, t1, x2, y2, t2).
+    Each branch's small factor b_i = `_unfolded(y_i, t_i)` is built with plain autograd ops
+    (kept for backward: R·in·kh·kw numbers), then `_FedParaWeight` forms the dense product.
+    With `channels_last`, a Tucker-2 kernel comes out with channels-last strides, the layout
+    a channels-last convolution wants, at no extra cost. Composes in the factors' dtype:
+    autocast, if on, applies to the F.linear/F.conv2d after.
+    """
+    half = len(factors) // 2
+    (x1, y1, *t1), (x2, y2, *t2) = factors[:half], factors[half:]
+    t1, t2 = (t[0] if t else None for t in (t1, t2))
+    with _no_autocast(x1.device.type):
+        b1, b2 = _unfolded(y1, t1, channels_last), _unfolded(y2, t2, channels_last)
+        w = _FedParaWeight.apply(plus_one, nonlinear, x1, b1, x2, b2)
+    return _dense(w, y1, t1, channels_last)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,12 +529,12 @@ class _FedParaLayer(FactorizedLayer):
         w1, w2 = _branch(*self._factors(1)), _branch(*self._factors(2))
         return _combine(w1, w2, self.plus_one, self.nonlinear)
 
-    def _compose_for_forward(self) -> Tensor:
+    def _compose_for_forward(self, channels_last: bool = False) -> Tensor:
+        """The kernel for the forward pass (channels-last strides on request, Tucker-2 only)."""
         if not self.recompute:
             return self._compose()
-        return _FedParaWeight.apply(
-            self.plus_one, self.nonlinear, *self._factors(1), *self._factors(2)
-        )
+        return _fedpara_weight(self.plus_one, self.nonlinear, *self._factors(1),
+                               *self._factors(2), channels_last=channels_last)
 
     def _fedpara_repr(self) -> str:
         return (f"personalized={self.personalized}, plus_one={self.plus_one}, "
@@ -570,6 +593,12 @@ def _check_conv_args(in_channels, out_channels, kernel_size, groups) -> tuple[in
             f"groups must be 1 (grouped convolutions are not supported), got {groups!r}"
         )
     return _pair(kernel_size)
+
+
+def _is_channels_last(input: Tensor) -> bool:
+    """Whether a batch of images is laid out channels-last (and not also contiguous)."""
+    return (input.dim() == 4 and not input.is_contiguous()
+            and input.is_contiguous(memory_format=torch.channels_last))
 
 
 class _ConvMixin:
@@ -634,7 +663,8 @@ class FedParaConv2d(_ConvMixin, _FedParaLayer):
         return self._shape(self._compose())  # (out, in, kh, kw)
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv(input, self._shape(self._compose_for_forward()))
+        channels_last = self.tucker and _is_channels_last(input)
+        return self._conv(input, self._shape(self._compose_for_forward(channels_last)))
 
     def extra_repr(self) -> str:
         return f"{self._conv_repr()}, {self._fedpara_repr()}"

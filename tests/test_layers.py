@@ -20,6 +20,7 @@ from fedpara.layers import (
     _combine,
     _combine_grads,
     _combine_in_place,
+    _fedpara_weight,
     _FedParaWeight,
     _reference_weight,
     rank_from_gamma,
@@ -169,7 +170,7 @@ def test_the_function_matches_the_reference_in_value_and_gradient(shape, plus_on
     probe = torch.randn(_reference_weight(plus_one, nonlinear, *fs).shape,
                         generator=torch.Generator().manual_seed(1), **F64)
     results = []
-    for compose in (_reference_weight, _FedParaWeight.apply):
+    for compose in (_reference_weight, _fedpara_weight):
         w = compose(plus_one, nonlinear, *fs)
         results.append((w.detach(), torch.autograd.grad((w * probe).sum(), fs)))
     (w_ref, g_ref), (w_fn, g_fn) = results
@@ -182,14 +183,14 @@ def test_the_function_matches_the_reference_in_value_and_gradient(shape, plus_on
 @pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
 def test_recompute_function_passes_gradcheck(tucker, plus_one, nonlinear):
     fs = factors(tucker)
-    assert gradcheck(lambda *f: _FedParaWeight.apply(plus_one, nonlinear, *f), fs)
+    assert gradcheck(lambda *f: _fedpara_weight(plus_one, nonlinear, *f), fs)
 
 
 @pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])
 @pytest.mark.parametrize("plus_one, nonlinear", [(False, False), (True, True)])
 def test_the_function_can_be_differentiated_twice(tucker, plus_one, nonlinear):
     fs = factors(tucker, rank=2, out=3, inp=2, kernel=(2, 1))
-    assert gradgradcheck(lambda *f: _FedParaWeight.apply(plus_one, nonlinear, *f), fs)
+    assert gradgradcheck(lambda *f: _fedpara_weight(plus_one, nonlinear, *f), fs)
 
 
 @pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
@@ -262,7 +263,7 @@ def test_forward_composes_the_formula_of_each_variant():
         layer.plus_one, layer.nonlinear = plus_one, nonlinear
         torch.testing.assert_close(layer.compose_weight(), w)
         torch.testing.assert_close(
-            _FedParaWeight.apply(plus_one, nonlinear, *layer._factors(1), *layer._factors(2)), w
+            _fedpara_weight(plus_one, nonlinear, *layer._factors(1), *layer._factors(2)), w
         )
 
 
@@ -275,7 +276,7 @@ K = 3  # copies
 def _layer_loss(layer):
     """loss(factors, x) of `layer` with its factors passed in (bias left out)."""
     def loss(fs, x):
-        w = _FedParaWeight.apply(layer.plus_one, layer.nonlinear, *fs)
+        w = _fedpara_weight(layer.plus_one, layer.nonlinear, *fs)
         if isinstance(layer, FedParaLinear):
             return F.linear(x, w).sin().sum()
         return layer._conv(x, layer._shape(w)).sin().sum()
@@ -364,12 +365,53 @@ def test_functional_call_vmap_over_stacked_models_equals_separate_backward(
             torch.testing.assert_close(batched[name][k], p.grad, msg=name)
 
 
-def test_the_function_keeps_only_the_factors_for_backward():
+def test_the_function_keeps_only_small_factors_for_backward():
+    """Nothing dense-sized is saved: the factors, each branch's B (R·in·kh·kw numbers) and
+    the core's view used to build it."""
     layer = FedParaConv2d(64, 64, 3, rank=8, bias=False)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _FedParaWeight.apply(False, False, *layer._factors(1), *layer._factors(2))
-    assert sum(t.numel() for t in saved) == weight_params(layer)
+        _fedpara_weight(False, False, *layer._factors(1), *layer._factors(2))
+    dense = 64 * 64 * 9
+    unfolded = 2 * 8 * 64 * 9  # B1 and B2
+    assert saved and max(t.numel() for t in saved) <= 8 * 64 * 9 < dense
+    assert sum(t.numel() for t in saved) <= 2 * weight_params(layer) + unfolded
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        saved.clear()
+        _FedParaWeight.apply(False, False, layer.x1, layer.y1, layer.x2, layer.y2)
+    assert [t.shape for t in saved] == [layer.x1.shape, layer.y1.shape] * 2  # its 4 inputs
+
+
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_a_channels_last_kernel_is_the_same_kernel(plus_one, nonlinear):
+    """For a channels-last input the forward composes the kernel straight into channels-last
+    strides; values and gradients equal the contiguous composition's."""
+    fs = factors(tucker=True, rank=3, out=5, inp=4, kernel=(3, 2))
+    probe = torch.randn(5, 4, 3, 2, generator=torch.Generator().manual_seed(1), **F64)
+    results = []
+    for channels_last in (False, True):
+        w = _fedpara_weight(plus_one, nonlinear, *fs, channels_last=channels_last)
+        assert w.shape == (5, 4, 3, 2)
+        assert w.is_contiguous(memory_format=torch.channels_last) == channels_last
+        results.append((w.detach(), torch.autograd.grad((w * probe).sum(), fs)))
+    (w_a, g_a), (w_b, g_b) = results
+    torch.testing.assert_close(w_b, w_a)
+    for a, b in zip(g_a, g_b, strict=True):
+        torch.testing.assert_close(b, a)
+
+
+def test_the_conv_layer_composes_channels_last_for_a_channels_last_input(monkeypatch):
+    torch.manual_seed(0)
+    layer = FedParaConv2d(4, 6, 3, padding=1, rank=2).double()
+    x = torch.randn(2, 4, 5, 5, **F64)
+    layouts = []
+    conv = layer._conv
+    monkeypatch.setattr(layer, "_conv", lambda i, w: layouts.append(
+        w.is_contiguous(memory_format=torch.channels_last)) or conv(i, w))
+    out = layer(x)
+    out_cl = layer(x.to(memory_format=torch.channels_last))
+    assert layouts == [False, True]
+    torch.testing.assert_close(out_cl, out)
 
 
 def test_bfloat16_autocast_composes_in_float32_and_returns_float32_gradients():
