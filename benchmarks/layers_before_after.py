@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
               "torch": torch.__version__, "gamma": args.gamma, "batch": args.batch,
               "personalized": args.personalized, "nonlinear": args.nonlinear,
               "channels_last": args.channels_last, "repeats": args.repeats,
-              "layer_ops": {"layer": "%d→%d channels, forward + backward" % VGG16_CONVS[big][:2],
+              "layer_ops": {"layer": "{}→{} channels, forward + backward".format(*VGG16_CONVS[big]),
                             **{k: {"total": sum(c.values()), "by_op": c}
                                for k, c in ops.items()}}}
     for what in ("compose", "layer"):

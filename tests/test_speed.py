@@ -264,6 +264,46 @@ def test_the_aggregation_benchmark_times_both_paths_and_checks_they_agree(tmp_pa
     assert bad.returncode != 0 and "--clients and --repeats must be >= 1" in bad.stderr
 
 
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_a_fedpara_layer_adds_few_operations_to_a_convolution(channels_last):
+    """The composition stays a handful of large products: forward + backward of a 512-channel
+    FedPara layer runs at most 25 operations more than the same nn.Conv2d; each is at least one
+    kernel launch on a GPU (`benchmarks/layers_before_after.py` compares revisions)."""
+    count = _load_benchmark("layers_before_after").compute_ops
+    x = torch.randn(2, 512, 4, 4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    dense = count(torch.nn.Conv2d(512, 512, 3, padding=1), x)
+    fedpara = count(layers.FedParaConv2d(512, 512, 3, padding=1, gamma=0.1), x)
+    assert dense.get("aten::convolution_backward") == fedpara.get("aten::convolution_backward") == 1
+    assert 0 < sum(fedpara.values()) - sum(dense.values()) <= 25, (fedpara, dense)
+
+
+def test_the_before_after_benchmark_compares_a_revision_with_the_tree(tmp_path):
+    out = tmp_path / "before_after.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layers_before_after.py"),
+                           "--baseline", "HEAD", "--repeats", "1", "--batch", "1",
+                           "--channels-last", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["channels_last"] is True
+    for what in ("compose", "layer"):
+        assert set(record[what]["median_seconds"]) == {"baseline", "current"}
+        assert record[what]["ratio_paired_median"] > 0
+    ops = record["layer_ops"]
+    assert ops["layer"] == "512→512 channels, forward + backward"
+    for side in ("baseline", "current"):
+        assert ops[side]["total"] == sum(ops[side]["by_op"].values()) > 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "bogus=1"], "--set: unknown config field.*bogus"),
     (["--throughput", "missing.json"], "--throughput missing.json: cannot read it"),
