@@ -16,8 +16,9 @@ with torch.autograd.graph.saved_tensors_hooks, each storage counted once, parame
 counted twice). Transient buffers inside an op are not seen.
 
 Also measured: the composition alone (forward + backward of the 13 weights, no convolution) in
-three implementations, to show where the time goes, and the multiply-add counts of the
-convolutions and of the composition. Writes benchmarks/results/layer_overhead.json.
+three implementations, to show where the time goes; the multiply-add counts of the
+convolutions and of the composition; and the rate (multiply-adds per second) of each kind of
+work on the largest layer (`arithmetic_rates`). Writes benchmarks/results/layer_overhead.json.
 """
 
 from __future__ import annotations
@@ -142,6 +143,53 @@ def multiply_adds(model, x) -> dict:
     return {"conv_step": conv, "compose_step": compose, "compose_fraction": compose / conv}
 
 
+def arithmetic_rates(model, x, device: torch.device, repeats: int = 5) -> dict:
+    """Multiply-adds per second of the step's two kinds of work, timed apart on the largest
+    FedPara layer: its forward convolution at this batch, and its composition's dense GEMM
+    (out × R times R × in·kh·kw), and, for comparison, a large square GEMM (1024³). Where the
+    composition's GEMM runs below the convolutions' rate, composing a tenth of the
+    multiply-adds costs more than a tenth of the time; the square product tells how much of
+    that gap is the matrix library itself and how much the inner size of only R.
+    Minimum of `repeats` timings each."""
+    layer = max((m for m in model.modules() if isinstance(m, FedParaConv2d)),
+                key=lambda m: m.out_channels * m.in_channels)
+    inputs = {}
+    hook = layer.register_forward_hook(lambda m, i, o: inputs.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    taps = layer.kernel_size[0] * layer.kernel_size[1]
+    dense = torch.randn(layer.out_channels, layer.in_channels, *layer.kernel_size, device=device)
+    left = torch.randn(layer.out_channels, layer.rank, device=device)
+    right = torch.randn(layer.rank, layer.in_channels * taps, device=device)
+    xin = inputs["x"].detach()
+    conv_args = (None, layer.stride, layer.padding, layer.dilation)
+    n, _, h, w = F.conv2d(xin, dense, *conv_args).shape
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    square = torch.randn(1024, 1024, device=device)
+    conv_s = best(lambda: F.conv2d(xin, dense, *conv_args))
+    gemm_s = best(lambda: left @ right)
+    square_s = best(lambda: square @ square)
+    conv_macs = n * h * w * layer.out_channels * layer.in_channels * taps
+    gemm_macs = layer.out_channels * layer.rank * layer.in_channels * taps
+    return {"layer": f"{layer.in_channels}→{layer.out_channels}, rank {layer.rank}",
+            "conv_forward_macs_per_second": conv_macs / conv_s,
+            "compose_gemm_macs_per_second": gemm_macs / gemm_s,
+            # the same matrix library on a large square product (1024³), for comparison
+            "square_gemm_macs_per_second": 1024**3 / square_s}
+
+
 def _einsum_branch(x, y, t):
     # the one-line composition of public implementations, left to right
     return torch.einsum("rskl,or,is->oikl", t, x, y)
@@ -247,6 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     fedpara = next((models[v][0] for v in ("fedpara", "fedpara_autograd") if v in models), None)
     if fedpara is not None:
         record["multiply_adds"] = multiply_adds(fedpara, x)
+        record["arithmetic_rates"] = arithmetic_rates(fedpara, x, device)
         layers = [m for m in fedpara.modules() if isinstance(m, FedParaConv2d)]
         hows = ("einsum_autograd", "ordered_autograd", "ordered_recompute")
         samples = {h: [] for h in hows}
@@ -262,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         mem = memory[v]["peak_bytes"] / 2**20
         print(f"{v:18s} step {median[v]:.3f} s   memory {mem:8.1f} MiB")
     keys = ("time_ratio", "time_ratio_paired_median", "time_ratio_of_minima", "memory_ratio")
-    for key in (*keys, "multiply_adds", "compose_seconds"):
+    for key in (*keys, "multiply_adds", "arithmetic_rates", "compose_seconds"):
         if key in record:
             print(f"{key}: {json.dumps(record[key])}")
     write_json(args.out, record)
