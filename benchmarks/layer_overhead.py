@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedpara.layers import FedParaConv2d, _fedpara_weight  # noqa: E402
+from fedpara.layers import _linear as fedpara_linear  # noqa: E402
 from fedpara.models import vgg16  # noqa: E402
 from fedpara.storage import write_atomic  # noqa: E402
 
@@ -145,11 +146,12 @@ def multiply_adds(model, x) -> dict:
 
 def arithmetic_rates(model, x, device: torch.device, repeats: int = 5) -> dict:
     """Multiply-adds per second of the step's two kinds of work, timed apart on the largest
-    FedPara layer: its forward convolution at this batch, and its composition's dense GEMM
-    (out × R times R × in·kh·kw), and, for comparison, a large square GEMM (1024³). Where the
-    composition's GEMM runs below the convolutions' rate, composing a tenth of the
-    multiply-adds costs more than a tenth of the time; the square product tells how much of
-    that gap is the matrix library itself and how much the inner size of only R.
+    FedPara layer: its forward convolution at this batch, and its composition's dense product
+    (out × R times R × in·kh·kw) as the layers run it (`fedpara.layers._linear`: oneDNN on
+    x86 CPUs) and as torch's BLAS GEMM (`@`) runs it, with a large square GEMM (1024³) for
+    comparison. Where the composition's product runs below the convolutions' rate, composing
+    a tenth of the multiply-adds costs more than a tenth of the time; the square product tells
+    how much of a BLAS gap is the library itself and how much the inner size of only R.
     Minimum of `repeats` timings each."""
     layer = max((m for m in model.modules() if isinstance(m, FedParaConv2d)),
                 key=lambda m: m.out_channels * m.in_channels)
@@ -179,14 +181,17 @@ def arithmetic_rates(model, x, device: torch.device, repeats: int = 5) -> dict:
 
     square = torch.randn(1024, 1024, device=device)
     conv_s = best(lambda: F.conv2d(xin, dense, *conv_args))
+    with torch.no_grad():  # the product as the composition runs it (oneDNN on x86 CPUs)
+        product_s = best(lambda: fedpara_linear(left, right.T, True))
     gemm_s = best(lambda: left @ right)
     square_s = best(lambda: square @ square)
     conv_macs = n * h * w * layer.out_channels * layer.in_channels * taps
     gemm_macs = layer.out_channels * layer.rank * layer.in_channels * taps
     return {"layer": f"{layer.in_channels}→{layer.out_channels}, rank {layer.rank}",
             "conv_forward_macs_per_second": conv_macs / conv_s,
+            "compose_product_macs_per_second": gemm_macs / product_s,
+            # torch's BLAS GEMM (`@`) on the same shape and on a large square product (1024³)
             "compose_gemm_macs_per_second": gemm_macs / gemm_s,
-            # the same matrix library on a large square product (1024³), for comparison
             "square_gemm_macs_per_second": 1024**3 / square_s}
 
 

@@ -29,6 +29,7 @@ for training many clients' copies as one program.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import nullcontext
 from numbers import Real
@@ -276,6 +277,36 @@ def _in_place_allowed() -> bool:
     return not torch.is_grad_enabled() and not transforms_active()
 
 
+@functools.cache
+def _onednn_linear():
+    """oneDNN's matrix product `a @ wᵀ` for float32 CPU tensors, or None where it is missing.
+
+    On x86 CPUs, torch's oneDNN build runs the composition's products at about twice the rate
+    of its BLAS GEMM (`benchmarks/layer_overhead.py` records both rates), and its convolutions
+    already go through oneDNN. The op is the one torch.compile emits for CPU linear layers; it
+    has no autograd formula and no vmap rule, so only `_FedParaWeight`'s eager forward and
+    backward use it (`_linear`). Checked once against `@`, on a product with a transposed
+    operand as those use; anything unexpected leaves `@` in charge.
+    """
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        a, w = torch.randn(5, 3), torch.randn(3, 7).T
+        ok = torch.allclose(op(a, w, None, "none", [], ""), a @ w.T, rtol=1e-5, atol=1e-5)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return op if ok else None
+
+
+def _linear(a: Tensor, w: Tensor, onednn: bool) -> Tensor:
+    """a @ wᵀ, by oneDNN when `onednn` (eager, no transform) and the tensors allow it."""
+    if (onednn and a.device.type == "cpu" and a.dtype == w.dtype == torch.float32
+            and torch.backends.mkldnn.enabled and _onednn_linear() is not None):
+        return _onednn_linear()(a, w, None, "none", [], "")
+    return a @ w.T
+
+
 def _no_autocast(device_type: str):
     """Compose in the factors' dtype: autocast, if on, applies to the F.linear/F.conv2d after."""
     available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
@@ -301,8 +332,9 @@ class _FedParaWeight(torch.autograd.Function):
     @staticmethod
     def forward(plus_one: bool, nonlinear: bool, x1: Tensor, b1: Tensor, x2: Tensor,
                 b2: Tensor) -> Tensor:
-        combine = _combine_in_place if _in_place_allowed() else _combine
-        return combine(x1 @ b1.T, x2 @ b2.T, plus_one, nonlinear)
+        eager = _in_place_allowed()
+        combine = _combine_in_place if eager else _combine
+        return combine(_linear(x1, b1, eager), _linear(x2, b2, eager), plus_one, nonlinear)
 
     @staticmethod
     def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
@@ -313,11 +345,14 @@ class _FedParaWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x1, b1, x2, b2 = ctx.saved_tensors
+        eager = _in_place_allowed()
         with _no_autocast(grad.device.type):
             grad = grad.to(x1.dtype)
-            g1, g2 = _combine_grads(grad, x1 @ b1.T, x2 @ b2.T, ctx.plus_one, ctx.nonlinear,
-                                    in_place=_in_place_allowed())
-            return None, None, g1 @ b1, g1.T @ x1, g2 @ b2, g2.T @ x2
+            w1, w2 = _linear(x1, b1, eager), _linear(x2, b2, eager)
+            g1, g2 = _combine_grads(grad, w1, w2, ctx.plus_one, ctx.nonlinear, in_place=eager)
+            # dL/dx = g b and dL/db = gᵀ x, the latter as (xᵀ g)ᵀ (the faster form for oneDNN)
+            return (None, None, _linear(g1, b1.T, eager), _linear(x1.T, g1.T, eager).T,
+                    _linear(g2, b2.T, eager), _linear(x2.T, g2.T, eager).T)
 
 
 def _fedpara_weight(plus_one: bool, nonlinear: bool, *factors: Tensor,

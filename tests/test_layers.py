@@ -11,6 +11,7 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.func import functional_call, grad, stack_module_state, vmap
 
+from fedpara import layers
 from fedpara.layers import (
     FedParaConv2d,
     FedParaLinear,
@@ -398,6 +399,59 @@ def test_a_channels_last_kernel_is_the_same_kernel(plus_one, nonlinear):
     torch.testing.assert_close(w_b, w_a)
     for a, b in zip(g_a, g_b, strict=True):
         torch.testing.assert_close(b, a)
+
+
+def _counting_onednn(monkeypatch) -> list:
+    """Route `layers._linear`'s oneDNN products through a counter; skip where there is none."""
+    op = layers._onednn_linear()
+    if op is None:
+        pytest.skip("this torch build has no oneDNN linear op")
+    calls = []
+    monkeypatch.setattr(layers, "_onednn_linear", lambda: lambda *a: calls.append(1) or op(*a))
+    return calls
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_onednn_products_give_the_blas_results_in_float32(monkeypatch, tucker, plus_one,
+                                                          nonlinear):
+    """On the CPU, float32 eager composition multiplies with oneDNN (2 products forward, 6
+    backward); with oneDNN switched off it uses `@`. Both agree to float32 rounding."""
+    calls = _counting_onednn(monkeypatch)
+    fs = [f.detach().float().requires_grad_() for f in factors(tucker, rank=4, out=9, inp=7)]
+    probe = torch.randn(_reference_weight(plus_one, nonlinear, *fs).shape,
+                        generator=torch.Generator().manual_seed(1))
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", enabled)
+        w = _fedpara_weight(plus_one, nonlinear, *fs)
+        results.append((w.detach(), torch.autograd.grad((w * probe).sum(), fs)))
+        assert len(calls) == (8 if enabled else 0)
+        calls.clear()
+    (w_dnn, g_dnn), (w_blas, g_blas) = results
+    torch.testing.assert_close(w_dnn, w_blas)
+    for a, b in zip(g_dnn, g_blas, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_onednn_is_left_out_where_it_has_no_rule(monkeypatch):
+    """No oneDNN product under vmap (no batching rule), with create_graph (no derivative), or
+    for float64; the eager float32 path does use it."""
+    calls = _counting_onednn(monkeypatch)
+    layer = FedParaConv2d(4, 6, 3, padding=1, rank=2, bias=False)
+    x = torch.randn(2, 2, 4, 5, 5)
+    stacked = _stacked_copies(layer, k=2)
+    vmap(grad(_layer_loss(layer)))([f.float() for f in stacked], x)
+    fs = [f.detach().requires_grad_() for f in (*layer._factors(1), *layer._factors(2))]
+    w = _fedpara_weight(False, False, *fs)
+    torch.autograd.grad(w.square().sum(), fs, create_graph=True)
+    assert len(calls) == 2  # the forward only: backward ran with grad mode on
+    calls.clear()
+    double = [f.double() for f in fs]
+    torch.autograd.grad(_fedpara_weight(False, False, *double).sum(), double)
+    assert calls == []
+    torch.autograd.grad(_fedpara_weight(False, False, *fs).sum(), fs)
+    assert len(calls) == 8
 
 
 def test_the_conv_layer_composes_channels_last_for_a_channels_last_input(monkeypatch):
