@@ -23,8 +23,9 @@ the unfolding of T_i ×2 Y_i built with one small GEMM (`_unfolded`): `compose_w
 uses plain autograd, and the forward pass calls `_FedParaWeight`, an autograd Function that
 saves only X_i and B_i and rebuilds W1 and W2 in backward, so the dense-sized branches are not
 kept alive between forward and backward. A layer's composition is a handful of GEMMs and
-products, few and large kernels. `_FedParaWeight` also works under torch.func (vmap, grad),
-for training many clients' copies as one program.
+products, few and large kernels; on x86 CPUs the dense products go through oneDNN
+(`_linear`). `_FedParaWeight` also works under torch.func (vmap, grad), for training many
+clients' copies as one program.
 """
 
 from __future__ import annotations
@@ -281,9 +282,9 @@ def _in_place_allowed() -> bool:
 def _onednn_linear():
     """oneDNN's matrix product `a @ wᵀ` for float32 CPU tensors, or None where it is missing.
 
-    On x86 CPUs, torch's oneDNN build runs the composition's products at about twice the rate
-    of its BLAS GEMM (`benchmarks/layer_overhead.py` records both rates), and its convolutions
-    already go through oneDNN. The op is the one torch.compile emits for CPU linear layers; it
+    On x86 CPUs, oneDNN (which already runs torch's CPU convolutions) can run the
+    composition's products much faster than torch's BLAS GEMM; `benchmarks/layer_overhead.py`
+    records both rates on the machine it runs on. The op is the one torch.compile emits for CPU linear layers; it
     has no autograd formula and no vmap rule, so only `_FedParaWeight`'s eager forward and
     backward use it (`_linear`). Checked once against `@`, on a product with a transposed
     operand as those use; anything unexpected leaves `@` in charge.
@@ -299,9 +300,18 @@ def _onednn_linear():
     return op if ok else None
 
 
+def _dense_or_transposed(t: Tensor) -> bool:
+    return t.dim() == 2 and (t.is_contiguous() or t.T.is_contiguous())
+
+
 def _linear(a: Tensor, w: Tensor, onednn: bool) -> Tensor:
-    """a @ wᵀ, by oneDNN when `onednn` (eager, no transform) and the tensors allow it."""
+    """a @ wᵀ, by oneDNN when `onednn` (eager, no transform) and the tensors allow it.
+
+    oneDNN gets float32 CPU matrices that are contiguous or transposes of contiguous ones, the
+    layouts `_FedParaWeight` passes; other strides can be very slow there, so they go to `@`.
+    """
     if (onednn and a.device.type == "cpu" and a.dtype == w.dtype == torch.float32
+            and _dense_or_transposed(a) and _dense_or_transposed(w)
             and torch.backends.mkldnn.enabled and _onednn_linear() is not None):
         return _onednn_linear()(a, w, None, "none", [], "")
     return a @ w.T

@@ -452,6 +452,12 @@ def test_onednn_is_left_out_where_it_has_no_rule(monkeypatch):
     assert calls == []
     torch.autograd.grad(_fedpara_weight(False, False, *fs).sum(), fs)
     assert len(calls) == 8
+    calls.clear()
+    a, w = torch.randn(3, 8)[:, ::2], torch.randn(5, 4)  # a strided operand: BLAS takes it
+    torch.testing.assert_close(layers._linear(a, w, onednn=True), a @ w.T)
+    assert calls == []
+    layers._linear(a.contiguous(), w.T.contiguous().T, onednn=True)
+    assert len(calls) == 1
 
 
 def test_the_conv_layer_composes_channels_last_for_a_channels_last_input(monkeypatch):
