@@ -21,6 +21,7 @@ channels-last inputs. Prints JSON; writes nothing unless --out is given.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
 import os
@@ -35,6 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedpara.storage import write_atomic  # noqa: E402  (imports nothing of the layers)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layer_overhead import device_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # VGG16's convolutions: (in, out, input side) for 32×32 images
@@ -144,7 +148,13 @@ def main(argv=None) -> dict:
         for k in (("baseline", "current") if r % 2 == 0 else ("current", "baseline")):
             times[(k, "compose")].append(time_compose(nets[k]))
             times[(k, "layer")].append(time_layer(nets[k], inputs))
-    record = {"baseline": args.baseline, "threads": torch.get_num_threads(),
+    record = {"benchmark": "layers_before_after", "device": device_name(torch.device("cpu")),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "baseline": args.baseline,
+              "baseline_commit": subprocess.run(
+                  ["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,
+                  capture_output=True, text=True).stdout.strip(),
+              "threads": torch.get_num_threads(),
               "torch": torch.__version__, "gamma": args.gamma, "batch": args.batch,
               "personalized": args.personalized, "nonlinear": args.nonlinear,
               "channels_last": args.channels_last, "repeats": args.repeats,
