@@ -284,10 +284,10 @@ def _onednn_linear():
 
     On x86 CPUs, oneDNN (which already runs torch's CPU convolutions) can run the
     composition's products much faster than torch's BLAS GEMM; `benchmarks/layer_overhead.py`
-    records both rates on the machine it runs on. The op is the one torch.compile emits for CPU linear layers; it
-    has no autograd formula and no vmap rule, so only `_FedParaWeight`'s eager forward and
-    backward use it (`_linear`). Checked once against `@`, on a product with a transposed
-    operand as those use; anything unexpected leaves `@` in charge.
+    records both rates on the machine it runs on. The op is the one torch.compile emits for
+    CPU linear layers; it has no autograd formula and no vmap rule, so only `_FedParaWeight`'s
+    eager forward and backward use it (`_linear`). Checked once against `@`, on a product
+    with a transposed operand as those use; anything unexpected leaves `@` in charge.
     """
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
@@ -329,7 +329,8 @@ class _FedParaWeight(torch.autograd.Function):
     apply(plus_one, nonlinear, x1, b1, x2, b2), with b_i = `_unfolded(y_i, t_i)`: the matrix
     form of any FedPara layer (`_fedpara_weight` builds the arguments and the kernel's shape).
     Plain autograd would keep both dense branches until backward; here backward rebuilds
-    them from x_i and b_i (one GEMM each), which are R/out and R/in of the dense size.
+    them from x_i and b_i (one GEMM each), whose sizes are R/(in·kh·kw) and R/out of the
+    dense branch's.
 
     Works under torch.func (vmap, grad, and so vmap over functional_call of stacked models):
     forward and backward are plain torch ops, so torch generates the vmap rule; the in-place
@@ -373,7 +374,7 @@ def _fedpara_weight(plus_one: bool, nonlinear: bool, *factors: Tensor,
     Each branch's small factor b_i = `_unfolded(y_i, t_i)` is built with plain autograd ops
     (kept for backward: R·in·kh·kw numbers), then `_FedParaWeight` forms the dense product.
     With `channels_last`, a Tucker-2 kernel comes out with channels-last strides, the layout
-    a channels-last convolution wants, at no extra cost. Composes in the factors' dtype:
+    a channels-last convolution wants, with one small copy fewer. Composes in the factors' dtype:
     autocast, if on, applies to the F.linear/F.conv2d after.
     """
     half = len(factors) // 2
