@@ -434,6 +434,15 @@ def test_onednn_products_give_the_blas_results_in_float32(monkeypatch, tucker, p
         torch.testing.assert_close(a, b)
 
 
+def test_the_onednn_check_leaves_the_random_stream_alone():
+    layers._onednn_linear.cache_clear()
+    torch.manual_seed(0)
+    layers._onednn_linear()
+    after_check = torch.rand(3)
+    torch.manual_seed(0)
+    torch.testing.assert_close(after_check, torch.rand(3), rtol=0, atol=0)
+
+
 def test_onednn_is_left_out_where_it_has_no_rule(monkeypatch):
     """No oneDNN product under vmap (no batching rule), with create_graph (no derivative), or
     for float64; the eager float32 path does use it."""
