@@ -68,6 +68,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timings(fn, repeats: int, device: torch.device) -> list[float]:
+    """Seconds of `repeats` calls of fn, each timed alone (the device synchronized around it)."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def build(variant: str, gamma: float, device: torch.device, channels_last: bool):
     model = vgg16(
         10, parameterization="original" if variant == "original" else "fedpara", gamma=gamma
@@ -169,15 +181,8 @@ def arithmetic_rates(model, x, device: torch.device, repeats: int = 5) -> dict:
     n, _, h, w = F.conv2d(xin, dense, *conv_args).shape
 
     def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - start)
-        return min(times)
+        fn()  # warm-up
+        return min(timings(fn, repeats, device))
 
     square = torch.randn(1024, 1024, device=device)
     conv_s = best(lambda: F.conv2d(xin, dense, *conv_args))

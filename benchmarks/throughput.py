@@ -93,7 +93,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_overhead import device_name, sync, write_json  # noqa: E402
+from layer_overhead import device_name, sync, timings, write_json  # noqa: E402
 
 from fedpara import task  # noqa: E402
 from fedpara.config import ExperimentConfig, get_preset  # noqa: E402
@@ -275,14 +275,7 @@ def _serialize(arrays) -> list[bytes]:
 
 
 def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timings(fn, repeats, device))
 
 
 def overheads(name: str, split: ImageDataset, test: ImageDataset, device: torch.device,
