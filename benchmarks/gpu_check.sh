@@ -29,6 +29,8 @@
 # Results go to $OUT when it is set (the device tool's output folder), else benchmarks/results/.
 # Copy them into benchmarks/results/ and commit them; book/performance.md reads them from there.
 # GPU_CHECK_TINY=1 shrinks every step to seconds: it checks the script, it measures nothing.
+# Its deployment step keeps the full-size fake training set, so that it reads the split that
+# prepare_device.sh stored: with the wheels and the split, it rehearses the device's step 4.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed
@@ -43,7 +45,7 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   SMOKE=(--smoke-rounds 1 --smoke-clients 2 --smoke-samples 8 --batch 4 --threads 1)
   OVERHEAD=(--repeats 1 --steps 1 --batch 4 --threads 1 --variants original fedpara)
   DEPLOY=(--rounds 1 --set clients_per_round=2 --set client_samples=8 --set local_epochs=1
-          --set eval_samples=16 --train-images 10000 --test-images 100)
+          --set eval_samples=16 --test-images 100)
 else
   THROUGHPUT=(--repeats 3 --cohort 16 --cohort-models original fedpara-0.1)
   SMOKE=(--smoke-rounds 3)
