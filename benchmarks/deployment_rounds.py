@@ -14,7 +14,9 @@ each round with the clients it sampled (the images/s of the engine's path for th
 images, padded to the largest for the cohort engine, plus the per-client overheads and the
 evaluation measured with it), the same for the average client (`throughput.project_config`,
 what the preset projections use), and the measured/projected ratio of the medians of the rounds
-after the first (the first also pays cuDNN autotuning).
+after the first (the first also pays cuDNN autotuning). On a CPU, compare like with like:
+`--threads N` runs the deployment's processes on the N torch threads the throughput file was
+measured with (its `threads`); both numbers are recorded.
 
 Machines without flwr (the GPU machine has torch only): `--wheels DIR` installs the wheels in
 DIR into a private folder first and runs Flower from there. The clients' split needs
@@ -148,7 +150,8 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
                                   train_images=train, test_images=test,
                                   cohort=config.engine == "cohort")
     return {"file": Path(throughput_file).name, "device": record["device"],
-            "measured": record.get("date"), "model": model, "path": path,
+            "measured": record.get("date"), "threads": record.get("threads"),
+            "model": model, "path": path,
             "images_per_second": images_per_second, "overheads": record["overheads"][model],
             **projected}
 
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--throughput", type=Path, default=None,
                    help="throughput-<device>.json measured on this machine, for the projection")
     p.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads in the deployment's processes ($OMP_NUM_THREADS; default: "
+                        "torch's own): match the throughput file's `threads` on a CPU")
     p.add_argument("--poll-seconds", type=float, default=None,
                    help="the ServerApp's wait between pulls for replies ($FEDPARA_POLL_SECONDS; "
                         "default: the ServerApp's own)")
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     if args.poll_seconds is not None and not 0 < args.poll_seconds < math.inf:
         raise SystemExit(f"--poll-seconds must be a positive number, got {args.poll_seconds}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
 
     with tempfile.TemporaryDirectory(prefix="fedpara-deployment-rounds-") as tmp:
         work = Path(tmp)
@@ -236,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         env.pop(POLL_ENV, None)
         if args.poll_seconds is not None:
             env[POLL_ENV] = repr(args.poll_seconds)
+        if args.threads is not None:  # read by torch in every process the deployment starts
+            env["OMP_NUM_THREADS"] = str(args.threads)
         started = time.perf_counter()
         status, output = deploy(run_config_pairs(config, without=("results-dir",)), env,
                                 args.timeout)
@@ -261,6 +271,9 @@ def main(argv: list[str] | None = None) -> dict:
         "config": config.to_dict(),
         "fake_images": {"train": train, "test": test},
         "server_poll_seconds": args.poll_seconds,  # null: the ServerApp's default
+        # Flower's variable as the run had it; null: scripts/local_deployment.sh's default
+        "superexec_poll_seconds": _float_or_none(env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL")),
+        "threads": args.threads,  # null: torch's default in each process
         "data_seconds": data_seconds,
         "run_seconds": run_seconds,  # everything: daemons, `flwr run`, all rounds
         "round_wall_seconds": walls,
@@ -299,6 +312,10 @@ def _cifar_presets() -> list[str]:
 
     return sorted(name for name in PRESETS
                   if get_preset(name, profile="full").dataset in FULL_SIZE)
+
+
+def _float_or_none(text: str | None) -> float | None:
+    return None if text is None else float(text)
 
 
 def _slug(text: str) -> str:

@@ -310,6 +310,7 @@ def test_the_before_after_benchmark_compares_a_revision_with_the_tree(tmp_path):
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--wheels", "."], "--wheels .: no .whl files there"),
     (["--poll-seconds", "0"], "--poll-seconds must be a positive number"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
 ])
 def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, message,
                                                                           monkeypatch):
