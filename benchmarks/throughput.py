@@ -122,9 +122,10 @@ PEAK_BF16 = (
 )
 
 PATHS = ("baseline", "plain", "fast", "fast-fp32", "fast-nchw", "fast-no-autotune", "fast+bf16",
-         "fast+channels-last", "graph")
+         "fast+channels-last", "graph", "graph+bf16")
 DEFAULT_PATHS = {
-    "cuda": ("baseline", "plain", "fast", "fast+bf16", "fast-nchw", "fast-no-autotune", "graph"),
+    "cuda": ("baseline", "plain", "fast", "fast+bf16", "fast-nchw", "fast-no-autotune", "graph",
+             "graph+bf16"),
     "cpu": ("baseline", "plain", "fast", "fast+bf16", "fast+channels-last"),
 }
 
@@ -210,7 +211,8 @@ def path_batches(path: str, split: ImageDataset, name: str, device: torch.device
     switch = {"fast": {}, "fast-fp32": {"bf16": False}, "fast-nchw": {"channels_last": False},
               "fast-no-autotune": {"cudnn_benchmark": False}, "fast+bf16": {"bf16": True},
               "fast+channels-last": {"channels_last": True},
-              "graph": {"bf16": False, "graph": True}}[path]
+              "graph": {"bf16": False, "graph": True},
+              "graph+bf16": {"bf16": True, "graph": True}}[path]
     return batches, dataclasses.replace(speed, **switch)
 
 
@@ -523,14 +525,17 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
     }
 
 
-def graph_check(name: str, samples: int, batch: int, device: torch.device) -> dict:
-    """Two client epochs graphed and eager (fp32, dropout off, the same batches and start):
-    both mean losses, and their `difference` against its `noise_floor`."""
+def graph_check(name: str, samples: int, batch: int, device: torch.device,
+                bf16: bool = False) -> dict:
+    """Two client epochs graphed and eager (fp32, or both under bf16 autocast; dropout off, the
+    same batches and start): both mean losses, and their `difference` against its
+    `noise_floor` (in bf16, a start one float32 ulp away mostly rounds to the same numbers, so
+    that floor says little there)."""
     config = config_for(name, device, batch)
     results = {}
 
     def train(models, data, graph=False):
-        speed = dataclasses.replace(task.Speed.default(device), bf16=False, graph=graph)
+        speed = dataclasses.replace(task.Speed.default(device), bf16=bf16, graph=graph)
         return task.train(models[0], data[0], epochs=2, lr=0.01, device=device, speed=speed,
                           seed=0).loss
 
@@ -683,8 +688,10 @@ def main(argv: list[str] | None = None) -> dict:
         record["round_images_per_second"] = {n: r["images_per_second_together"]
                                              for n, r in rounds.items()}
         if device.type == "cuda":
-            record["engine_checks"] = {n: graph_check(n, args.samples, args.batch, device)
-                                       for n in names}
+            record["engine_checks"] = {
+                n: {**graph_check(n, args.samples, args.batch, device),
+                    "bf16": graph_check(n, args.samples, args.batch, device, bf16=True)}
+                for n in names}
         over = record["overheads"]
         for key, proj in record["projected_full_presets"].items():
             # only where the measured cohort is the preset's round (same clients per round);
@@ -828,10 +835,14 @@ def report_throughput(record: dict) -> None:
               f"img/s, apart {row['images_per_second_apart']:.1f} img/s; relative difference "
               f"{row['together_vs_apart']['relative_difference']:.2e} (float rounding alone: "
               f"{row['noise_floor']['relative_difference']:.2e})")
-    for n, row in record.get("engine_checks", {}).items():
-        print(f"{n}: graphed vs eager loss {row['graph_loss']:.5f} / {row['eager_loss']:.5f}, "
-              f"relative difference {row['graph_vs_eager']['relative_difference']:.2e} (float "
-              f"rounding alone: {row['noise_floor']['relative_difference']:.2e})")
+    for n, checks in record.get("engine_checks", {}).items():
+        for precision, row in (("fp32", checks), ("bf16", checks.get("bf16"))):
+            if row is None:  # records from before the bf16 check
+                continue
+            print(f"{n}, {precision}: graphed vs eager loss {row['graph_loss']:.5f} / "
+                  f"{row['eager_loss']:.5f}, relative difference "
+                  f"{row['graph_vs_eager']['relative_difference']:.2e} (float rounding alone: "
+                  f"{row['noise_floor']['relative_difference']:.2e})")
     for row in record.get("parallel_clients", []):
         print(f"{row['processes']} process(es) side by side: {row['images_per_second']:.1f} img/s")
 
