@@ -687,11 +687,6 @@ def main(argv: list[str] | None = None) -> dict:
         record["cohort"] = rounds
         record["round_images_per_second"] = {n: r["images_per_second_together"]
                                              for n, r in rounds.items()}
-        if device.type == "cuda":
-            record["engine_checks"] = {
-                n: {**graph_check(n, args.samples, args.batch, device),
-                    "bf16": graph_check(n, args.samples, args.batch, device, bf16=True)}
-                for n in names}
         over = record["overheads"]
         for key, proj in record["projected_full_presets"].items():
             # only where the measured cohort is the preset's round (same clients per round);
@@ -701,6 +696,13 @@ def main(argv: list[str] | None = None) -> dict:
                 proj["cohort"] = project(record["round_images_per_second"][proj["model"]],
                                          over[proj["model"]], preset, cohort=True)
         write_json(out, record)
+        if device.type == "cuda":  # written model by model, as each check ends
+            record["engine_checks"] = {}
+            for n in names:
+                record["engine_checks"][n] = {
+                    **graph_check(n, args.samples, args.batch, device),
+                    "bf16": graph_check(n, args.samples, args.batch, device, bf16=True)}
+                write_json(out, record)
     if args.parallel:
         record["parallel_clients"] = [
             parallel_clients(k, args.parallel_model, device, args.samples, args.batch,
