@@ -311,8 +311,11 @@ def _linear(a: Tensor, w: Tensor, onednn: bool) -> Tensor:
 
     oneDNN gets float32 CPU matrices that are contiguous or transposes of contiguous ones, the
     layouts `_FedParaWeight` passes; other strides can be very slow there, so they go to `@`.
+    So does anything torch.compile traces: the compiler cannot follow the one-time check (it
+    would break the graph at every layer) and picks its own kernels for `@`.
     """
-    if (onednn and a.device.type == "cpu" and a.dtype == w.dtype == torch.float32
+    if (onednn and not torch.compiler.is_compiling() and a.device.type == "cpu"
+            and a.dtype == w.dtype == torch.float32
             and _dense_or_transposed(a) and _dense_or_transposed(w)
             and torch.backends.mkldnn.enabled and _onednn_linear() is not None):
         return _onednn_linear()(a, w, None, "none", [], "")

@@ -469,6 +469,30 @@ def test_onednn_is_left_out_where_it_has_no_rule(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_fedpara_model_compiles_into_one_graph_that_trains_as_eager(monkeypatch):
+    """torch.compile traces a FedPara model (Tucker-2 convolutions and a FedPara head) without
+    a graph break, forward and backward (fullgraph=True; the aot_eager backend runs AOTAutograd
+    without code generation), calls no oneDNN product inside, and gives eager's loss and
+    gradients, which multiply by oneDNN, to float32 rounding."""
+    import torch._dynamo
+
+    calls = _counting_onednn(monkeypatch)
+    torch.manual_seed(0)
+    model = cnn(parameterization="fedpara", gamma=0.3)
+    model.head = FedParaLinear(128, 10, gamma=0.5)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    F.cross_entropy(compiled(x), y).backward()
+    assert calls == []  # traced: `@` throughout
+    F.cross_entropy(model(x), y).backward()
+    assert len(calls) == 8 * 5  # eager: 4 convolutions and the head, 8 products each
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    torch._dynamo.reset()
+
+
 def test_the_conv_layer_composes_channels_last_for_a_channels_last_input(monkeypatch):
     torch.manual_seed(0)
     layer = FedParaConv2d(4, 6, 3, padding=1, rank=2).double()
