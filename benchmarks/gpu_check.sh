@@ -31,6 +31,10 @@
 # GPU_CHECK_TINY=1 shrinks every step to seconds: it checks the script, it measures nothing.
 # Its deployment step keeps the full-size fake training set, so that it reads the split that
 # prepare_device.sh stored: with the wheels and the split, it rehearses the device's step 4.
+# To rehearse with the GPU machine's software on a CPU, give PYTHON a Python 3.12 venv holding
+# only that machine's torch and torchvision (2.11.0 and 0.26.0 on the H200 of 2026-11; from
+# PyPI with --no-deps, their CUDA libraries taken from an installed CUDA build of torch),
+# numpy and matplotlib.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed
