@@ -484,10 +484,13 @@ def test_a_fedpara_model_compiles_into_one_graph_that_trains_as_eager(monkeypatc
     x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
     torch._dynamo.reset()
     compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
-    F.cross_entropy(compiled(x), y).backward()
+    traced = F.cross_entropy(compiled(x), y)
+    traced.backward()
     assert calls == []  # traced: `@` throughout
-    F.cross_entropy(model(x), y).backward()
+    eager = F.cross_entropy(model(x), y)
+    eager.backward()
     assert len(calls) == 8 * 5  # eager: 4 convolutions and the head, 8 products each
+    torch.testing.assert_close(traced, eager)
     for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
     torch._dynamo.reset()
