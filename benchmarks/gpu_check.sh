@@ -44,7 +44,7 @@ RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
 
 if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
-  THROUGHPUT=(--batch 4 --samples 4 --repeats 1 --gammas 0.1 --paths baseline plain fast
+  THROUGHPUT=(--batch 4 --samples 4 --repeats 2 --gammas 0.1 --paths baseline plain fast
               --eval-samples 4 --threads 1 --cohort 2)
   SMOKE=(--smoke-rounds 1 --smoke-clients 2 --smoke-samples 8 --batch 4 --threads 1)
   OVERHEAD=(--repeats 1 --steps 1 --batch 4 --threads 1 --variants original fedpara)

@@ -38,6 +38,9 @@ two graphed epochs agree with two eager ones (`engine_checks`: the mean losses),
 Models: the original VGG16-GN and FedPara for each of `--gammas` (10 classes). Models and paths
 are interleaved, the order reversed every repeat; images/s are medians over the repeats, and the
 ratios are medians of the ratios within each repeat (robust to the load of a shared machine).
+Two of them also get an interval that says whether the run can tell the two apart (the sign
+test's, `paired_interval`): fast against plain, and FedPara against the original on the default
+path.
 
 The data paths alone (baseline, plain, fast: the same images, batches moved to the device, no
 model) are timed as well.
@@ -219,6 +222,27 @@ def path_batches(path: str, split: ImageDataset, name: str, device: torch.device
 def paired(numerator: list[float], denominator: list[float]) -> float:
     """Median over repeats of numerator[i] / denominator[i] (measured in the same repeat)."""
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def paired_interval(numerator: list[float], denominator: list[float], level: float = 0.9
+                    ) -> dict:
+    """A distribution-free interval for the median of the per-repeat ratios (the sign test's):
+    the k-th smallest and k-th largest ratio, with k the largest such that a Binomial(n, 1/2)
+    count falls below k with probability at most (1 - level) / 2. Its coverage,
+    1 - 2·P(count < k), is at least `level`; with too few repeats for `level` (fewer than 5 at
+    0.9) it is [min, max] and its coverage is below `level`. A ratio of 1 outside the interval
+    is a difference that this run shows; inside it, the run does not tell the two apart.
+    """
+    ratios = sorted(a / b for a, b in zip(numerator, denominator, strict=True))
+    n = len(ratios)
+    if n < 2:
+        raise ValueError(f"an interval needs at least 2 repeats, got {n}")
+    below = [math.comb(n, i) / 2**n for i in range(n + 1)]  # P(count = i)
+    k = 1
+    while k + 1 <= n // 2 and sum(below[:k + 1]) <= (1 - level) / 2:
+        k += 1
+    return {"low": ratios[k - 1], "high": ratios[n - k], "coverage": 1 - 2 * sum(below[:k]),
+            "repeats": n}
 
 
 def epoch_seconds(model, batches, speed, device: torch.device) -> float:
@@ -773,12 +797,19 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                                    for n in names if {"fast", "baseline"} <= set(paths)},
         "ratio_fast_to_plain": {n: paired(times[n]["plain"], times[n]["fast"])
                                 for n in names if {"fast", "plain"} <= set(paths)},
+        # how far this run can tell the two paths apart (paired_interval)
+        "ratio_fast_to_plain_interval": {n: paired_interval(times[n]["plain"], times[n]["fast"])
+                                         for n in names
+                                         if {"fast", "plain"} <= set(paths) and args.repeats > 1},
         # time of FedPara per image over the original's, per path (the issue's FedPara/original)
         "time_ratio_fedpara_to_original": {
             n: {p: paired(times[n][p], times["original"][p]) for p in paths}
             | ({"default": paired(times[n][default], times["original"][default])}
                if default else {})
             for n in names[1:]},
+        "time_ratio_fedpara_to_original_interval": {
+            n: paired_interval(times[n][default], times["original"][default])
+            for n in names[1:] if default and args.repeats > 1},
         "default_path": default,
         "flops_per_epoch": flops,
         "flops_per_image": {n: flops[n] / args.samples for n in names},
@@ -825,6 +856,10 @@ def report_throughput(record: dict) -> None:
         print(f"{key}: " + ", ".join(f"{n} {v:.2f}" for n, v in record[key].items()))
     for n, row in record["time_ratio_fedpara_to_original"].items():
         print(f"time ratio {n}/original: " + ", ".join(f"{p} {v:.2f}" for p, v in row.items()))
+    for key in ("ratio_fast_to_plain_interval", "time_ratio_fedpara_to_original_interval"):
+        for n, i in record.get(key, {}).items():
+            print(f"{key} {n}: {i['low']:.3f}-{i['high']:.3f} "
+                  f"(coverage {i['coverage']:.0%}, {i['repeats']} repeats)")
     if record["fraction_of_bf16_peak"]:
         for n, row in record["fraction_of_bf16_peak"].items():
             print(f"fraction of bf16 peak, {n}: {row.get('fast', math.nan):.2%} (fast)")

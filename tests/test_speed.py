@@ -184,6 +184,27 @@ def test_projection_adds_training_and_overheads():
     assert throughput.peak_bf16_flops("AMD EPYC, 2 cores") is None
 
 
+def test_the_paired_interval_is_the_sign_tests_order_statistics():
+    interval = _load_throughput().paired_interval
+    # ratios 1..n in shuffled repeats: the interval is read off the sorted ratios
+    five = interval([3.0, 1.0, 5.0, 2.0, 4.0], [1.0] * 5)
+    # n = 5: only [min, max] reaches 90 %, with coverage 1 - 2/32
+    assert (five["low"], five["high"], five["repeats"]) == (1.0, 5.0, 5)
+    assert five["coverage"] == pytest.approx(1 - 2 / 32)
+    # n = 9: P(count < 2) = 10/512 <= 0.05 < P(count < 3) = 46/512, so the 2nd and 8th ratios
+    nine = interval([float(i) for i in (9, 2, 7, 4, 5, 6, 3, 8, 1)], [1.0] * 9)
+    assert (nine["low"], nine["high"]) == (2.0, 8.0)
+    assert nine["coverage"] == pytest.approx(1 - 2 * 10 / 512)
+    assert nine["coverage"] >= 0.9
+    # a stricter level widens it; the ratios are numerator / denominator of the same repeat
+    assert interval(list(range(1, 10)), [1.0] * 9, level=0.99)["low"] == 1.0
+    halves = interval([1.0, 1.0, 1.0], [2.0, 4.0, 1.0])
+    assert (halves["low"], halves["high"]) == (0.25, 1.0)
+    assert halves["coverage"] == pytest.approx(0.75)  # 3 repeats cannot reach 90 %
+    with pytest.raises(ValueError, match="at least 2 repeats"):
+        interval([1.0], [1.0])
+
+
 def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
     """The GPU machine has no flwr, Ray or datasets: the whole check must run without them."""
     blocker = tmp_path / "site"
@@ -222,6 +243,13 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
             10 * cohort["noise_floor"]["relative_difference"], 1e-6)
         assert cohort["together_vs_apart"]["largest_tensor"]  # a parameter's name
     assert record["time_ratio_fedpara_to_original"]["fedpara-0.1"]["default"] > 0
+    # the median of two repeats' ratios lies in their [min, max] interval
+    for key, ratio in (("ratio_fast_to_plain", record["ratio_fast_to_plain"]["fedpara-0.1"]),
+                       ("time_ratio_fedpara_to_original",
+                        record["time_ratio_fedpara_to_original"]["fedpara-0.1"]["default"])):
+        interval = record[f"{key}_interval"]["fedpara-0.1"]
+        assert interval["repeats"] == 2 and interval["coverage"] == pytest.approx(0.5)
+        assert interval["low"] <= ratio <= interval["high"]
     projected = record["projected_full_presets"]["cifar10-noniid/fedpara"]
     assert projected["default"]["seconds"] > 0
     # a cohort of 2 is no CIFAR preset's round (16 or 8 clients): no cohort projection
