@@ -388,12 +388,10 @@ def test_the_graph_check_compares_graphed_and_eager_in_both_precisions():
     """benchmarks/throughput.graph_check on a CPU, where `Speed.graph` has no graph to replay:
     both runs take the same eager step, so they must end bit for bit equal; bf16 autocast
     must really change the arithmetic (other losses than in float32)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import throughput
-
+    graph_check = _load_throughput().graph_check
     cpu = torch.device("cpu")
-    fp32 = throughput.graph_check("fedpara-0.1", 8, 4, cpu)
-    bf16 = throughput.graph_check("fedpara-0.1", 8, 4, cpu, bf16=True)
+    fp32 = graph_check("fedpara-0.1", 8, 4, cpu)
+    bf16 = graph_check("fedpara-0.1", 8, 4, cpu, bf16=True)
     for check in (fp32, bf16):
         assert check["graph_vs_eager"]["relative_difference"] == 0
         assert check["graph_loss"] == check["eager_loss"] > 0
