@@ -30,6 +30,11 @@ from typing import Any
 # and the modules that implement each name import its tuple from here.
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "femnist")  # data.py
 MODELS = ("vgg16", "mlp", "cnn")  # models.py
+# height = width of each dataset's images, in pixels (data.DatasetInfo.image_size)
+IMAGE_SIZES = {"cifar10": 32, "cifar100": 32, "fashion-mnist": 28, "mnist": 28, "femnist": 28}
+# the models built for one image size (models.build_model): VGG16's five pools take 32×32 to
+# the 1×1 map its classifier reads; the others adapt (the MLP's input width is the image's)
+MODEL_IMAGE_SIZES = {"vgg16": 32}
 PARAMETERIZATIONS = ("original", "lowrank", "fedpara")  # models.py
 ALGORITHMS = ("fedavg", "fedper", "pfedpara", "local")  # accounting.py
 SCHEMES = ("iid", "dirichlet", "shard", "natural")  # partition.py
@@ -169,15 +174,29 @@ class ExperimentConfig:
                 f"clients_per_round={self.clients_per_round} must be <= "
                 f"num_clients={self.num_clients}"
             )
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr} must be a finite number > 0")
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay={self.lr_decay} must be in (0, 1] (0 would stop training)")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha={self.alpha} must be > 0")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha={self.alpha} must be a finite number > 0")
         for name in ("client_samples", "eval_samples", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.seed >= 2**63:  # a Flower run config (TOML) holds signed 64-bit integers
+            raise ValueError(f"seed={self.seed} must be < 2**63")
+        if self.partition == "natural" and self.dataset != "femnist":
+            raise ValueError(
+                f"partition='natural' splits by writer, which only dataset='femnist' records; "
+                f"allowed for dataset={self.dataset!r}: iid, dirichlet, shard")
+        if self.model in MODEL_IMAGE_SIZES and \
+                MODEL_IMAGE_SIZES[self.model] != IMAGE_SIZES[self.dataset]:
+            size = MODEL_IMAGE_SIZES[self.model]
+            fits = [d for d in DATASETS if IMAGE_SIZES[d] == size]
+            raise ValueError(
+                f"model={self.model!r} needs {size}×{size} images and dataset={self.dataset!r} "
+                f"has {IMAGE_SIZES[self.dataset]}×{IMAGE_SIZES[self.dataset]}; allowed datasets "
+                f"for it: {', '.join(fits)} (model='cnn' takes any of them)")
         if self.algorithm == "pfedpara" and self.parameterization != "fedpara":
             raise ValueError(
                 f"algorithm='pfedpara' needs parameterization='fedpara' (its W2 factors are the "
@@ -212,8 +231,10 @@ class ExperimentConfig:
                              f"got {self.parameterization!r}")
         if not _DEVICE_PATTERN.match(self.device):
             raise ValueError(f"device={self.device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
-        if self.client_num_cpus <= 0 or self.client_num_gpus < 0:
-            raise ValueError("client_num_cpus must be > 0 and client_num_gpus >= 0")
+        if not (math.isfinite(self.client_num_cpus) and self.client_num_cpus > 0):
+            raise ValueError(f"client_num_cpus={self.client_num_cpus} must be a finite number > 0")
+        if not (math.isfinite(self.client_num_gpus) and self.client_num_gpus >= 0):
+            raise ValueError(f"client_num_gpus={self.client_num_gpus} must be a finite number >= 0")
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r}; allowed: {', '.join(PROFILES)}")
 

@@ -96,6 +96,9 @@ def fedparafy(
     2R, the same budget). A layer is kept dense when factorizing would not shrink its weight,
     when it is a grouped convolution, or when its padding_mode is not "zeros".
 
+    A layer registered under several names (shared weights) becomes one FedPara layer at all
+    of them; its LayerChange carries the first name.
+
     Returns:
         (model, changes): the same model object (or the new layer if `model` itself is a
         layer), and one LayerChange per Conv2d/Linear visited, in module order.
@@ -107,7 +110,16 @@ def fedparafy(
         raise ValueError("personalized=True and nonlinear=True require parameterization='fedpara'")
 
     kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
-    targets = [(n, m) for n, m in model.named_modules() if type(m) in kinds]
+    # every name of every target: a module registered under several names (shared weights)
+    # is replaced by one new layer at all of them, so the sharing survives the conversion
+    names: dict[int, list[str]] = {}
+    targets = []
+    for n, m in model.named_modules(remove_duplicate=False):
+        if type(m) in kinds:
+            if id(m) not in names:
+                names[id(m)] = []
+                targets.append((n, m))
+            names[id(m)].append(n)
     changes = []
     for name, module in targets:
         kind = type(module).__name__
@@ -125,10 +137,10 @@ def fedparafy(
             )
             continue
         new.train(module.training)
-        if name:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-        else:
+        if not name:
             model = new
+        for place in names[id(module)] if name else ():
+            parent, _, child = place.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
         changes.append(LayerChange(name, kind, dense, factorized, rank, True))
     return model, changes

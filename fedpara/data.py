@@ -48,7 +48,7 @@ import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
-from fedpara.config import DATASETS  # the allowed names live in config
+from fedpara.config import DATASETS, IMAGE_SIZES  # the allowed names live in config
 from fedpara.storage import write_atomic
 
 # Debian's `dataset-fashion-mnist` package: the original data, recompressed (other MD5 sums)
@@ -78,11 +78,13 @@ class DatasetInfo:
 
 # Channel statistics of each training set. FEMNIST's are approximate (white background).
 _INFO = {
-    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
-    "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
-    "fashion-mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), False),
-    "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,), False),
-    "femnist": DatasetInfo(62, 1, 28, (0.9637,), (0.1597,), False),
+    "cifar10": DatasetInfo(10, 3, IMAGE_SIZES["cifar10"], (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), True),
+    "cifar100": DatasetInfo(100, 3, IMAGE_SIZES["cifar100"], (0.5071, 0.4865, 0.4409),
+                            (0.2673, 0.2564, 0.2762), True),
+    "fashion-mnist": DatasetInfo(10, 1, IMAGE_SIZES["fashion-mnist"], (0.2860,), (0.3530,), False),
+    "mnist": DatasetInfo(10, 1, IMAGE_SIZES["mnist"], (0.1307,), (0.3081,), False),
+    "femnist": DatasetInfo(62, 1, IMAGE_SIZES["femnist"], (0.9637,), (0.1597,), False),
 }
 
 _TORCHVISION = {

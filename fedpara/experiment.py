@@ -81,8 +81,10 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
     from fedpara.client_app import app as client_app
     from fedpara.server_app import make_server_app
 
-    # a missing or corrupt dataset fails here, with its own message, before Ray starts (inside
-    # the simulation every client would fail with a long log); the splits stay cached
+    # a device this machine lacks, or a missing or corrupt dataset, fails here with its own
+    # message, before Ray starts (inside the simulation every client would fail with a long
+    # log); the splits stay cached
+    task.resolve_device(config.device)
     task.load_splits(config)
 
     finished: list[History] = []

@@ -66,16 +66,18 @@ def hardware_info(device: str | None = None) -> dict[str, Any]:
             return None
 
     name = platform.processor() or platform.machine()
+    try:  # the CPU model is more telling than "x86_64"
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
     if device and device.startswith("cuda"):
         import torch
 
-        name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        try:  # the CPU model is more telling than "x86_64"
-            with open("/proc/cpuinfo") as f:
-                name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-        except (OSError, StopIteration):
-            pass
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(torch.device(device))
+        else:  # a deployment's server without a GPU; its nodes have one
+            name = f"{name} (this host has no CUDA device)"
     return {
         "device": device or "cpu",
         "device_name": name,

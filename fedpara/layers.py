@@ -337,10 +337,10 @@ class _FedParaWeight(torch.autograd.Function):
     them from x_i and b_i (one GEMM each), whose sizes are R/(in·kh·kw) and R/out of the
     dense branch's.
 
-    Works under torch.func (vmap, grad, and so vmap over functional_call of stacked models):
-    forward and backward are plain torch ops, so torch generates the vmap rule; the in-place
-    shortcuts run only in eager autograd (`_in_place_allowed`). With create_graph the backward
-    is itself differentiable.
+    Works under torch.func (vmap, grad, and so vmap over functional_call of stacked models; and
+    forward mode, jvp): forward, backward and jvp are plain torch ops, so torch generates the
+    vmap rule; the in-place shortcuts run only in eager autograd (`_in_place_allowed`). With
+    create_graph the backward is itself differentiable.
     """
 
     generate_vmap_rule = True
@@ -357,6 +357,30 @@ class _FedParaWeight(torch.autograd.Function):
         plus_one, nonlinear, *factors = inputs
         ctx.plus_one, ctx.nonlinear = plus_one, nonlinear
         ctx.save_for_backward(*factors)
+        ctx.save_for_forward(*factors)
+
+    @staticmethod
+    def jvp(ctx, _plus_one, _nonlinear, *tangents: Tensor | None) -> Tensor:
+        """Forward mode (torch.func.jvp, jacfwd, hessian): dW from the factors' tangents.
+
+        dW_i = dx_i b_iᵀ + x_i db_iᵀ, then dW = f'(W1) dW1 ⊙ g(W2) + f(W1) ⊙ g'(W2) dW2 with
+        f = g - [plus_one] = tanh or the identity. Out of place: the inputs stay untouched.
+        """
+        x1, b1, x2, b2 = ctx.saved_tensors
+        parts = []
+        for x, b, dx, db in ((x1, b1, *tangents[:2]), (x2, b2, *tangents[2:])):
+            w = x @ b.T
+            dw = torch.zeros_like(w)
+            if dx is not None:
+                dw = dw + dx @ b.T
+            if db is not None:
+                dw = dw + x @ db.T
+            if ctx.nonlinear:
+                w = torch.tanh(w)
+                dw = (1 - w * w) * dw
+            parts.append((w, dw))
+        (a, da), (b, db) = parts
+        return da * (b + 1 if ctx.plus_one else b) + a * db
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -492,6 +516,13 @@ class FactorizedLayer(nn.Module):
     def compose_weight(self) -> Tensor:
         """The dense weight, shaped as in nn.Linear / nn.Conv2d, composed with plain autograd."""
         raise NotImplementedError
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight, composed anew at each read (`compose_weight`; differentiable, not
+        a parameter), for code written for nn.Linear / nn.Conv2d that reads `.weight`, such
+        as nn.TransformerEncoderLayer's fused inference path. Training updates the factors."""
+        return self.compose_weight()
 
     def global_parameter_names(self) -> list[str]:
         """Relative names of the parameters pFedPara sends: W1's factors when personalized

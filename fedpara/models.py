@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .config import MODELS, PARAMETERIZATIONS  # the allowed names live in config
-from .layers import FedParaConv2d, FedParaLinear, LowRankConv2d, LowRankLinear
+from .config import MODEL_IMAGE_SIZES, MODELS, PARAMETERIZATIONS  # the names live in config
+from .layers import FedParaConv2d, FedParaLinear, LowRankConv2d, LowRankLinear, _check_gamma
 
 __all__ = ["MODELS", "PARAMETERIZATIONS", "Net", "build_model", "cnn", "mlp", "vgg16"]
 
@@ -52,8 +52,8 @@ def _check(parameterization: str, gamma: float, personalized: bool, nonlinear: b
             "personalized=True, plus_one=True and nonlinear=True require parameterization='fedpara', "
             f"got parameterization={parameterization!r}"
         )
-    if parameterization != "original" and not (isinstance(gamma, (int, float)) and 0 < gamma <= 1):
-        raise ValueError(f"gamma must be a number in (0, 1], got {gamma!r}")
+    if parameterization != "original":
+        _check_gamma(gamma)
 
 
 def _dense_init(layer: nn.Conv2d | nn.Linear) -> nn.Module:
@@ -208,19 +208,28 @@ def build_model(
     *,
     num_classes: int,
     in_channels: int = 3,
+    image_size: int | None = None,
     parameterization: str = "original",
     gamma: float = 0.1,
     personalized: bool = False,
     nonlinear: bool = False,
     plus_one: bool | None = None,
 ) -> Net:
-    """One of MODELS by name. For "mlp", in_features = in_channels·28·28 (28×28 images).
+    """One of MODELS by name, for square images of `image_size` pixels (data.DatasetInfo's).
+
+    "mlp" takes in_features = in_channels·image_size² (default 28×28); "vgg16" needs 32×32
+    images (config.MODEL_IMAGE_SIZES); "cnn" takes any size from 8×8.
 
     personalized: FedPara layers whose W2 factors stay on the client (pFedPara); plus_one: the
     weight is W1 ⊙ (W2 + 1) (default: the same as personalized, the paper's pFedPara).
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {MODELS}, got {name!r}")
+    size = MODEL_IMAGE_SIZES.get(name, image_size or 28)
+    image_size = image_size or size
+    if image_size != size:
+        raise ValueError(f"image_size={image_size!r}: model {name!r} takes {size}×{size} images "
+                         f"only; allowed: image_size={size}")
     kwargs = dict(
         parameterization=parameterization,
         gamma=gamma,
@@ -231,5 +240,5 @@ def build_model(
     if name == "vgg16":
         return vgg16(num_classes, in_channels=in_channels, **kwargs)
     if name == "mlp":
-        return mlp(in_channels * 28 * 28, num_classes=num_classes, **kwargs)
+        return mlp(in_channels * image_size * image_size, num_classes=num_classes, **kwargs)
     return cnn(in_channels, num_classes, **kwargs)

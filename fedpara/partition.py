@@ -59,10 +59,11 @@ def partition(
       - "dirichlet": for each class, client shares drawn from Dirichlet(alpha) (smaller alpha,
         more skew); every client gets at least min(10, N // (2 · num_partitions)) samples
         (flwr-datasets redraws otherwise), no self-balancing.
-      - "shard": samples sorted by label and cut into num_partitions · shards_per_partition
-        equal shards; each client gets `shards_per_partition` random shards (the MNIST
-        personalization setting: 100 clients × 2 shards of 300); the last N mod shard-size
-        samples (in label order) are left out.
+      - "shard": samples sorted by label and cut into shards of ⌊N / (P·S)⌋ samples, with
+        P = num_partitions and S = shards_per_partition; each client gets S shards drawn at
+        random (the MNIST personalization setting: 100 clients × 2 shards of 300). When P·S
+        does not divide N there are more shards than P·S, and the samples of the shards not
+        drawn (up to P·S − 1, anywhere in label order) are left out.
       - "natural": one client per distinct value of `ids` (FEMNIST writers, N values). With
         fewer partitions than distinct ids, a random selection of `num_partitions` ids (drawn
         with `seed`, kept in sorted-id order) is used and the other ids' samples are left out.

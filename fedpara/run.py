@@ -19,6 +19,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 import traceback
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from fedpara.config import PRESETS, PROFILES, ExperimentConfig, get_preset, parse_overrides
 from fedpara.history import History
+from fedpara.storage import write_atomic
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="show Flower's and Ray's logs, and the traceback of an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", type=Path, help="history JSON path (default: under --results-dir)")
-    p.add_argument("--results-dir", default="results", type=Path)
+    p.add_argument("--results-dir", type=Path,
+                   help="folder of the history JSONs (default: the config's results_dir, "
+                        "'results'); also what --write-run-config writes as results-dir")
     p.add_argument("--write-run-config", type=Path, metavar="TOML",
                    help="write the config as a `flwr run --run-config` file and exit")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
@@ -57,27 +61,44 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     if "checkpoint_dir" not in overrides:
         folder = Path("checkpoints") / config.preset / f"{config.variant_name}-{config.profile}"
         config = config.replace(checkpoint_dir=str(folder))
+    if args.results_dir is not None:  # one folder, whether this CLI or `flwr run` saves
+        if "results_dir" in overrides and Path(overrides["results_dir"]) != args.results_dir:
+            raise ValueError(f"--results-dir {args.results_dir} and --set results_dir="
+                             f"{overrides['results_dir']} disagree; give one of them")
+        config = config.replace(results_dir=str(args.results_dir))
     return config
 
 
-def _toml(value) -> str:
+def _toml(key: str, value, pair: bool = False) -> str:
+    """`value` as a TOML value. Strings are TOML basic strings, escaped as JSON escapes them
+    (backslashes, quotes, control characters), which TOML reads the same. Flower's parser of
+    key=value pairs takes a double-quoted value only up to its next `"`, so there a string with
+    a `"` is written as a TOML literal string ('...', no escapes), if it can be."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return f'"{value}"' if isinstance(value, str) else repr(value)
+    if not isinstance(value, str):
+        return repr(value)
+    if pair and '"' in value:
+        if "'" in value or any(c < " " or c == "\x7f" for c in value):
+            raise ValueError(f"{key}={value!r} holds both kinds of quote (or a control "
+                             f"character), which Flower's key=value pairs cannot carry; write "
+                             f"the config to a file instead (--write-run-config)")
+        return f"'{value}'"
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def write_run_config(config: ExperimentConfig, path: Path) -> None:
-    """A TOML file of Flower run-config overrides (kebab-case keys)."""
-    lines = [f"{key} = {_toml(value)}" for key, value in config.to_run_config().items()]
-    path.write_text("\n".join(lines) + "\n")
+    """A TOML file of Flower run-config overrides (kebab-case keys), written atomically."""
+    lines = [f"{key} = {_toml(key, value)}" for key, value in config.to_run_config().items()]
+    write_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
 def run_config_pairs(config: ExperimentConfig, without: tuple[str, ...] = ()) -> str:
     """The config as `flwr run --run-config "<pairs>"` takes it: key=value pairs, TOML values
     (a TOML file cannot be combined with other pairs on Flower's command line), leaving out the
     run-config keys in `without` (a key may appear only once)."""
-    return " ".join(f"{key}={_toml(value)}" for key, value in config.to_run_config().items()
-                    if key not in without)
+    return " ".join(f"{key}={_toml(key, value, pair=True)}"
+                    for key, value in config.to_run_config().items() if key not in without)
 
 
 class RunFailure(Exception):
@@ -143,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--preset is required (see --list)")
     try:
         config = build_config(args)
+        if not args.write_run_config:  # that file may be meant for another machine
+            from fedpara.task import resolve_device
+
+            resolve_device(config.device)
     except ValueError as err:
         if args.verbose:
             traceback.print_exc()
@@ -178,7 +203,7 @@ def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
         check_checkpoint(config)
     history = run_experiment(config, resume=args.resume, verbose=args.verbose,
                              progress=not args.no_progress)
-    path = Path(args.out or History.default_path(config, args.results_dir))
+    path = Path(args.out or History.default_path(config, config.results_dir))
     _writable(lambda: history.save(path), path)
     last = history.records[-1]
     print(f"{config.preset}/{config.variant_name} ({config.profile}): {len(history)} rounds, "

@@ -504,7 +504,11 @@ class FedParaStrategy:
 def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
                on_round: RoundCallback | None = None) -> History:
     """Run `config.rounds` rounds on `grid` (resuming from the last checkpoint if asked)."""
-    device = task.resolve_device(config.device)
+    # the server's own device matters only when it scores the model; otherwise (a deployment's
+    # server may have no GPU) the history records the device the config names ("auto" as this
+    # host resolves it)
+    device = task.resolve_device(config.device) if config.evaluation == "server" else None
+    named = device or (task.resolve_device("auto") if config.device == "auto" else config.device)
     strategy = FedParaStrategy(config)
     strategy.discover_nodes(grid)
 
@@ -512,7 +516,7 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
     global_keys, _ = task.split_keys(model, config.algorithm)
     tracked = task.tracked_parameters(model)
     arrays = ArrayRecord(task.get_arrays(model, global_keys))
-    history = History(config=config.to_dict(), hardware=hardware_info(str(device)))
+    history = History(config=config.to_dict(), hardware=hardware_info(str(named)))
     first_round = 1
 
     path = latest_checkpoint(config.checkpoint_dir) if resume else None

@@ -70,10 +70,22 @@ class ClientData:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> CUDA if present, else CPU; any other name as given."""
+    """"auto" -> CUDA if present, else CPU; any other name as given, if this machine has it.
+
+    Raises ValueError naming the device and the ones this machine allows (a run fails here,
+    before any data is loaded, instead of at its first tensor on the missing device).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if ((device.type == "cuda" and (device.index or 0) >= cuda)
+            or (device.type == "mps" and not mps)):
+        allowed = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(cuda)] if cuda else [])
+        raise ValueError(f"device={name!r} is not available on this machine; allowed here: "
+                         f"{', '.join(allowed + (['mps'] if mps else []))}")
+    return device
 
 
 def init_model(config: ExperimentConfig) -> nn.Module:
@@ -103,6 +115,7 @@ def _initial_model(dataset: str, model: str, parameterization: str, gamma: float
             model,
             num_classes=info.num_classes,
             in_channels=info.in_channels,
+            image_size=info.image_size,
             parameterization=parameterization,
             gamma=gamma,
             personalized=personalized,

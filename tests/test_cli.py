@@ -52,6 +52,11 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
       "--variant", "pfedpara"], ["parameterization"]),
     (["--preset", "nope"], ["preset"]),
     (["--set", "colour=red"], ["colour"]),
+    (["--set", "lr=inf"], ["lr=inf"]),
+    # a device this machine lacks: named with the devices it has
+    (["--set", f"device=cuda:{torch.cuda.device_count()}"],
+     ["device='cuda:", "allowed here: auto, cpu"]),
+    (["--results-dir", "a", "--set", "results_dir=b"], ["--results-dir a", "results_dir=b"]),
 ])
 def test_bad_config_exits_with_status_2_before_loading_data(args, messages, tmp_path, capsys,
                                                             monkeypatch):
@@ -160,6 +165,26 @@ def test_unwritable_output_is_one_paragraph(tmp_path, capsys):
     err = failure(capsys, "--preset", "fmnist-noniid", "--write-run-config",
                   str(tmp_path / "file" / "run.toml"))
     assert str(tmp_path / "file" / "run.toml") in err and "can be written" in err
+
+
+def test_run_config_strings_are_escaped_and_results_dir_is_the_one_given(tmp_path, capsys):
+    from flwr.common.config import parse_config_args
+
+    from fedpara.run import run_config_pairs
+
+    path, folder = tmp_path / "run.toml", 'C:\\runs\\my "best"'
+    assert main(["--preset", "fmnist-noniid", "--profile", "smoke", "--set",
+                 "data_dir=/data/it's", "--results-dir", folder,
+                 "--write-run-config", str(path)]) == 0
+    with open(path, "rb") as f:
+        config = ExperimentConfig.from_run_config(tomllib.load(f))
+    assert (config.data_dir, config.results_dir) == ("/data/it's", folder)
+    # the same values as key=value pairs, the way Flower's command line parses them
+    pairs = run_config_pairs(config.replace(data_dir=folder, results_dir="/data/it's"))
+    again = ExperimentConfig.from_run_config(parse_config_args([pairs]))
+    assert (again.data_dir, again.results_dir) == (folder, "/data/it's")
+    with pytest.raises(ValueError, match="data-dir"):  # both quotes: pairs cannot carry it
+        run_config_pairs(config.replace(data_dir='it\'s "x"'))
 
 
 def test_list_names_every_preset(capsys):

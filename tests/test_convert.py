@@ -64,6 +64,46 @@ def test_fedparafy_converts_torchvision_resnet18():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_fedparafy_keeps_a_shared_layer_shared():
+    shared = nn.Conv2d(64, 64, 3, padding=1)
+    model, changes = fedparafy(nn.Sequential(shared, nn.ReLU(), shared), gamma=0.1)
+    assert isinstance(model[0], FedParaConv2d) and model[2] is model[0]  # one layer, two places
+    assert [c.name for c in changes] == ["0"]
+    assert count_params(model) == count_params(model[0])
+
+
+def test_a_converted_transformer_layer_runs_its_fused_inference_path():
+    # nn.TransformerEncoderLayer reads linear1.weight and linear2.weight directly in eval mode
+    torch.manual_seed(0)
+    model, changes = fedparafy(nn.TransformerEncoderLayer(64, 4, dim_feedforward=256,
+                                                          batch_first=True),
+                               gamma=0.1, linear=True)
+    assert [c.name for c in changes if c.replaced] == ["linear1", "linear2"]
+    assert torch.equal(model.linear1.weight, model.linear1.compose_weight())
+    x = torch.randn(2, 5, 64)
+    model.eval()
+    fused_calls = []
+    fused_op = torch._transformer_encoder_layer_fwd
+
+    def counted(*args, **kwargs):
+        fused_calls.append(1)
+        return fused_op(*args, **kwargs)
+
+    with torch.no_grad():
+        torch._transformer_encoder_layer_fwd = counted
+        try:
+            fused = model(x)
+        finally:
+            torch._transformer_encoder_layer_fwd = fused_op
+        assert fused_calls, "the fused path did not run"
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            plain = model(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

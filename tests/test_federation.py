@@ -84,6 +84,17 @@ def test_presets_follow_the_papers_protocol():
      "local_lr_scale"),
     (dict(personal_split="product"), "personal_split"),
     (dict(algorithm="fedper", evaluation="clients", local_lr_scale=10.0), "local_lr_scale"),
+    # NaN passes every comparison and inf trains to NaN: both are refused by name
+    (dict(lr=float("nan")), "lr"),
+    (dict(lr=float("inf")), "lr"),
+    (dict(alpha=float("nan")), "alpha"),
+    (dict(alpha=float("inf")), "alpha"),
+    (dict(client_num_cpus=float("nan")), "client_num_cpus"),
+    (dict(client_num_gpus=float("inf")), "client_num_gpus"),
+    (dict(seed=2**63), "seed"),  # a Flower run config holds signed 64-bit integers
+    (dict(partition="natural"), "partition='natural'.*iid, dirichlet, shard"),  # no writers
+    (dict(dataset="cifar10", model="mlp", partition="natural"), "partition"),
+    (dict(dataset="mnist", model="vgg16"), "model='vgg16' needs 32×32.*cifar10, cifar100"),
 ])
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -446,6 +457,8 @@ def test_personalized_evaluation_scores_only_clients_that_trained(pfedpara_run):
         assert min(r.client_accuracy) <= r.accuracy <= max(r.client_accuracy)
     # smoke-sized: after averaging W1 over clients of other classes, still well above chance
     assert history.records[-1].accuracy > 0.25
+    # the server scores nothing here, so it records the device the config names for the nodes
+    assert history.hardware["device"] == config.device == "cpu"
 
 
 def test_personalized_rounds_record_the_mechanism(pfedpara_run):

@@ -194,6 +194,35 @@ def test_the_function_can_be_differentiated_twice(tucker, plus_one, nonlinear):
     assert gradgradcheck(lambda *f: _fedpara_weight(plus_one, nonlinear, *f), fs)
 
 
+@pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])
+@pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
+def test_the_function_has_forward_mode_derivatives(tucker, plus_one, nonlinear):
+    # the Function's jvp against finite differences (torch.func.jvp, jacfwd, hessian use it)
+    fs = factors(tucker)
+    assert gradcheck(lambda *f: _fedpara_weight(plus_one, nonlinear, *f), fs,
+                     check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
+
+
+@pytest.mark.parametrize("plus_one, nonlinear", [(False, False), (True, True)])
+def test_a_layers_hessian_equals_the_plain_compositions(plus_one, nonlinear):
+    # torch.func.hessian is forward over reverse mode: jvp under vmap, through the Function
+    torch.manual_seed(0)
+    layer = FedParaConv2d(3, 4, 3, padding=1, rank=2, plus_one=plus_one, nonlinear=nonlinear,
+                          dtype=torch.float64)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(x1):
+        return torch.func.functional_call(layer, {**params, "x1": x1}, (x,)).square().sum()
+
+    hessians = []
+    for recompute in (True, False):
+        layer.recompute = recompute
+        hessians.append(torch.func.hessian(loss)(params["x1"]))
+    torch.testing.assert_close(hessians[0], hessians[1])
+    assert hessians[0].abs().max() > 0
+
+
 @pytest.mark.parametrize("plus_one, nonlinear", VARIANTS)
 def test_the_in_place_shortcuts_give_the_same_bits(plus_one, nonlinear):
     g = torch.Generator().manual_seed(0)

@@ -59,10 +59,18 @@ def test_every_model_ends_in_head_and_returns_logits(name, parameterization):
     assert model(torch.randn(INPUTS[name])).shape == (2, 7)
 
 
-def test_mlp_input_size_follows_in_channels():
+def test_mlp_input_size_follows_in_channels_and_image_size():
     model = build_model("mlp", num_classes=10, in_channels=3)
     assert model.classifier[0].in_features == 3 * 28 * 28
     assert mlp(hidden=(200, 256)).head.in_features == 256
+    on_cifar = build_model("mlp", num_classes=10, in_channels=3, image_size=32)
+    assert on_cifar(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_models_take_numpy_gammas_as_the_layers_do():
+    np = pytest.importorskip("numpy")
+    model = vgg16(parameterization="fedpara", gamma=np.float32(0.1))
+    assert count_params(model) == count_params(vgg16(parameterization="fedpara", gamma=0.1))
 
 
 def test_fedpara_mlp_factorizes_every_layer_including_the_head():
@@ -88,6 +96,10 @@ def test_cnn_is_small_and_factorized_in_its_convolutions():
         (lambda: cnn(parameterization="original", nonlinear=True), "nonlinear"),
         (lambda: vgg16(parameterization="fedpara", gamma=0.0), "gamma"),
         (lambda: mlp(hidden=()), "hidden"),
+        (lambda: vgg16(parameterization="fedpara", gamma=True), "gamma"),
+        # VGG16's five pools leave no map of a 28×28 image: refused before any layer is built
+        (lambda: build_model("vgg16", num_classes=10, in_channels=1, image_size=28),
+         "image_size=28.*allowed: image_size=32"),
     ],
 )
 def test_bad_model_arguments_raise_value_errors(call, match):

@@ -68,3 +68,21 @@ def test_relative_changes_follow_the_tracked_parameters():
     changes = dict(zip(before, task.relative_changes(before, model), strict=True))
     assert changes.pop("head.x1") == pytest.approx(0.5)
     assert set(changes.values()) == {0.0}
+
+
+def test_a_device_this_machine_lacks_is_refused_with_the_ones_it_has():
+    assert task.resolve_device("cpu") == torch.device("cpu")
+    assert task.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+    with pytest.raises(ValueError, match=f"device='{missing}' is not available on this "
+                                         f"machine; allowed here: auto, cpu"):
+        task.resolve_device(missing)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_the_hardware_record_of_a_cuda_run_written_on_a_host_without_cuda():
+    # a deployment's server may have no GPU while its nodes train on one
+    from fedpara.history import hardware_info
+
+    record = hardware_info("cuda")
+    assert record["device"] == "cuda" and "this host has no CUDA device" in record["device_name"]
