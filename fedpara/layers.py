@@ -337,10 +337,11 @@ class _FedParaWeight(torch.autograd.Function):
     them from x_i and b_i (one GEMM each), whose sizes are R/(in·kh·kw) and R/out of the
     dense branch's.
 
-    Works under torch.func (vmap, grad, and so vmap over functional_call of stacked models; and
-    forward mode, jvp): forward, backward and jvp are plain torch ops, so torch generates the
-    vmap rule; the in-place shortcuts run only in eager autograd (`_in_place_allowed`). With
-    create_graph the backward is itself differentiable.
+    Works under torch.func (vmap, grad, and so vmap over functional_call of stacked models;
+    forward mode through the eager subclass `_FedParaWeightForwardAD`): forward and backward
+    are plain torch ops, so torch generates the vmap rule; the in-place shortcuts run only in
+    eager autograd (`_in_place_allowed`). With create_graph the backward is itself
+    differentiable.
     """
 
     generate_vmap_rule = True
@@ -357,15 +358,37 @@ class _FedParaWeight(torch.autograd.Function):
         plus_one, nonlinear, *factors = inputs
         ctx.plus_one, ctx.nonlinear = plus_one, nonlinear
         ctx.save_for_backward(*factors)
-        ctx.save_for_forward(*factors)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x1, b1, x2, b2 = ctx.saved_tensors
+        eager = _in_place_allowed()
+        with _no_autocast(grad.device.type):
+            grad = grad.to(x1.dtype)
+            w1, w2 = _linear(x1, b1, eager), _linear(x2, b2, eager)
+            g1, g2 = _combine_grads(grad, w1, w2, ctx.plus_one, ctx.nonlinear, in_place=eager)
+            # dL/dx = g b and dL/db = gᵀ x, the latter as (xᵀ g)ᵀ (the faster form for oneDNN)
+            return (None, None, _linear(g1, b1.T, eager), _linear(x1.T, g1.T, eager).T,
+                    _linear(g2, b2.T, eager), _linear(x2.T, g2.T, eager).T)
+
+
+class _FedParaWeightForwardAD(_FedParaWeight):
+    """`_FedParaWeight` with forward-mode derivatives (torch.func.jvp, jacfwd, hessian).
+
+    A subclass, used in eager mode only: torch.compile cannot trace a custom jvp (it would
+    break the graph at every layer), and a compiled step never needs one.
+    """
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+        _FedParaWeight.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[2:])
 
     @staticmethod
     def jvp(ctx, _plus_one, _nonlinear, *tangents: Tensor | None) -> Tensor:
-        """Forward mode (torch.func.jvp, jacfwd, hessian): dW from the factors' tangents.
-
-        dW_i = dx_i b_iᵀ + x_i db_iᵀ, then dW = f'(W1) dW1 ⊙ g(W2) + f(W1) ⊙ g'(W2) dW2 with
-        f = g - [plus_one] = tanh or the identity. Out of place: the inputs stay untouched.
-        """
+        """dW from the factors' tangents: dW_i = dx_i b_iᵀ + x_i db_iᵀ, then
+        dW = f'(W1) dW1 ⊙ g(W2) + f(W1) ⊙ g'(W2) dW2 with f = g - [plus_one] = tanh or the
+        identity. Out of place: the inputs stay untouched."""
         x1, b1, x2, b2 = ctx.saved_tensors
         parts = []
         for x, b, dx, db in ((x1, b1, *tangents[:2]), (x2, b2, *tangents[2:])):
@@ -381,18 +404,6 @@ class _FedParaWeight(torch.autograd.Function):
             parts.append((w, dw))
         (a, da), (b, db) = parts
         return da * (b + 1 if ctx.plus_one else b) + a * db
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x1, b1, x2, b2 = ctx.saved_tensors
-        eager = _in_place_allowed()
-        with _no_autocast(grad.device.type):
-            grad = grad.to(x1.dtype)
-            w1, w2 = _linear(x1, b1, eager), _linear(x2, b2, eager)
-            g1, g2 = _combine_grads(grad, w1, w2, ctx.plus_one, ctx.nonlinear, in_place=eager)
-            # dL/dx = g b and dL/db = gᵀ x, the latter as (xᵀ g)ᵀ (the faster form for oneDNN)
-            return (None, None, _linear(g1, b1.T, eager), _linear(x1.T, g1.T, eager).T,
-                    _linear(g2, b2.T, eager), _linear(x2.T, g2.T, eager).T)
 
 
 def _fedpara_weight(plus_one: bool, nonlinear: bool, *factors: Tensor,
@@ -411,7 +422,9 @@ def _fedpara_weight(plus_one: bool, nonlinear: bool, *factors: Tensor,
     t1, t2 = (t[0] if t else None for t in (t1, t2))
     with _no_autocast(x1.device.type):
         b1, b2 = _unfolded(y1, t1, channels_last), _unfolded(y2, t2, channels_last)
-        w = _FedParaWeight.apply(plus_one, nonlinear, x1, b1, x2, b2)
+        function = (_FedParaWeight if torch.compiler.is_compiling()
+                    else _FedParaWeightForwardAD)
+        w = function.apply(plus_one, nonlinear, x1, b1, x2, b2)
     return _dense(w, y1, t1, channels_last)
 
 
