@@ -193,10 +193,11 @@ class ExperimentConfig:
                 MODEL_IMAGE_SIZES[self.model] != IMAGE_SIZES[self.dataset]:
             size = MODEL_IMAGE_SIZES[self.model]
             fits = [d for d in DATASETS if IMAGE_SIZES[d] == size]
+            any_size = [m for m in MODELS if m not in MODEL_IMAGE_SIZES]
             raise ValueError(
                 f"model={self.model!r} needs {size}×{size} images and dataset={self.dataset!r} "
                 f"has {IMAGE_SIZES[self.dataset]}×{IMAGE_SIZES[self.dataset]}; allowed datasets "
-                f"for it: {', '.join(fits)} (model='cnn' takes any of them)")
+                f"for it: {', '.join(fits)} (models {', '.join(any_size)} take any of them)")
         if self.algorithm == "pfedpara" and self.parameterization != "fedpara":
             raise ValueError(
                 f"algorithm='pfedpara' needs parameterization='fedpara' (its W2 factors are the "

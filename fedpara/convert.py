@@ -137,10 +137,11 @@ def fedparafy(
             )
             continue
         new.train(module.training)
-        if not name:
+        if not name:  # `model` itself is the layer
             model = new
-        for place in names[id(module)] if name else ():
-            parent, _, child = place.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+        else:
+            for place in names[id(module)]:
+                parent, _, child = place.rpartition(".")
+                setattr(model.get_submodule(parent), child, new)
         changes.append(LayerChange(name, kind, dense, factorized, rank, True))
     return model, changes

@@ -225,11 +225,12 @@ def build_model(
     """
     if name not in MODELS:
         raise ValueError(f"name must be one of {MODELS}, got {name!r}")
-    size = MODEL_IMAGE_SIZES.get(name, image_size or 28)
-    image_size = image_size or size
-    if image_size != size:
-        raise ValueError(f"image_size={image_size!r}: model {name!r} takes {size}×{size} images "
-                         f"only; allowed: image_size={size}")
+    needed = MODEL_IMAGE_SIZES.get(name)
+    if image_size is None:
+        image_size = needed or 28
+    elif needed is not None and image_size != needed:
+        raise ValueError(f"image_size={image_size!r}: model {name!r} takes {needed}×{needed} "
+                         f"images only; allowed: image_size={needed}")
     kwargs = dict(
         parameterization=parameterization,
         gamma=gamma,

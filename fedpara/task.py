@@ -80,11 +80,14 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if ((device.type == "cuda" and (device.index or 0) >= cuda)
-            or (device.type == "mps" and not mps)):
-        allowed = ["auto", "cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(cuda)] if cuda else [])
+    allowed = ["auto", "cpu"]
+    if cuda:
+        allowed += ["cuda", *(f"cuda:{i}" for i in range(cuda))]
+    if mps:
+        allowed.append("mps")
+    if device.type in ("cuda", "mps") and str(device) not in allowed:
         raise ValueError(f"device={name!r} is not available on this machine; allowed here: "
-                         f"{', '.join(allowed + (['mps'] if mps else []))}")
+                         f"{', '.join(allowed)}")
     return device
 
 
