@@ -57,7 +57,8 @@ def global_state_keys(model: nn.Module, algorithm: str = "fedavg") -> list[str]:
         return [k for k in keys if not k.startswith(HEAD)]
     shared = {
         f"{prefix}.{name}" if prefix else name
-        for prefix, module in model.named_modules()
+        # every name a shared layer is registered under: state_dict lists its keys under each
+        for prefix, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, FactorizedLayer) and module.personalized
         for name in module.global_parameter_names()
     }

@@ -44,15 +44,32 @@ def checkpoint_path(directory: str | Path, server_round: int) -> Path:
     return Path(directory) / f"round-{server_round:05d}.pt"
 
 
+def _by_round(directory: str | Path) -> list[Path]:
+    """The checkpoints in `directory`, oldest round first (by number: past round 99999 the
+    names are longer, and a sort by name would put round 100000 first)."""
+    found = []
+    for path in Path(directory).glob(_PATTERN):
+        number = path.stem.removeprefix("round-")
+        if number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found)]
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The checkpoint of the latest round in `directory`; None if none (or no directory)."""
-    found = sorted(Path(directory).glob(_PATTERN)) if directory else []
+    found = _by_round(directory) if directory else []
     return found[-1] if found else None
+
+
+def _check_keep(keep: int, least: int) -> None:
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < least:
+        raise ValueError(f"keep={keep!r} must be an integer >= {least} (checkpoints kept)")
 
 
 def clear_checkpoints(directory: str | Path, keep: int = 0) -> None:
     """Delete the checkpoints in `directory` but the latest `keep`."""
-    found = sorted(Path(directory).glob(_PATTERN))
+    _check_keep(keep, 0)
+    found = _by_round(directory)
     for old in found[:len(found) - keep]:
         old.unlink()
 
@@ -64,7 +81,8 @@ def save_checkpoint(config: ExperimentConfig, server_round: int,
                     strategy_state: Mapping[str, Mapping[str, torch.Tensor]] | None = None
                     ) -> Path:
     """Write the checkpoint of round `server_round` to `config.checkpoint_dir` atomically and
-    keep only the latest `keep` there."""
+    keep only the latest `keep` (>= 1) there."""
+    _check_keep(keep, 1)
     import torch
 
     state = {

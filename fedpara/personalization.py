@@ -75,7 +75,7 @@ def factor_movement(history: History, last: int | None = None) -> dict[str, dict
     empty unless the run is pFedPara's (W1 sent, W2 kept): a low-rank layer's factors have the
     same names but no such split.
     """
-    if last is not None and (not isinstance(last, int) or last < 1):
+    if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 1):
         raise ValueError(f"last={last!r} must be None or an integer >= 1 (rounds averaged)")
     if history.config.get("algorithm") != "pfedpara":
         return {}

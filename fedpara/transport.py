@@ -17,7 +17,8 @@ keeps a float32 global model; clients train in float32): only the copies on the 
   ends must use the same setting (they do: it is part of the `ExperimentConfig` every message
   carries).
 
-Integer entries (e.g. BatchNorm's `num_batches_tracked`) travel unchanged in every format.
+Integer entries (e.g. BatchNorm's `num_batches_tracked`) travel unchanged in every format,
+except that bfloat16 refuses int16 entries: they would read back as bfloat16 patterns.
 
 Packing: `to_wire` also packs the encoded arrays into one flat array per dtype, and `from_wire`
 unpacks them (`pack`, `unpack`). Flower 1.42 moves every array of a message as objects of its
@@ -62,6 +63,12 @@ def wire_itemsize(transport: str) -> int:
 def encode(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Tensor]:
     """The wire form of `arrays`: floating tensors rounded (to nearest even) to `transport`."""
     dtype = _check(transport)
+    if dtype == torch.bfloat16:
+        carried = [key for key, value in arrays.items() if value.dtype == _BFLOAT16_CARRIER]
+        if carried:
+            raise ValueError(f"transport='bfloat16' carries its numbers in int16 arrays, so int16 "
+                             f"entries cannot travel with it (found {', '.join(carried[:5])}); "
+                             f"use transport='float32' or 'float16'")
     wire = OrderedDict()
     for key, value in arrays.items():
         if value.is_floating_point() and value.dtype != dtype:

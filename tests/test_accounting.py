@@ -80,6 +80,22 @@ def test_pfedpara_keeps_norms_and_dense_layers_local():
     assert not any(k.startswith(("classifier.", "head.")) for k in sent)
 
 
+def test_pfedpara_sends_a_shared_layers_w1_under_every_name_it_has():
+    from fedpara.convert import fedparafy
+    from fedpara.task import get_arrays, set_arrays, split_keys
+
+    layer = nn.Linear(64, 64)
+    model, _ = fedparafy(nn.Sequential(layer, nn.ReLU(), layer), linear=True, personalized=True)
+    sent, kept = split_keys(model, "pfedpara")
+    assert sent == ["0.x1", "0.y1", "2.x1", "2.y1"]
+    # a client loads the server's global arrays, then its own local ones (client_app's order):
+    # the local ones must not bring back its old copy of the shared W1
+    local = get_arrays(model, kept)
+    set_arrays(model, {k: torch.full_like(v, 7.0) for k, v in get_arrays(model, sent).items()})
+    set_arrays(model, local)
+    assert bool((model[0].x1 == 7).all()) and model[0] is model[2]
+
+
 def test_pfedpara_without_personalized_layers_is_an_error():
     with pytest.raises(ValueError, match="personalized"):
         global_state_keys(vgg16(parameterization="fedpara"), "pfedpara")

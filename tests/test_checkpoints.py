@@ -146,6 +146,25 @@ def test_a_checkpoint_reads_back_and_only_the_latest_two_are_kept(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_checkpoints_are_ordered_by_round_number_past_round_99999(tmp_path):
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path), rounds=100_001)
+    history = History(config=config.to_dict())  # the records do not matter here
+    paths = [save_checkpoint(config, r, {"w": torch.zeros(1)}, {}, set(), history)
+             for r in (99_999, 100_000, 100_001)]
+    assert sorted(tmp_path.iterdir()) == sorted(paths[1:])  # the two latest rounds are kept
+    assert latest_checkpoint(tmp_path) == paths[-1] == checkpoint_path(tmp_path, 100_001)
+
+
+@pytest.mark.parametrize("keep", [0, -1, 1.5, True])
+def test_a_checkpoint_must_keep_itself(tmp_path, keep):
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"keep=.* must be an integer >= 1"):
+        write(config, 1, keep=keep)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+    with pytest.raises(ValueError, match=r"keep=-1 must be an integer >= 0"):
+        clear_checkpoints(tmp_path, keep=-1)
+
+
 def test_resume_takes_more_rounds_and_other_machines_but_not_another_experiment(tmp_path):
     config = CONFIG.replace(checkpoint_dir=str(tmp_path))
     path = write(config, 2)

@@ -54,8 +54,9 @@ def test_factor_movement_averages_each_branch_over_the_last_rounds():
     assert list(moves) == ["classifier.0"]
     assert moves["classifier.0"]["W1"] == pytest.approx(0.03 * 2)  # mean of rounds 2 and 3
     assert moves["classifier.0"]["W2"] == pytest.approx(0.003 * 2)
-    with pytest.raises(ValueError, match="last"):
-        factor_movement(history, last=0)
+    for bad in (0, True):  # True is an int to Python, not a count of rounds
+        with pytest.raises(ValueError, match="last"):
+            factor_movement(history, last=bad)
     lowrank = History(config={"algorithm": "fedavg"}, records=history.records)
     assert factor_movement(lowrank) == {}  # x1/x2 of a low-rank layer are not a W1/W2 split
     fig = plot_factor_movement(moves, title="t")

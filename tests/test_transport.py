@@ -66,6 +66,14 @@ def test_a_16_bit_wire_halves_the_payload_of_floats_only():
         v.numel() * v.element_size() for v in encode(state, "bfloat16").values())
 
 
+def test_int16_entries_travel_unchanged_except_under_bfloat16_which_refuses_them():
+    state = {"w": torch.tensor([0.5, 1.0]), "count": torch.tensor([1, 2, 300], dtype=torch.int16)}
+    for transport in ("float32", "float16"):
+        assert torch.equal(from_wire(to_wire(state, transport), transport)["count"], state["count"])
+    with pytest.raises(ValueError, match=r"transport='bfloat16'.*int16.*count"):
+        to_wire(state, "bfloat16")
+
+
 def test_bad_transport_names_the_parameter_and_the_allowed_values():
     for call in (lambda: encode(_state(), "int8"), lambda: wire_itemsize("fp8"),
                  lambda: ExperimentConfig(transport="half")):
