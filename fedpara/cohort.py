@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from fedpara.task import Batches, TrainResult, _num_samples
+from fedpara.task import (
+    Batches,
+    TrainResult,
+    _check_batches,
+    _check_lr_scale,
+    _check_training,
+    _num_samples,
+)
 
 __all__ = ["train_cohort"]
 
@@ -54,12 +61,13 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
     if k == 0 or len(batches) != k:
         raise ValueError(f"models and batches must be non-empty and of equal length, got "
                          f"{len(models)} models and {len(batches)} batch sources")
-    if epochs < 1 or lr <= 0 or not proximal_mu >= 0:
-        raise ValueError(f"epochs must be >= 1, lr > 0 and proximal_mu >= 0, got "
-                         f"epochs={epochs}, lr={lr}, proximal_mu={proximal_mu}")
+    _check_training(epochs, lr, proximal_mu)
+    for i, b in enumerate(batches):
+        _check_batches(b, f"batches[{i}]")
     names = [list(dict(m.named_parameters())) for m in models]
     if any(n != names[0] for n in names[1:]):
         raise ValueError("train_cohort needs models of one architecture (the same parameters)")
+    _check_lr_scale(lr_scale or {}, names[0])
     device = torch.device(device)
     if seeds is not None:
         torch.manual_seed(int(seeds[0]))

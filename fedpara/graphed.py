@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedpara.task import Proximal
+from fedpara.task import Proximal, _check_lr_scale
 
 __all__ = ["GraphedTrainer", "trainer_for"]
 
@@ -53,10 +53,12 @@ class GraphedTrainer:
         if self.capture and self.device.type != "cuda":
             raise ValueError(f"capture=True needs a CUDA device, got device={self.device}")
         self.bf16, self.channels_last = speed.bf16, speed.channels_last
+        self.signature = _signature(template)  # what `train` accepts
         self.model = copy.deepcopy(template).to(self.device).train()
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         named = dict(self.model.named_parameters())
+        _check_lr_scale(lr_scale or {}, named)
         self.params = list(named.values())
         self.buffers = list(self.model.buffers())  # copied in and out with the parameters
         # one learning-rate tensor per multiplier, filled before each client's training
@@ -119,13 +121,15 @@ class GraphedTrainer:
     def train(self, model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, epochs: int,
               lr: float, seed: int | None = None) -> tuple[float, int]:
         """`epochs` passes over `batches` on `model`'s weights (copied in, trained, copied
-        back); returns (mean loss per example, examples seen), as `task.train` counts them."""
+        back); returns (mean loss per example, examples seen), as `task.train` counts them.
+        `model` must have the template's `_signature` (its modules' settings, such as FedPara's
+        `nonlinear`, and its tensors' names, shapes and dtypes)."""
+        if _signature(model) != self.signature:
+            raise ValueError("the model is not of the architecture this trainer captured")
         if seed is not None:
             torch.manual_seed(seed)
         theirs = [*model.parameters(), *model.buffers()]
         ours = [*self.params, *self.buffers]
-        if [t.shape for t in theirs] != [t.shape for t in ours]:
-            raise ValueError("the model is not of the architecture this trainer captured")
         with torch.no_grad():
             for mine, other in zip(ours, theirs, strict=True):
                 mine.copy_(other)
@@ -168,10 +172,13 @@ def trainer_for(model: nn.Module, x: Tensor, y: Tensor, *, device: torch.device,
                 lr_scale: Mapping[str, float] | None = None, proximal_mu: float = 0.0,
                 proximal_to: Iterable[str] | None = None) -> GraphedTrainer:
     """A cached `GraphedTrainer` for this architecture, batch shape and step settings (the
-    last few are kept: a run uses one or two)."""
+    last few are kept: a run uses one or two). `proximal_to` is read once (it may be an
+    iterator): the same names key the cache and build the trainer."""
+    if proximal_to is not None:
+        proximal_to = tuple(proximal_to)
     key = (_signature(model), tuple(x.shape), x.dtype, tuple(y.shape), str(device), speed,
            tuple(sorted((lr_scale or {}).items())), float(proximal_mu),
-           tuple(proximal_to) if proximal_to is not None and proximal_mu > 0 else None)
+           proximal_to if proximal_mu > 0 else None)
     if key in _CACHE:
         _CACHE[key] = _CACHE.pop(key)  # now the most recently used
     else:

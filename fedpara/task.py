@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
+import numbers
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,14 +145,23 @@ def get_arrays(model: nn.Module, keys: Iterable[str]) -> OrderedDict[str, Tensor
 
 
 def set_arrays(model: nn.Module, arrays: Mapping[str, Tensor | np.ndarray]) -> None:
-    """Copy `arrays` into the model's state_dict entries of the same names (shapes must match)."""
+    """Copy `arrays` into the model's state_dict entries of the same names (shapes must match).
+
+    Every key and shape is checked before anything is copied, so a refused call leaves the
+    model as it was (an array that would broadcast into a larger entry is refused too).
+    """
     state = model.state_dict()
     unknown = [k for k in arrays if k not in state]
     if unknown:
         raise ValueError(f"arrays has keys the model lacks: {', '.join(unknown[:5])}")
+    values = {key: torch.as_tensor(value) for key, value in arrays.items()}
+    wrong = [f"{key} has shape {tuple(v.shape)}, the model's {tuple(state[key].shape)}"
+             for key, v in values.items() if v.shape != state[key].shape]
+    if wrong:
+        raise ValueError(f"arrays do not fit the model: {'; '.join(wrong[:5])}")
     with torch.no_grad():
-        for key, value in arrays.items():
-            state[key].copy_(torch.as_tensor(value))
+        for key, value in values.items():
+            state[key].copy_(value)
 
 
 def weighted_mean(states: Iterable[Mapping[str, Tensor]], examples: Sequence[float]
@@ -305,11 +316,11 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
     of TensorBatches comes from the generator it was built with. `speed` defaults to the fast
     path's options for the device when `batches` are TensorBatches (`Speed.default`), else to
     the plain arithmetic; the model is returned in the contiguous layout either way.
+    `batches` is iterated once per epoch (and once more to count a list's examples), so a
+    one-shot iterator such as a generator is refused.
     """
-    if epochs < 1 or lr <= 0:
-        raise ValueError(f"epochs must be >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
-    if not proximal_mu >= 0:
-        raise ValueError(f"proximal_mu={proximal_mu} must be >= 0")
+    _check_training(epochs, lr, proximal_mu)
+    _check_batches(batches)
     device = torch.device(device)
     if speed is None:
         speed = Speed.default(device, fast=isinstance(batches, TensorBatches))
@@ -376,15 +387,41 @@ def relative_changes(before: Mapping[str, Tensor], model: nn.Module) -> list[flo
     return torch.stack(changes).tolist() if changes else []  # one device sync, not one each
 
 
+def _check_training(epochs: int, lr: float, proximal_mu: float) -> None:
+    """Refuse the settings `train` and `cohort.train_cohort` cannot train with, naming each."""
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 1:
+        raise ValueError(f"epochs={epochs!r} must be an integer >= 1")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr} must be a finite number > 0")
+    if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
+        raise ValueError(f"proximal_mu={proximal_mu} must be a finite number >= 0")
+
+
+def _check_batches(batches: Batches, name: str = "batches") -> None:
+    """Refuse a one-shot iterator (a generator, `iter(...)`): its second epoch would be empty
+    and its examples could not be counted. Checked without iterating (a DataLoader would start
+    its workers)."""
+    if isinstance(batches, Iterator):
+        raise ValueError(f"{name} is a one-shot {type(batches).__name__}, which one epoch would "
+                         f"use up; allowed: a list of (x, y) batches, a DataLoader or a "
+                         f"data.TensorBatches")
+
+
+def _check_lr_scale(lr_scale: Mapping[str, float], names: Iterable[str]) -> None:
+    """Refuse an `lr_scale` that names a parameter not in `names`, or a multiplier that is not
+    a finite number > 0 (`train`, `cohort.train_cohort` and `graphed.GraphedTrainer`)."""
+    unknown = sorted(set(lr_scale) - set(names))
+    if unknown:
+        raise ValueError(f"lr_scale names parameters the model lacks: {', '.join(unknown[:5])}")
+    bad = {k: v for k, v in lr_scale.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"lr_scale multipliers must be finite numbers > 0, got {bad}")
+
+
 def _param_groups(model: nn.Module, lr: float, lr_scale: Mapping[str, float]) -> list[dict]:
     """SGD parameter groups: one at `lr`, one per distinct multiplier in `lr_scale`."""
     named = dict(model.named_parameters())
-    unknown = sorted(set(lr_scale) - set(named))
-    if unknown:
-        raise ValueError(f"lr_scale names parameters the model lacks: {', '.join(unknown[:5])}")
-    bad = {k: v for k, v in lr_scale.items() if not v > 0}
-    if bad:
-        raise ValueError(f"lr_scale multipliers must be > 0, got {bad}")
+    _check_lr_scale(lr_scale, named)
     groups: dict[float, list[Tensor]] = {}
     for name, p in named.items():
         groups.setdefault(float(lr_scale.get(name, 1.0)), []).append(p)

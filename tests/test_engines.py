@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from fedpara import task
+from fedpara import graphed, task
 from fedpara.cohort import train_cohort
 from fedpara.data import TensorBatches
 from fedpara.graphed import GraphedTrainer
@@ -64,8 +64,33 @@ def test_a_cohort_rejects_mixed_architectures_and_bad_settings():
         train_cohort(models, batches, epochs=1, lr=0.1)
     with pytest.raises(ValueError, match="equal length"):
         train_cohort(models[:1], batches, epochs=1, lr=0.1)
-    with pytest.raises(ValueError, match="lr > 0"):
-        train_cohort(models[:1], batches[:1], epochs=1, lr=0.0)
+    for lr in (0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"lr={lr} must be a finite number > 0"):
+            train_cohort(models[:1], batches[:1], epochs=1, lr=lr)
+    with pytest.raises(ValueError, match="epochs=0 must be an integer >= 1"):
+        train_cohort(models[:1], batches[:1], epochs=0, lr=0.1)
+    with pytest.raises(ValueError, match=r"batches\[0\] is a one-shot generator"):
+        train_cohort(models[:1], [(b for b in batches[0])], epochs=2, lr=0.1)
+
+
+@pytest.mark.parametrize(("lr_scale", "message"), [
+    ({"nope.weight": 2.0}, "lacks: nope.weight"),
+    ({"first": -1.0}, "must be finite numbers > 0"),
+    ({"first": float("inf")}, "must be finite numbers > 0"),
+])
+def test_both_engines_refuse_an_lr_scale_task_train_refuses(lr_scale, message):
+    base = _model("original")
+    first = next(n for n, _ in base.named_parameters())
+    lr_scale = {first if k == "first" else k: v for k, v in lr_scale.items()}
+    client = _clients()[0]
+    with pytest.raises(ValueError, match=message):
+        task.train(copy.deepcopy(base), _batches(client, 0), epochs=1, lr=0.1, lr_scale=lr_scale)
+    with pytest.raises(ValueError, match=message):
+        train_cohort([copy.deepcopy(base)], [_batches(client, 0)], epochs=1, lr=0.1,
+                     lr_scale=lr_scale)
+    with pytest.raises(ValueError, match=message):
+        GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu", speed=task.PLAIN,
+                       lr_scale=lr_scale, capture=False)
 
 
 @pytest.mark.parametrize("parameterization", ["fedpara", "original"])
@@ -89,3 +114,32 @@ def test_the_graphed_step_run_eagerly_is_task_train(parameterization):
             torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
     with pytest.raises(ValueError, match="CUDA"):
         GraphedTrainer(base, x0, y0, device="cpu", speed=task.PLAIN, capture=True)
+
+
+def test_a_graphed_trainer_refuses_a_model_of_other_settings_or_dtype():
+    """Tensors of the same shapes are not enough: FedPara's tanh (nonlinear) and the dtype
+    change the step."""
+    def fedpara(nonlinear, dtype=torch.float64):
+        return build_model("cnn", num_classes=10, in_channels=1, parameterization="fedpara",
+                           gamma=0.1, nonlinear=nonlinear).to(dtype)
+
+    client = _clients()[0]
+    trainer = GraphedTrainer(fedpara(False), client[0][:16], client[1][:16], device="cpu",
+                             speed=task.PLAIN, capture=False)
+    for model in (fedpara(True), fedpara(False, torch.float32)):
+        with pytest.raises(ValueError, match="not of the architecture this trainer captured"):
+            trainer.train(model, _batches(client, 0), epochs=1, lr=0.1)
+    trainer.train(fedpara(False), _batches(client, 0), epochs=1, lr=0.1)
+
+
+def test_trainer_for_reads_proximal_names_given_as_an_iterator_once(monkeypatch):
+    monkeypatch.setattr(graphed, "_CACHE", {})
+    base, client = _model("original"), _clients()[0]
+    names = [n for n, _ in base.named_parameters()]
+    settings = dict(device=torch.device("cpu"), speed=task.PLAIN, proximal_mu=0.1)
+    first = graphed.trainer_for(base, client[0][:16], client[1][:16], proximal_to=iter(names),
+                                **settings)
+    assert len(first.proximal.params) == len(names)
+    again = graphed.trainer_for(base, client[0][:16], client[1][:16], proximal_to=names,
+                                **settings)
+    assert again is first  # the same names, so the same cached trainer

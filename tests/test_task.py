@@ -54,8 +54,49 @@ def test_bad_lr_scale_names_the_problem():
     model = task.init_model(pfedpara_config())
     with pytest.raises(ValueError, match="lacks"):
         task.train(model, [], epochs=1, lr=0.1, lr_scale={"nope.x2": 2.0})
-    with pytest.raises(ValueError, match="> 0"):
-        task.train(model, [], epochs=1, lr=0.1, lr_scale={"head.x2": 0.0})
+    for multiplier in (0.0, float("inf")):
+        with pytest.raises(ValueError, match="> 0"):
+            task.train(model, [], epochs=1, lr=0.1, lr_scale={"head.x2": multiplier})
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(lr=float("nan")), "lr=nan must be a finite number > 0"),
+    (dict(lr=float("inf")), "lr=inf must be a finite number > 0"),
+    (dict(lr=0.0), "lr=0.0 must be a finite number > 0"),
+    (dict(epochs=0), "epochs=0 must be an integer >= 1"),
+    (dict(epochs=2.5), "epochs=2.5 must be an integer >= 1"),
+    (dict(epochs=True), "epochs=True must be an integer >= 1"),
+    (dict(proximal_mu=float("inf")), "proximal_mu=inf must be a finite number >= 0"),
+])
+def test_train_refuses_settings_it_cannot_train_with(settings, message):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randn(2, 1, 2, 2), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match=message):
+        task.train(model, batches, **{"epochs": 1, "lr": 0.1, **settings})
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_train_refuses_a_one_shot_iterator_of_batches():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    batches = [(torch.randn(2, 1, 2, 2), torch.tensor([0, 1]))] * 2
+    with pytest.raises(ValueError, match="batches is a one-shot generator.*allowed: a list"):
+        task.train(model, (b for b in batches), epochs=3, lr=0.1)
+    with pytest.raises(ValueError, match="one-shot list_iterator"):
+        task.train(model, iter(batches), epochs=1, lr=0.1)
+    assert task.train(model, batches, epochs=3, lr=0.1).num_examples == 4
+
+
+def test_set_arrays_refuses_an_array_that_would_broadcast_and_writes_nothing():
+    model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"weight has shape \(4,\), the model's \(3, 4\)"):
+        task.set_arrays(model, {"bias": torch.ones(3), "weight": torch.arange(4.0)})
+    with pytest.raises(ValueError, match=r"bias has shape \(\), the model's \(3,\)"):
+        task.set_arrays(model, {"bias": torch.tensor(7.0)})
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    task.set_arrays(model, {"bias": torch.ones(3).numpy()})
+    assert torch.equal(model.bias, torch.ones(3))
 
 
 def test_relative_changes_follow_the_tracked_parameters():
