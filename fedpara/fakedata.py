@@ -6,8 +6,9 @@
     write_fake_femnist(root, n_writers=20, per_writer=30)
     train, test = load_dataset("cifar10", data_dir=root, download=False)
 
-The book's CIFAR and FEMNIST chapters use them for their smoke profile, on machines that hold
-neither dataset: what such a run reports is a test of the machinery, never a result.
+The book's CIFAR and FEMNIST chapters use them for their smoke profile (unless a data folder is
+given), on every machine, real data or not: what such a run reports is a test of the machinery,
+never a result.
 
 Each class has its own fixed template image plus noise, so a model can learn something from
 the fake data in a smoke run. The files follow the real layouts: torchvision's CIFAR pickled
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import numbers
 import os
 import pickle
 import shutil
@@ -37,6 +39,13 @@ from fedpara.storage import write_atomic
 FEMNIST_CLASSES = list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
+def _check_counts(**counts: int) -> None:
+    """Every count is an integer >= 1 (the loaders read no empty split), named if not."""
+    for name, value in counts.items():
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+
+
 def _labels(rng: np.random.Generator, n: int, num_classes: int) -> np.ndarray:
     """n labels that cover the classes as evenly as possible, in random order."""
     return rng.permutation(np.arange(n) % num_classes).astype(np.int64)
@@ -50,9 +59,28 @@ def _cifar_images(rng: np.random.Generator, labels: np.ndarray, num_classes: int
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
 
+class _Python2Pickler(pickle._Pickler):  # the pure-Python pickler: its `dispatch` can be extended
+    """Protocol 2 with every str and bytes written as Python 2's str (SHORT_BINSTRING,
+    BINSTRING), as in the real CIFAR batches, which Python 2 pickled: `encoding="latin1"`
+    (torchvision, fedpara.data) reads those back as str and `encoding="bytes"` (the CIFAR
+    site's recipe) as bytes, dict keys included; numpy reads its array data either way."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: str | bytes) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_python2_str
+
+
 def _pickle(path: Path, obj: dict) -> None:
     with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+        _Python2Pickler(f, protocol=2).dump(obj)
 
 
 def write_fake_cifar(
@@ -68,12 +96,14 @@ def write_fake_cifar(
     CIFAR-10: `cifar-10-batches-py/` with `data_batch_1`..`data_batch_5`, `test_batch`,
     `batches.meta`; CIFAR-100: `cifar-100-python/` with `train`, `test`, `meta`. With
     `archive=True` only the `.tar.gz` torchvision downloads is left (`cifar-10-python.tar.gz` /
-    `cifar-100-python.tar.gz`), not the folder.
+    `cifar-100-python.tar.gz`), not the folder (an earlier one is removed). The batches are
+    pickled as Python 2 pickled the real ones (`_Python2Pickler`). `n_train`, `n_test` >= 1.
     Returns {"train": (images (N, 32, 32, 3) uint8, labels (N,)), "test": (...),
     "archive_md5": MD5 of the archive or None}.
     """
     if name not in ("cifar10", "cifar100"):
         raise ValueError(f"name must be 'cifar10' or 'cifar100', got {name!r}")
+    _check_counts(n_train=n_train, n_test=n_test)
     root = Path(root)
     rng = np.random.default_rng(seed)
     num_classes = 10 if name == "cifar10" else 100
@@ -133,6 +163,7 @@ def write_fake_cifar(
         with tarfile.open(work / tar_name, "w:gz") as tar:
             tar.add(folder, arcname=folder_name)
         md5 = hashlib.md5((work / tar_name).read_bytes()).hexdigest()
+        shutil.rmtree(root / folder_name, ignore_errors=True)  # the loader would prefer it
         os.replace(work / tar_name, root / tar_name)
     else:
         shutil.rmtree(root / folder_name, ignore_errors=True)  # replace an earlier fake
@@ -150,13 +181,14 @@ def write_fake_idx(
     `<root>/MNIST/raw/` (or `FashionMNIST/raw/`) gets `train-images-idx3-ubyte.gz`,
     `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`:
     big-endian IDX headers (magic 0x803 for the uint8 images N×28×28, 0x801 for the labels N),
-    the same as the files torchvision downloads, not decompressed.
+    the same as the files torchvision downloads, not decompressed. `n_train`, `n_test` >= 1.
     Returns {"train": (images (N, 28, 28) uint8, labels (N,)), "test": (...),
     "md5": {gz file name: its MD5}}.
     """
     folders = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
     if name not in folders:
         raise ValueError(f"name must be 'mnist' or 'fashion-mnist', got {name!r}")
+    _check_counts(n_train=n_train, n_test=n_test)
     raw = Path(root) / folders[name] / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -188,8 +220,9 @@ def write_fake_femnist(
     Columns: image (28×28 grayscale PNG, dark strokes on white like FEMNIST), writer_id (8
     characters, e.g. "f0003_13"), hsf_id (int 0..7), character (ClassLabel of the 62 classes
     0-9, A-Z, a-z). Writer i has `per_writer` samples; rows are grouped by writer as on the Hub.
-    Returns the `datasets.Dataset` that was saved.
+    `n_writers`, `per_writer` >= 1. Returns the `datasets.Dataset` that was saved.
     """
+    _check_counts(n_writers=n_writers, per_writer=per_writer)
     import datasets
 
     rng = np.random.default_rng(seed)

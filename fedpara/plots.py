@@ -36,7 +36,7 @@ __all__ = [
 
 
 def _check_window(window: int) -> None:
-    if not isinstance(window, int) or window < 1:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window={window!r} must be an integer >= 1 (rounds averaged)")
 
 
@@ -45,13 +45,21 @@ def _check_nonempty(history: History) -> None:
         raise ValueError("history has no rounds")
 
 
+def _check_accuracy(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"{name}={value!r} must be an accuracy in [0, 1] (a fraction, not %)")
+
+
 def round_to_reach(history: History, target: float) -> int | None:
-    """The first round whose accuracy is >= `target` (a fraction), or None if none is."""
+    """The first round whose accuracy is >= `target` (a fraction), or None if none is.
+
+    An accuracy short of `target` by a relative 1e-12 counts as reaching it: a target computed
+    as a mean of equal accuracies (`final_accuracy`) can exceed them by a rounding error.
+    """
     _check_nonempty(history)
-    if not 0.0 <= target <= 1.0:
-        raise ValueError(f"target={target} must be an accuracy in [0, 1]")
+    _check_accuracy("target", target)
     for record in history.records:
-        if record.accuracy >= target:  # NaN (nothing scored) never reaches a target
+        if record.accuracy >= target * (1 - 1e-12):  # NaN (nothing scored) never reaches it
             return record.round
     return None
 
@@ -77,8 +85,8 @@ def accuracy_within(history: History, budget_gib: float, window: int = 1) -> flo
     """
     _check_nonempty(history)
     _check_window(window)
-    if budget_gib < 0:
-        raise ValueError(f"budget_gib={budget_gib} must be >= 0")
+    if not math.isfinite(budget_gib) or budget_gib < 0:
+        raise ValueError(f"budget_gib={budget_gib} must be a finite number >= 0 (GiB)")
     gib = np.asarray(history.cumulative_gib())
     spent = int(np.searchsorted(gib, budget_gib * (1 + 1e-12), side="right"))  # rounds within
     if spent == 0:
@@ -93,6 +101,8 @@ def equal_traffic(histories: Mapping[str, History], budget_gib: float | None = N
     (the cheapest run's budget). Returns {"budget_gib": ..., name: accuracy, ...}."""
     if not histories:
         raise ValueError("histories is empty")
+    for history in histories.values():
+        _check_nonempty(history)
     if budget_gib is None:
         budget_gib = min(h.cumulative_gib()[-1] for h in histories.values())
     result = {"budget_gib": float(budget_gib)}
@@ -104,12 +114,17 @@ def equal_traffic(histories: Mapping[str, History], budget_gib: float | None = N
 def equal_accuracy(histories: Mapping[str, History], target: float | None = None,
                    window: int = 1) -> dict[str, float]:
     """Traffic (GiB) each run needed to first reach the same accuracy: by default the lowest
-    `final_accuracy(window)` of the runs (an accuracy all of them attain, or nearly so).
-    Returns {"target": ..., name: GiB or NaN if never reached, ...}."""
+    `final_accuracy(window)` of the runs that scored in those rounds (an accuracy all of them
+    attain, or nearly so). Returns {"target": ..., name: GiB or NaN if never reached, ...}."""
     if not histories:
         raise ValueError("histories is empty")
     if target is None:
-        target = min(final_accuracy(h, window) for h in histories.values())
+        finals = [final_accuracy(h, window) for h in histories.values()]
+        scored = [accuracy for accuracy in finals if not math.isnan(accuracy)]
+        if not scored:
+            raise ValueError(f"target=None: no run scored in its last {window} round(s), so "
+                             "there is no final accuracy to default to; give a target")
+        target = min(scored)
     result = {"target": float(target)}
     for name, history in histories.items():
         result[name] = gib_to_reach(history, target)
@@ -127,6 +142,8 @@ def plot_curves(histories: Mapping[str, History], *, title: str | None = None,
     """
     if not histories:
         raise ValueError("histories is empty")
+    for i, target in enumerate(targets):
+        _check_accuracy(f"targets[{i}]", target)
     # sized for a book page (about 8 inches of column): one legend below both panels
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.5, 3.9))
     for name, history in histories.items():

@@ -17,8 +17,9 @@ checkpoint (the global arrays plus each client's personal arrays) and checks tha
 mean equals the history's last accuracy; `ClientScores` stores the result next to the history.
 
 An experiment chapter opens with one call, `open_chapter(presets, chapter=..., profile=...)`:
-it finds the repository, the results and data folders (writing tiny fake data for a smoke run
-of a dataset this machine lacks), builds the config of every preset x variant, loads each
+it finds the repository, the results and data folders (for the smoke profile of CIFAR and
+FEMNIST, unless a data folder is given, tiny fake data: the same rehearsal on every machine,
+whether or not it has the real data), builds the config of every preset x variant, loads each
 stored history or trains it, and returns a `Chapter` with the configs, the runs, the tables a
 chapter shows (`summary`, `protocol`, `plan`) and the Markdown notice above its results.
 """
@@ -101,11 +102,12 @@ def load_or_train(config: ExperimentConfig, results_dir: str | Path, *, train: b
     new run when `train` is True (saved to the stored path), else (None, why there is none).
 
     status is one of "stored", "trained", "not run yet", "stored run has other settings".
-    `retrain=True` trains even when a matching history is stored.
+    `retrain=True` with `train=True` trains even when a matching history is stored; with
+    `train=False` it changes nothing (a matching stored history is returned).
     """
     path = History.default_path(config, results_dir)
     stored = History.load(path) if path.exists() else None
-    if stored is not None and not retrain and same_experiment(stored.config, config):
+    if stored is not None and not (train and retrain) and same_experiment(stored.config, config):
         return stored, "stored"
     if not train:
         return None, "not run yet" if stored is None else "stored run has other settings"
@@ -287,8 +289,9 @@ def client_accuracies(config: ExperimentConfig, history: History,
 # one call to open an experiment chapter ------------------------------------------------------
 
 # Tiny fake datasets in the real on-disk formats (fedpara.fakedata), written for smoke runs of
-# chapters whose data this machine does not have. The sizes give every smoke client its samples:
-# CIFAR-10 100 clients x 64, CIFAR-100 50 clients x 100, FEMNIST 12 writers x 25 images.
+# the CIFAR and FEMNIST chapters: a smoke run rehearses the machinery in seconds, the same on
+# every machine, whether or not it has the real data. The sizes give every smoke client its
+# samples: CIFAR-10 100 clients x 64, CIFAR-100 50 clients x 100, FEMNIST 12 writers x 25 images.
 def _fake_cifar10(folder: Path, seed: int) -> None:
     from fedpara.fakedata import write_fake_cifar
 
@@ -497,16 +500,19 @@ def open_chapter(
     - `chapter`: the chapter's name for `make execute CHAPTER=...` (in the commands shown).
     - `root`: the repository, by default found from the working directory (`find_root`).
     - `results_dir`: where histories are read and written; "" = `<root>/results`.
-    - `data_dir`: "" = $FEDPARA_DATA, else `<root>/data`.
-    - `fake_data`: None = only for the smoke profile of a dataset in `FAKE_DATA_WRITERS`.
+    - `data_dir`: "" = $FEDPARA_DATA, else `<root>/data` (or the fake data, see `fake_data`).
+    - `fake_data`: None = for the smoke profile of datasets in `FAKE_DATA_WRITERS` when no
+      `data_dir` is given, even where the real data is present (a smoke run is a rehearsal
+      that runs the same on every machine); a given `data_dir` is used as it is.
       True writes that dataset's tiny fake files to `<root>/_build/fake-data` and uses them
       (and, unless `results_dir` is given, `<root>/_build/fake-data/results`), so smoke
-      histories never land next to real ones.
+      histories never land next to real ones; True with a `data_dir` raises ValueError.
     - `checkpoints`: True puts each run's checkpoints where `python -m fedpara.run` does,
       `<results_dir>/../checkpoints/<preset>/<variant>-<profile>/` (per-client scores of
       personalized runs are computed from the last one); False: none.
     - `train=False` never trains: runs without a matching stored history stay missing.
-      `train=True` trains those (`retrain=True`: all), saving each history where it is read.
+      `train=True` trains those (`retrain=True`: all), saving each history where it is read;
+      `retrain` without `train` changes nothing.
     - `overrides`: further config fields for every run (e.g. `rounds=3`); a run made with them
       is another experiment, so only a history made with them too counts.
     """
@@ -517,7 +523,10 @@ def open_chapter(
         raise ValueError(f"presets={presets!r}: expected names of {', '.join(PRESETS)}")
     datasets = {PRESETS[name].base.get("dataset") for name in preset_names}
     if fake_data is None:
-        fake_data = profile == "smoke" and datasets <= set(FAKE_DATA_WRITERS)
+        fake_data = profile == "smoke" and not data_dir and datasets <= set(FAKE_DATA_WRITERS)
+    if fake_data and data_dir:
+        raise ValueError(f"fake_data=True writes and uses its own data folder, but "
+                         f"data_dir={str(data_dir)!r} was given: give one of them")
     if fake_data:
         missing_writers = sorted(str(d) for d in datasets - set(FAKE_DATA_WRITERS))
         if missing_writers:

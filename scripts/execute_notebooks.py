@@ -23,7 +23,7 @@ stays in `_build/papermill/` for inspection, the last good copy is kept, and the
 made from an older version of its source or of its fixed parameters and title (`chapter_digest`),
 it runs the notebook with `train=False` -- the notebook then shows the stored history of its
 preset and profile if there is one, else the command that produces it and its communication
-cost. It never trains.
+cost. It never trains, so `-p train ...` with `--render` is refused.
 """
 
 from __future__ import annotations
@@ -211,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.profile not in PROFILES:
         parser.error(f"--profile must be one of {', '.join(PROFILES)}, got {args.profile!r}")
+    if args.render and any(key == "train" for key, _ in args.parameter):
+        parser.error("--render never trains: leave out -p train (or run without --render)")
     known = experiment_names()
     for name in args.chapter:
         if name not in known:

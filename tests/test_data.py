@@ -210,6 +210,55 @@ def test_cifar_archive_is_extracted_when_its_md5_matches(tmp_path, monkeypatch, 
     assert not list(tmp_path.glob(".extract-*"))
 
 
+def test_fake_cifar_archive_replaces_an_earlier_fake_folder(tmp_path, monkeypatch, offline):
+    write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, seed=0)
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=80, n_test=10, seed=1, archive=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tvd.CIFAR10.filename]
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", written["archive_md5"])
+    train, _ = load_dataset("cifar10", data_dir=tmp_path, download=False)
+    np.testing.assert_array_equal(train.data, written["train"][0])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_fake_cifar_batches_are_pickled_as_python_2_wrote_the_real_ones(tmp_path, monkeypatch,
+                                                                         name):
+    """Keys and text are Python 2 str: bytes with encoding="bytes" (the CIFAR site's recipe),
+    str with encoding="latin1" (torchvision's), and torchvision reads the folder."""
+    import pickle
+
+    import torchvision.datasets.cifar
+
+    written = write_fake_cifar(tmp_path, name, n_train=300, n_test=20)
+    tv = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    batch = (tmp_path / tv.base_folder / tv.test_list[0][0]).read_bytes()
+    assert batch.startswith(b"\x80\x02")  # protocol 2, as the originals
+    as_bytes = pickle.loads(batch, encoding="bytes")
+    as_str = pickle.loads(batch, encoding="latin1")
+    assert set(as_bytes) == {key.encode() for key in as_str} and b"data" in as_bytes
+    assert as_bytes[b"batch_label"] == as_str["batch_label"].encode() == b"testing batch 1 of 1"
+    assert as_bytes[b"filenames"][0] == b"fake_00000.png"
+    np.testing.assert_array_equal(as_bytes[b"data"], as_str["data"])
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    train = tv(str(tmp_path), train=True, download=False)  # fake files: no MD5 check
+    np.testing.assert_array_equal(train.data, written["train"][0])
+    assert train.targets == written["train"][1].tolist() and train.classes[0] == "class0"
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda root: write_fake_cifar(root, "cifar10", n_train=0), "n_train"),
+    (lambda root: write_fake_cifar(root, "cifar100", n_test=-5), "n_test"),
+    (lambda root: write_fake_cifar(root, "cifar10", n_train=2.5), "n_train"),
+    (lambda root: write_fake_idx(root, "mnist", n_train=-1), "n_train"),
+    (lambda root: write_fake_idx(root, "mnist", n_test=True), "n_test"),
+    (lambda root: write_fake_femnist(root, n_writers=0), "n_writers"),
+    (lambda root: write_fake_femnist(root, per_writer=-2), "per_writer"),
+])
+def test_fake_data_writers_refuse_bad_counts_before_writing(tmp_path, call, name):
+    with pytest.raises(ValueError, match=f"{name}=.* must be an integer >= 1"):
+        call(tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
 def assert_names_the_corrupt_archive(msg: str, archive, expected_md5: str, url: str) -> None:
     """The message calls the archive corrupt, gives both MD5 sums and the two ways to fix it."""
     actual = hashlib.md5(archive.read_bytes()).hexdigest()

@@ -74,12 +74,36 @@ def test_equal_accuracy_uses_the_weaker_runs_final_accuracy():
     assert final_accuracy(DEAR, window=3) == pytest.approx((0.85 + 0.86 + 0.87) / 3)
 
 
+def test_a_run_reaches_its_own_final_accuracy():
+    # accuracies are counts over 10,000 test images: the mean of three 0.7013 is 0.7013000000000001
+    weak = make_history([0.5, 0.6, 0.7013, 0.7013, 0.7013], GIB)
+    assert final_accuracy(weak, window=3) > 0.7013
+    assert round_to_reach(weak, final_accuracy(weak, window=3)) == 3
+    result = equal_accuracy({"weak": weak, "dear": DEAR}, window=3)
+    assert result["weak"] == pytest.approx(3.0) and result["dear"] == pytest.approx(3.0)
+
+
+def test_equal_accuracy_defaults_to_the_runs_that_scored():
+    unscored = make_history([0.5, math.nan, math.nan, math.nan], GIB)
+    for order in (("dear", "unscored"), ("unscored", "dear")):
+        runs = {name: {"dear": DEAR, "unscored": unscored}[name] for name in order}
+        result = equal_accuracy(runs, window=3)
+        assert result["target"] == pytest.approx(0.86) and math.isnan(result["unscored"])
+    with pytest.raises(ValueError, match="target"):
+        equal_accuracy({"unscored": unscored}, window=3)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: round_to_reach(CHEAP, 80), "target"),
     (lambda: final_accuracy(CHEAP, window=0), "window"),
+    (lambda: final_accuracy(CHEAP, window=True), "window"),
     (lambda: accuracy_within(CHEAP, -1.0), "budget_gib"),
+    (lambda: accuracy_within(CHEAP, math.nan), "budget_gib"),
+    (lambda: equal_traffic({"cheap": CHEAP}, budget_gib=math.nan), "budget_gib"),
     (lambda: equal_traffic({}), "empty"),
+    (lambda: equal_traffic({"cheap": CHEAP, "none": History(config={})}), "no rounds"),
     (lambda: final_accuracy(History(config={})), "no rounds"),
+    (lambda: plot_curves({"cheap": CHEAP}, targets=[0.7, 80]), "targets"),
 ])
 def test_bad_input_names_the_parameter(call, match):
     with pytest.raises(ValueError, match=match):

@@ -58,6 +58,12 @@ def test_load_or_train_without_training(tmp_path):
     assert status == "stored" and history.created == made.created
 
 
+def test_retrain_without_training_still_shows_the_stored_run(tmp_path):
+    made = stored(CONFIG, tmp_path)
+    history, status = load_or_train(CONFIG, tmp_path, train=False, retrain=True)
+    assert status == "stored" and history.created == made.created
+
+
 def test_command_and_planned_traffic():
     assert run_command(CONFIG) == (
         "python -m fedpara.run --preset fmnist-noniid --variant fedpara --profile smoke")
@@ -200,7 +206,7 @@ def test_open_chapter_shows_a_stored_run_and_the_runs_still_missing(tmp_path):
     assert "--variant fedpara" not in notice
 
 
-def test_open_chapter_uses_fake_data_for_a_smoke_run_of_missing_data(tmp_path):
+def test_open_chapter_uses_fake_data_for_a_smoke_run(tmp_path):
     from fedpara.results import open_chapter
 
     root = _repository(tmp_path)
@@ -213,6 +219,21 @@ def test_open_chapter_uses_fake_data_for_a_smoke_run_of_missing_data(tmp_path):
     assert "FAKE DATA" in page.notice()
     full = open_chapter("cifar10-iid", chapter="cifar10", root=root, variants="fedpara")
     assert not full.fake_data and full.results_dir == root / "results"
+
+
+def test_open_chapter_uses_a_given_data_dir_even_for_a_smoke_run(tmp_path):
+    from fedpara.results import open_chapter
+
+    root = _repository(tmp_path)
+    page = open_chapter("cifar10-iid", chapter="cifar10", profile="smoke", variants="fedpara",
+                        root=root, data_dir=root / "cifar")
+    assert not page.fake_data and page.data_dir == str(root / "cifar")
+    assert page.configs["cifar10-iid", "fedpara"].data_dir == str(root / "cifar")
+    assert page.results_dir == root / "results" and "FAKE DATA" not in page.notice()
+    assert not (root / "_build").exists(), "no fake data written"
+    with pytest.raises(ValueError, match="fake_data=True.*data_dir"):
+        open_chapter("cifar10-iid", chapter="cifar10", profile="smoke", root=root,
+                     data_dir=root / "cifar", fake_data=True)
 
 
 def test_open_chapter_rejects_unknown_presets_and_variants(tmp_path):
