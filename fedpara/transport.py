@@ -9,8 +9,8 @@ halves the bytes again, independently. Both ends keep float32 (the server averag
 keeps a float32 global model; clients train in float32): only the copies on the wire are rounded.
 
 - float32: unchanged (the default).
-- float16: IEEE half precision, 11 significant bits, largest value 65504; numbers below 6e-8
-  round to zero.
+- float16: IEEE half precision, 11 significant bits, largest value 65504; numbers below 3e-8
+  (half the smallest subnormal, 2**-24) round to zero.
 - bfloat16: float32's range with 8 significant bits. NumPy (and so Flower's `Array`) has no
   bfloat16, so each number travels as its 16-bit pattern in an int16 array; `decode` reads the
   pattern back. Only the receiver's `transport` setting says an int16 array is bfloat16, so both
