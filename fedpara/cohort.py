@@ -36,6 +36,7 @@ from fedpara.task import (
     TrainResult,
     _check_batches,
     _check_lr_scale,
+    _check_proximal_to,
     _check_training,
     _num_samples,
 )
@@ -68,6 +69,9 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
     if any(n != names[0] for n in names[1:]):
         raise ValueError("train_cohort needs models of one architecture (the same parameters)")
     _check_lr_scale(lr_scale or {}, names[0])
+    if proximal_to is not None and proximal_mu > 0:  # as task.train: checked when it is used
+        proximal_to = list(proximal_to)
+        _check_proximal_to(models[0], proximal_to)
     device = torch.device(device)
     if seeds is not None:
         torch.manual_seed(int(seeds[0]))

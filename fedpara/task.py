@@ -260,6 +260,10 @@ class Proximal:
 
     @classmethod
     def of(cls, model: nn.Module, mu: float, names: Iterable[str]) -> Proximal:
+        """The term over the parameters among `names` (state_dict keys: the buffers among
+        them have no gradient and are skipped; a name the model lacks is refused)."""
+        names = list(names)
+        _check_proximal_to(model, names)
         named = dict(model.named_parameters())
         params = [named[n] for n in names if n in named]  # buffers have no gradient
         return cls(mu, params, [p.detach().clone() for p in params])
@@ -405,6 +409,14 @@ def _check_batches(batches: Batches, name: str = "batches") -> None:
         raise ValueError(f"{name} is a one-shot {type(batches).__name__}, which one epoch would "
                          f"use up; allowed: a list of (x, y) batches, a DataLoader or a "
                          f"data.TensorBatches")
+
+
+def _check_proximal_to(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse `proximal_to` names that are not keys of the model's state_dict (a misspelt name
+    would silently leave that parameter out of FedProx's term)."""
+    unknown = sorted(set(names) - set(model.state_dict()))
+    if unknown:
+        raise ValueError(f"proximal_to names entries the model lacks: {', '.join(unknown[:5])}")
 
 
 def _check_lr_scale(lr_scale: Mapping[str, float], names: Iterable[str]) -> None:

@@ -93,6 +93,22 @@ def test_both_engines_refuse_an_lr_scale_task_train_refuses(lr_scale, message):
                        lr_scale=lr_scale, capture=False)
 
 
+def test_every_engine_refuses_proximal_names_the_model_lacks():
+    base, client = _model("original"), _clients()[0]
+    names = [n for n, _ in base.named_parameters()]
+    wrong = [*names[1:], names[0] + "x"]  # one misspelt name would silently leave FedProx's term
+    message = f"proximal_to names entries the model lacks: {names[0]}x"
+    with pytest.raises(ValueError, match=message):
+        task.train(copy.deepcopy(base), _batches(client, 0), epochs=1, lr=0.1, proximal_mu=0.1,
+                   proximal_to=wrong)
+    with pytest.raises(ValueError, match=message):
+        train_cohort([copy.deepcopy(base)], [_batches(client, 0)], epochs=1, lr=0.1,
+                     proximal_mu=0.1, proximal_to=wrong)
+    with pytest.raises(ValueError, match=message):
+        GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu", speed=task.PLAIN,
+                       proximal_mu=0.1, proximal_to=wrong, capture=False)
+
+
 @pytest.mark.parametrize("parameterization", ["fedpara", "original"])
 def test_the_graphed_step_run_eagerly_is_task_train(parameterization):
     """One trainer serves client after client: weights copied in, trained, copied out; the
