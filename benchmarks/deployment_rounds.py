@@ -86,23 +86,38 @@ def _importable(module: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+STOP_SECONDS = 15  # what the deployment gets to stop its daemons once told to
+
+
 def deploy(pairs: str, env: dict[str, str], timeout: float) -> tuple[int, str]:
     """Run scripts/local_deployment.sh; past `timeout`, stop it the way that lets it stop the
-    daemons it started (SIGTERM to its whole process group, then its exit trap runs)."""
+    daemons it started (SIGTERM to its whole process group, then its exit trap runs, for at
+    most STOP_SECONDS). A SIGTERM to this process (an outer `timeout`) stops them the same way:
+    they run in a session of their own, which that signal would not reach."""
     proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "local_deployment.sh"), pairs],
                             cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(wait: float) -> str:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.communicate(timeout=wait)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.communicate()[0]
+
+    def terminated(signum, frame):
+        stop(STOP_SECONDS)
+        raise SystemExit(f"stopped by signal {signum}: the deployment's daemons were stopped")
+
+    before = signal.signal(signal.SIGTERM, terminated)
     try:
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode, output
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            output, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        return 124, output + f"\n(stopped after --timeout {timeout:g} s)"
+        return 124, stop(STOP_SECONDS) + f"\n(stopped after {timeout:.0f} s of deployment)"
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def experiment(args: argparse.Namespace, data_dir: Path, results_dir: Path) -> ExperimentConfig:
@@ -142,6 +157,10 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
                              f"clients for {model}: run throughput.py --cohort "
                              f"{config.clients_per_round} --cohort-models {model}")
         images_per_second = record["round_images_per_second"][model]
+        # the measurement's clients held equal shares, padded to whole batches: its rate per
+        # padded slot (what the sampled rounds count) is the image rate times this
+        share, batch = cohort["samples_per_client"], record["settings"]["batch"]
+        slots_per_image = math.ceil(share / batch) * batch / share
     else:  # files from before the "default" alias name the default path separately
         rates = record["images_per_second"][model]
         path = path if path in rates else record.get("default_path") or "fast"
@@ -153,6 +172,7 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
             "measured": record.get("date"), "threads": record.get("threads"),
             "model": model, "path": path,
             "images_per_second": images_per_second, "overheads": record["overheads"][model],
+            **({"slots_per_image": slots_per_image} if path == "cohort" else {}),
             **projected}
 
 
@@ -160,10 +180,12 @@ def sampled_rounds(config: ExperimentConfig, projected: dict, sizes: list[list[i
                    tests: int) -> list[float]:
     """The projection of each round with the clients it sampled: `project_config`'s per-client
     overheads and evaluation, and the training of those clients' images (the cohort engine
-    pads every client to the largest one's batches, so it trains K times the largest)."""
+    pads every client to the largest one's batches, so it trains K times the largest, at the
+    measurement's rate per padded slot)."""
     import throughput as tp  # benchmarks/throughput.py
 
     seconds = []
+    rate = projected["images_per_second"] * projected.get("slots_per_image", 1.0)
     for clients in sizes:
         if config.engine == "cohort":
             steps = max(math.ceil(n / config.batch_size) for n in clients)
@@ -171,8 +193,8 @@ def sampled_rounds(config: ExperimentConfig, projected: dict, sizes: list[list[i
         else:
             work = sum(clients)
         seconds.append(tp.round_seconds(projected["overheads"], len(clients), work,
-                                        config.local_epochs, projected["images_per_second"],
-                                        tests, cohort=config.engine == "cohort"))
+                                        config.local_epochs, rate, tests,
+                                        cohort=config.engine == "cohort"))
     return seconds
 
 
@@ -201,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="$FEDPARA_SPLITS for the run (stored splits are read, new ones kept)")
     p.add_argument("--throughput", type=Path, default=None,
                    help="throughput-<device>.json measured on this machine, for the projection")
-    p.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
+    p.add_argument("--timeout", type=float, default=600,
+                   help="seconds for the whole script, setup included: the deployment is stopped "
+                        "early enough for its daemons to stop within it")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads in the deployment's processes ($OMP_NUM_THREADS; default: "
                         "torch's own): match the throughput file's `threads` on a CPU")
@@ -213,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/deployment-<device>.json)")
     args = p.parse_args(argv)
+    deadline = time.monotonic() + args.timeout
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     if args.poll_seconds is not None and not 0 < args.poll_seconds < math.inf:
@@ -246,9 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
             env[POLL_ENV] = repr(args.poll_seconds)
         if args.threads is not None:  # read by torch in every process the deployment starts
             env["OMP_NUM_THREADS"] = str(args.threads)
+        left = deadline - time.monotonic() - STOP_SECONDS
+        if left <= 0:
+            raise SystemExit(f"--timeout {args.timeout:g} s was spent on the setup "
+                             f"(installing flwr, writing the data): no time left to deploy")
         started = time.perf_counter()
-        status, output = deploy(run_config_pairs(config, without=("results-dir",)), env,
-                                args.timeout)
+        status, output = deploy(run_config_pairs(config, without=("results-dir",)), env, left)
         run_seconds = time.perf_counter() - started
         if status != 0:
             sys.stderr.write(output[-6000:])

@@ -13,7 +13,9 @@
 #      overheads, projected preset wall times, 16 clients trained together (fedpara/cohort.py)
 #      against one after the other, and two agreement checks with dropout off: together vs
 #      apart, graphed vs eager                         -> throughput-<device>.json
-#      (the side-by-side processes of the 2026-11-29 H200 file: --parallel 1 2 4, not rerun)
+#      (the side-by-side processes of the 2026-11-29 H200 file: --parallel 1 2 4, not rerun;
+#      book/performance.md reads them from the first GPU file that has them, so a new file of
+#      that GPU needs them again, or they are gone with the old one)
 #   2. a 3-round FedAvg smoke over fedpara.task without Flower, fast and plain path, on fake
 #      CIFAR-10 files                                   -> gpu-smoke-<device>.json
 #   3. benchmarks/layer_overhead.py with bf16 and channels-last (the fast path's settings)
@@ -28,7 +30,8 @@
 #      in the tiny mode).
 # Results go to $OUT when it is set (the device tool's output folder), else benchmarks/results/.
 # Copy them into benchmarks/results/ and commit them; book/performance.md reads them from there.
-# GPU_CHECK_TINY=1 shrinks every step to seconds: it checks the script, it measures nothing.
+# GPU_CHECK_TINY=1 shrinks every step to seconds: it checks the script, it measures nothing, so
+# without $OUT its files go to a new temporary folder, never over the committed results.
 # Its deployment step keeps the full-size fake training set, so that it reads the split that
 # prepare_device.sh stored: with the wheels and the split, it rehearses the device's step 4.
 # To rehearse with the GPU machine's software on a CPU, give PYTHON a Python 3.12 venv holding
@@ -40,8 +43,13 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed
 PY="${PYTHON:-python3}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
-RESULTS="${OUT:-benchmarks/results}"
+if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
+  RESULTS="${OUT:-$(mktemp -d -t fedpara-gpu-check-tiny.XXXXXX)}"
+else
+  RESULTS="${OUT:-benchmarks/results}"
+fi
 mkdir -p "$RESULTS"
+echo "results: $RESULTS"
 
 if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   THROUGHPUT=(--batch 4 --samples 4 --repeats 2 --gammas 0.1 --paths baseline plain fast
@@ -63,7 +71,7 @@ fi
 
 # what the machine has (environment.txt), and the device's name as a file-name slug
 ENV_SCRIPT='
-import platform, sys, torch, torchvision
+import os, platform, sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
 from layer_overhead import device_name
 from throughput import slug
@@ -78,11 +86,13 @@ for name in ("flwr", "ray"):
         lines.append(f"{name} importable")
     except ImportError:
         lines.append(f"{name} not installed")
-open(sys.argv[1], "w").write("\n".join(lines) + "\n")
+with open(sys.argv[1] + ".partial", "w") as f:  # written whole, then renamed: never half-written
+    f.write("\n".join(lines) + "\n")
+os.replace(sys.argv[1] + ".partial", sys.argv[1])
 print("\n".join(lines), file=sys.stderr)
 print(slug(device_name(torch.device(sys.argv[2]))))
 '
-SLUG=$("$PY" -c "$ENV_SCRIPT" "$RESULTS/environment.txt" "$DEVICE") \
+SLUG=$(timeout 45 "$PY" -c "$ENV_SCRIPT" "$RESULTS/environment.txt" "$DEVICE") \
   || { echo "no torch, no benchmarks or no $DEVICE device here: nothing measured"; exit 1; }
 echo "device slug: $SLUG"
 
@@ -100,9 +110,9 @@ step() {  # step <name> <seconds> <command...>
   fi
 }
 
-step throughput 200 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
+step throughput 195 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
   --out "$RESULTS/throughput-$SLUG.json"
-step smoke 30 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
+step smoke 40 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
   --out "$RESULTS/gpu-smoke-$SLUG.json"
 step layer_overhead 30 "$PY" benchmarks/layer_overhead.py --device "$DEVICE" "${OVERHEAD[@]}" \
   --out "$RESULTS/layer_overhead-$SLUG.json"
@@ -110,8 +120,9 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 && ! -d "$WHEELS" ]] && ! "$PY" -c "import flw
 then
   echo "== deployment: skipped (no flwr and no $WHEELS; the tiny mode only)"
 else
-  step deployment 95 "$PY" benchmarks/deployment_rounds.py --device "$DEVICE" "${DEPLOY[@]}" \
-    --timeout 90 --throughput "$RESULTS/throughput-$SLUG.json" \
+  # its --timeout counts the setup and leaves its daemons the time to stop inside the step's
+  step deployment 90 "$PY" benchmarks/deployment_rounds.py --device "$DEVICE" "${DEPLOY[@]}" \
+    --timeout 88 --throughput "$RESULTS/throughput-$SLUG.json" \
     --out "$RESULTS/deployment-$SLUG.json"
 fi
 

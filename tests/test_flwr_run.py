@@ -143,8 +143,9 @@ def test_deployment_rounds_on_a_node_without_flwr_datasets(tmp_path):
             "average_seconds_per_client": 0.0, "eval_seconds_per_image": 1e-3}
     throughput = tmp_path / "throughput.json"
     throughput.write_text(json.dumps({  # what benchmarks/throughput.py writes, the keys used
-        "device": "test", "overheads": {"fedpara-0.1": over},
-        "cohort": {"fedpara-0.1": {"clients": 2}}, "round_images_per_second": {"fedpara-0.1": 80.0},
+        "device": "test", "overheads": {"fedpara-0.1": over}, "settings": {"batch": 64},
+        "cohort": {"fedpara-0.1": {"clients": 2, "samples_per_client": 500}},
+        "round_images_per_second": {"fedpara-0.1": 80.0},
         "images_per_second": {"fedpara-0.1": {"default": 40.0}}}))
     out = tmp_path / "deployment.json"
     env = {**os.environ, "PYTHONPATH": str(blocker)}
@@ -165,9 +166,11 @@ def test_deployment_rounds_on_a_node_without_flwr_datasets(tmp_path):
     # (the cohort's one message down, a reply per client up) + 16 x 1e-3 s
     assert projection["path"] == "cohort"
     assert projection["seconds_per_round"] == pytest.approx(2 * (0.5 + 0.1) + 0.75 + 0.016)
-    # the sampled clients: 8 images each, padded by the cohort engine to one batch of 64 each
+    # the sampled clients: 8 images each, padded by the cohort engine to one batch of 64 each,
+    # trained at the measurement's rate per padded slot (its clients: 500 images in 512 slots)
     assert record["round_client_sizes"] == [[8, 8], [8, 8]]
-    per_round = 2 * 0.5 + 0.75 + 2 * 64 / 80 + 0.016
+    assert projection["slots_per_image"] == 512 / 500
+    per_round = 2 * 0.5 + 0.75 + 2 * 64 / (80 * 512 / 500) + 0.016
     assert record["projected_round_seconds"] == pytest.approx([per_round, per_round])
     assert record["measured_to_projected"] == pytest.approx(
         record["round_wall_seconds"][1] / per_round)

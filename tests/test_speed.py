@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -372,6 +373,52 @@ def test_the_poll_benchmark_refuses_bad_input_before_any_run(args, message, monk
     monkeypatch.setattr(deployment_rounds, "main", no_run)
     with pytest.raises(SystemExit, match=message):
         server_poll.main(args)
+
+
+def test_the_deployment_check_counts_its_setup_in_its_timeout(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import deployment_rounds
+
+    def no_deployment(*args, **kwargs):
+        raise AssertionError("deployed with no time left to stop it within --timeout")
+
+    monkeypatch.setattr(deployment_rounds, "write_fake_cifar", lambda *args, **kwargs: None)
+    monkeypatch.setattr(deployment_rounds, "deploy", no_deployment)
+    budget = deployment_rounds.STOP_SECONDS - 1  # less than the daemons' time to stop
+    with pytest.raises(SystemExit, match=f"--timeout {budget} s was spent on the setup"):
+        deployment_rounds.main(["--device", "cpu", "--timeout", str(budget)])
+
+
+def test_a_terminated_deployment_check_stops_the_deployment_it_started(tmp_path):
+    """An outer `timeout` signals the check, not the deployment's own session: the check
+    passes the signal on, so the deployment's exit trap runs and its daemon is gone."""
+    fake_root = tmp_path / "root"
+    (fake_root / "scripts").mkdir(parents=True)
+    (fake_root / "scripts" / "local_deployment.sh").write_text(  # a daemon and an exit trap
+        "sleep 300 & echo $! > daemon.pid\n"
+        "trap 'kill $(cat daemon.pid); echo stopped > trap.ran; exit 143' TERM\n"
+        "echo started > ready\nwait\n")
+    check = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, sys.argv[1]); import deployment_rounds as d; "
+        "from pathlib import Path; d.ROOT = Path(sys.argv[2]); d.deploy('', {}, 300)"),
+        str(ROOT / "benchmarks"), str(fake_root)], cwd=fake_root, stderr=subprocess.PIPE,
+        text=True)
+    for _ in range(200):  # up to 20 s for the fake deployment to start its daemon
+        if (fake_root / "ready").exists():
+            break
+        time.sleep(0.1)
+    daemon = int((fake_root / "daemon.pid").read_text())
+    check.terminate()
+    _, err = check.communicate(timeout=60)
+    assert check.returncode != 0 and "stopped by signal 15" in err
+    assert (fake_root / "trap.ran").read_text() == "stopped\n"
+    status = Path(f"/proc/{daemon}/status")
+    for _ in range(100):  # killed: gone, or a zombie until its new parent reaps it
+        if not status.exists() or "zombie" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the fake deployment's daemon {daemon} still runs")
 
 
 def test_the_deployment_check_names_the_servers_poll_variable():
