@@ -143,8 +143,11 @@ class ImageDataset(Dataset):
         self.augment = train and self.info.augment
         self._mean = torch.tensor(self.info.mean).view(-1, 1, 1)
         self._std = torch.tensor(self.info.std).view(-1, 1, 1)
+        # a black pixel normalized: what TensorBatches pads its normalized images with
+        self.pad_value = ((0 - self._mean) / self._std).view(-1)
         size = self.info.image_size
-        # normalize first, then pad with zeros (the mean colour), the same as TensorBatches
+        # crop the [0, 1] image, padded with black, then normalize: the Flower baseline's order
+        # (RandomCrop before Normalize), and the same values as TensorBatches gives
         self._random_crop_flip = T.Compose(
             [T.RandomCrop(size, padding=PAD), T.RandomHorizontalFlip()]
         )
@@ -154,10 +157,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x = torch.from_numpy(self.data[index]).permute(2, 0, 1).float().div(255)  # (C, H, W)
-        x = (x - self._mean) / self._std
         if self.augment:
             x = self._random_crop_flip(x)
-        return x, int(self.labels[index])
+        return (x - self._mean) / self._std, int(self.labels[index])
 
     def __repr__(self) -> str:
         split = "train" if self.train else "test"
@@ -565,19 +567,29 @@ def as_tensors(
 
 
 def random_crop_flip(
-    x: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None
+    x: torch.Tensor, pad: int = PAD, generator: torch.Generator | None = None,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Random crop from the zero-padded image, then a horizontal flip with probability 1/2.
+    """Random crop from the padded image, then a horizontal flip with probability 1/2.
 
-    x: (B, C, H, W). Each image gets its own offset (dy, dx) in 0..2·pad and flip; done with two
-    gathers on x's device, no Python loop over images.
+    x: (B, C, H, W). The padding holds `fill` (C,) per channel (default zeros; for normalized
+    images, `ImageDataset.pad_value`, a normalized black). Each image gets its own offset
+    (dy, dx) in 0..2·pad and flip; done with two gathers on x's device, no Python loop over
+    images.
     """
     b, c, h, w = x.shape
     dev = generator.device if generator is not None else x.device
     dy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator).to(x.device)
     flip = (torch.rand(b, device=dev, generator=generator) < 0.5).to(x.device)
-    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    if fill is None:
+        xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H+2p, W+2p)
+    else:
+        if fill.shape != (c,):
+            raise ValueError(f"fill must hold one value per channel, shape ({c},); "
+                             f"got {tuple(fill.shape)}")
+        xp = fill.to(x).view(1, c, 1, 1).expand(b, c, h + 2 * pad, w + 2 * pad).clone()
+        xp[:, :, pad:pad + h, pad:pad + w] = x
     rows = dy[:, None] + torch.arange(h, device=x.device)  # (B, H)
     cols = torch.arange(w, device=x.device).expand(b, w)
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - cols, cols)  # (B, W)
@@ -589,8 +601,9 @@ class TensorBatches:
     """Mini-batches `(xb, yb)` over tensors already on the training device.
 
     One pass per `iter()`: a fresh permutation when `shuffle`, and when `augment` each batch is
-    randomly cropped (pad 4) and flipped on x's device. `generator` (on CPU or on x's device)
-    makes both reproducible. `len()` is the number of batches.
+    randomly cropped (pad 4, the padding holding `fill` per channel, default zeros) and flipped
+    on x's device. `generator` (on CPU or on x's device) makes both reproducible. `len()` is the
+    number of batches.
     """
 
     def __init__(
@@ -603,6 +616,7 @@ class TensorBatches:
         augment: bool = False,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        fill: torch.Tensor | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -614,6 +628,7 @@ class TensorBatches:
         self.batch_size = batch_size
         self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.generator = generator
+        self.fill = None if fill is None else fill.to(x)
 
     def __len__(self) -> int:
         n = len(self.x)
@@ -631,7 +646,7 @@ class TensorBatches:
             else:
                 xb, yb = self.x[sl], self.y[sl]
             if self.augment:
-                xb = random_crop_flip(xb, generator=self.generator)
+                xb = random_crop_flip(xb, generator=self.generator, fill=self.fill)
             yield xb, yb
 
 

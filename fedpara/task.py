@@ -509,7 +509,7 @@ def make_batches(split, indices, config: ExperimentConfig, device: torch.device,
     x, y = as_tensors(split, indices, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if train else None
     return TensorBatches(x, y, batch_size, shuffle=train, augment=train and split.augment,
-                         generator=generator)
+                         generator=generator, fill=split.pad_value)  # pad with black
 
 
 def client_data(config: ExperimentConfig, partition_id: int, *, seed: int = 0,

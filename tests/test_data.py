@@ -28,10 +28,15 @@ from fedpara.fakedata import write_fake_cifar, write_fake_femnist, write_fake_id
 # helpers
 
 
-def crop_flip_of(out: torch.Tensor, x: torch.Tensor, pad: int = 4) -> tuple[int, int, bool] | None:
-    """The (dy, dx, flipped) with out == crop of zero-padded x (C, H, W), or None."""
-    _, h, w = x.shape
+def crop_flip_of(out: torch.Tensor, x: torch.Tensor, pad: int = 4,
+                 fill: torch.Tensor | None = None) -> tuple[int, int, bool] | None:
+    """The (dy, dx, flipped) with out == crop of x (C, H, W) padded with `fill` per channel
+    (default zeros), or None."""
+    c, h, w = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    if fill is not None:
+        xp[:, :pad], xp[:, -pad:] = fill.view(c, 1, 1), fill.view(c, 1, 1)
+        xp[:, :, :pad], xp[:, :, -pad:] = fill.view(c, 1, 1), fill.view(c, 1, 1)
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
             crop = xp[:, dy : dy + h, dx : dx + w]
@@ -192,12 +197,36 @@ def test_cifar_format_round_trip(tmp_path, name):
     assert y == written["test"][1][3]
 
 
-def test_cifar_train_items_are_random_crops_and_flips(fake_cifar10_dir):
+def test_cifar_train_items_are_random_crops_and_flips_padded_with_black(fake_cifar10_dir):
     train, _ = load_dataset("cifar10", data_dir=fake_cifar10_dir, download=False)
     plain = normalized(train.data[:20], "cifar10")
-    found = [crop_flip_of(train[i][0], plain[i]) for i in range(20)]
+    black = normalized(np.zeros((1, 1, 1, 3), np.uint8), "cifar10").view(3)
+    assert torch.equal(train.pad_value, black)  # the Flower baseline pads before normalizing
+    found = [crop_flip_of(train[i][0], plain[i], fill=black) for i in range(20)]
     assert None not in found
     assert len(set(found)) > 1  # not the same transform every time
+    assert any((dy, dx) != (4, 4) for dy, dx, _ in found)  # some crops do show the padding
+
+
+def test_fast_batches_pad_cifar_with_the_same_black(fake_cifar10_dir):
+    from fedpara import task
+    from fedpara.config import ExperimentConfig
+
+    config = ExperimentConfig(dataset="cifar10", model="cnn", data_dir=str(fake_cifar10_dir),
+                              num_clients=2, clients_per_round=1, batch_size=8)
+    train, _ = load_dataset("cifar10", data_dir=fake_cifar10_dir, download=False)
+    batches = task.make_batches(train, np.arange(32), config, torch.device("cpu"), train=True,
+                                seed=0)
+    assert torch.equal(batches.fill, train.pad_value)
+    plain = normalized(train.data[:32], "cifar10")
+    for xb, yb in batches:
+        for out in xb:  # which image it is: the one whose crop it is
+            assert any(crop_flip_of(out, p, fill=train.pad_value) for p in plain)
+
+
+def test_random_crop_flip_refuses_a_fill_of_another_shape():
+    with pytest.raises(ValueError, match=r"fill must hold one value per channel, shape \(3,\)"):
+        random_crop_flip(torch.zeros(2, 3, 8, 8), fill=torch.zeros(2))
 
 
 @pytest.mark.parametrize("download", [True, False])
