@@ -138,7 +138,12 @@ def exchange(grid: Grid, messages: Iterable[Message]) -> list[Message]:
     rounds with several waits.
     """
     wait = poll_seconds(grid)
-    waiting = set(grid.push_messages(messages))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    if len(ids) != len(messages) or any(not i for i in ids):  # a deployment's grid gives [] or
+        pushed = sum(1 for i in ids if i)  # None entries for messages it could not push
+        raise RuntimeError(f"the SuperLink accepted {pushed} of {len(messages)} messages")
+    waiting = set(ids)
     replies: list[Message] = []
     while waiting:
         pulled = list(grid.pull_messages(waiting))
@@ -147,6 +152,13 @@ def exchange(grid: Grid, messages: Iterable[Message]) -> list[Message]:
         if waiting:
             time.sleep(wait)
     return replies
+
+
+def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An averaged array back in its clients' dtype: integer entries (e.g. BatchNorm's
+    `num_batches_tracked`) rounded to the nearest integer, not truncated (a mean of equal
+    counts can land just below them)."""
+    return value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
 
 
 def _raise_errors(replies: list[Message], what: str) -> None:
@@ -280,6 +292,8 @@ class FedParaStrategy:
         and, with client evaluation, `accuracy_after_training` and its per-client values.
         """
         replies = list(replies)
+        if not replies:
+            raise RuntimeError(f"no client replied to the training of round {server_round}")
         _raise_errors(replies, f"training in round {server_round}")
         replies.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
         contents = [m.content for m in replies]
@@ -296,7 +310,7 @@ class FedParaStrategy:
 
         mean = task.weighted_mean(decoded(), examples)
         if self.config.strategy in _MEAN_IS_THE_RESULT:
-            result = {key: value.to(dtypes[key]).numpy() for key, value in mean.items()}
+            result = {key: _cast(value, dtypes[key]).numpy() for key, value in mean.items()}
         else:  # Flower's server step from the mean, handed over as one reply of weight 1
             result = self._server_step(server_round, mean, replies[0], dtypes)
         aggregated = ArrayRecord({key: Array(value) for key, value in result.items()})
@@ -331,7 +345,7 @@ class FedParaStrategy:
             dst_node_id=reply.metadata.dst_node_id, message_type=MessageType.TRAIN,
             group_id=str(server_round))
         result, _ = self.flower.aggregate_train(server_round, [carrier])
-        return {key: torch.from_numpy(np.asarray(result[key].numpy())).to(dtype).numpy()
+        return {key: _cast(torch.from_numpy(np.asarray(result[key].numpy())), dtype).numpy()
                 for key, dtype in dtypes.items()}
 
     def cohort_message(self, messages: list[Message], server_round: int) -> Message:

@@ -174,21 +174,31 @@ def weighted_mean(states: Iterable[Mapping[str, Tensor]], examples: Sequence[flo
     result is bit for bit Flower's, without what its path costs: every reply re-wrapped as a
     float64 `Array` (serialized to bytes, read back) and the mean serialized once more
     (`benchmarks/aggregation.py` times both). `states` may be a generator: one client's
-    arrays are held at a time.
+    arrays are held at a time. Every client must send the same keys with the same shapes
+    (ValueError naming the first that differs), and the examples must not sum to 0.
     """
     total = sum(examples)
+    if not total > 0:
+        raise ValueError(f"examples must sum to more than 0, got {list(examples)}")
     factors = [n / total for n in examples]
     mean: OrderedDict[str, Tensor] = OrderedDict()
     count = 0
     for count, state in enumerate(states, start=1):
         if count > len(factors):
             break
+        if count > 1 and state.keys() != mean.keys():
+            differ = sorted(set(state) ^ set(mean))
+            raise ValueError(f"client {count} of {len(factors)} sent other keys than client 1: "
+                             f"{', '.join(differ[:5])}")
         for key, value in state.items():  # in place on a copy: one temporary per array
             term = value.to(torch.float64, copy=True).mul_(factors[count - 1])
-            if key in mean:
-                mean[key] += term
-            else:
+            if key not in mean:
                 mean[key] = term
+            elif term.shape != mean[key].shape:
+                raise ValueError(f"client {count} of {len(factors)} sent {key} of shape "
+                                 f"{tuple(term.shape)}, client 1 {tuple(mean[key].shape)}")
+            else:
+                mean[key] += term
     if count != len(factors):
         raise ValueError(f"more or fewer clients' arrays than weights ({len(factors)})")
     return mean

@@ -286,6 +286,45 @@ def test_weighted_mean_needs_one_state_per_weight():
     assert [s["w"].tolist() for s in states] == [[1.0, 1.0], [4.0, 4.0]]  # inputs untouched
 
 
+def test_the_server_average_refuses_missing_or_disagreeing_replies_and_rounds_integers(identity):
+    from fedpara.server_app import FedParaStrategy
+    from fedpara.task import weighted_mean
+
+    server = FedParaStrategy(ExperimentConfig())
+    with pytest.raises(RuntimeError, match="no client replied to the training of round 1"):
+        server.aggregate_train(1, [])
+    state = {"w": torch.ones(2), "count": torch.tensor(1, dtype=torch.int64)}
+    new, _ = server.aggregate_train(1, _replies([state] * 6, [1] * 6))
+    # six sixths of 1 add up to 0.9999999999999999: an integer is rounded back, not truncated
+    assert new.to_torch_state_dict()["count"].item() == 1
+    with pytest.raises(ValueError, match="client 2 of 2 sent other keys than client 1: count"):
+        weighted_mean([state, {"w": torch.ones(2)}], [1, 1])
+    with pytest.raises(ValueError, match=r"client 2 of 2 sent w of shape \(1,\), client 1 \(2,\)"):
+        weighted_mean([state, {**state, "w": torch.ones(1)}], [1, 1])
+    with pytest.raises(ValueError, match=r"examples must sum to more than 0, got \[0\]"):
+        weighted_mean([state], [0])
+
+
+def test_exchange_refuses_a_push_the_superlink_did_not_take_whole(identity):
+    from fedpara.messages import QUERY_PARTITION
+    from fedpara.server_app import exchange
+
+    class ShortPush:  # what Flower's deployment grid returns when a push fails
+        pull_interval = 0.01
+
+        def __init__(self, ids):
+            self.ids = ids
+
+        def push_messages(self, messages):
+            return self.ids
+
+    queries = [Message(content=RecordDict(), dst_node_id=node, message_type=QUERY_PARTITION)
+               for node in (1, 2)]
+    for ids, pushed in (([], 0), (["a", None], 1)):
+        with pytest.raises(RuntimeError, match=f"the SuperLink accepted {pushed} of 2 messages"):
+            exchange(ShortPush(ids), queries)
+
+
 class _AllNodes:
     def __init__(self, nodes):
         self.nodes = nodes
