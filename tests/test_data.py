@@ -219,7 +219,7 @@ def test_fast_batches_pad_cifar_with_the_same_black(fake_cifar10_dir):
                                 seed=0)
     assert torch.equal(batches.fill, train.pad_value)
     plain = normalized(train.data[:32], "cifar10")
-    for xb, yb in batches:
+    for xb, _ in batches:
         for out in xb:  # which image it is: the one whose crop it is
             assert any(crop_flip_of(out, p, fill=train.pad_value) for p in plain)
 
