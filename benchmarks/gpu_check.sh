@@ -71,10 +71,11 @@ fi
 
 # what the machine has (environment.txt), and the device's name as a file-name slug
 ENV_SCRIPT='
-import os, platform, sys, torch, torchvision
+import platform, sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
 from layer_overhead import device_name
 from throughput import slug
+from fedpara.storage import write_atomic
 lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
          f"torchvision {torchvision.__version__}", f"cuda available {torch.cuda.is_available()}"]
 if torch.cuda.is_available():
@@ -86,9 +87,7 @@ for name in ("flwr", "ray"):
         lines.append(f"{name} importable")
     except ImportError:
         lines.append(f"{name} not installed")
-with open(sys.argv[1] + ".partial", "w") as f:  # written whole, then renamed: never half-written
-    f.write("\n".join(lines) + "\n")
-os.replace(sys.argv[1] + ".partial", sys.argv[1])
+write_atomic(sys.argv[1], ("\n".join(lines) + "\n").encode())
 print("\n".join(lines), file=sys.stderr)
 print(slug(device_name(torch.device(sys.argv[2]))))
 '
