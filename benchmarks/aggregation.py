@@ -36,8 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from layer_overhead import device_name  # noqa: E402
-from throughput import slug  # noqa: E402
+from layer_overhead import device_name, slug  # noqa: E402
 
 from fedpara import task  # noqa: E402
 from fedpara.config import PRESETS, get_preset  # noqa: E402

@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from layer_overhead import device_name  # noqa: E402
-from throughput import slug  # noqa: E402
+from layer_overhead import device_name, slug  # noqa: E402
 
 from fedpara.config import get_preset  # noqa: E402
 from fedpara.fakedata import write_fake_cifar  # noqa: E402

@@ -24,7 +24,8 @@ flwr-datasets unless it is stored: `--splits DIR` is $FEDPARA_SPLITS (fedpara.pa
 `--prepare` (on a machine with flwr-datasets) stores the split of the same fake labels and
 stops. `benchmarks/prepare_device.sh` does both preparations for the GPU check: the wheels
 (without numpy and uv, which that machine has or does not need) and the split.
-Writes deployment-<device>.json.
+Writes benchmarks/results/deployment-<device>.json (`--out` to choose), the device named as
+benchmarks/layer_overhead.py and gpu_check.sh name it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -53,6 +56,7 @@ from fedpara.fakedata import write_fake_cifar  # noqa: E402
 from fedpara.partition import SPLITS_ENV  # noqa: E402
 from fedpara.run import run_config_pairs  # noqa: E402
 from fedpara.storage import write_atomic  # noqa: E402
+from layer_overhead import device_name, slug  # noqa: E402
 
 ENGINES_PATH = {"cohort": "cohort", "client": "default"}  # the throughput path each engine runs
 # fedpara.server_app.POLL_ENV, spelled here because this script runs without flwr installed
@@ -321,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
                  / record["median_projected_seconds_after_first"])
         record["measured_to_projected"] = ratio
         record["within_20_percent"] = abs(ratio - 1) <= 0.2
-    out = args.out or ROOT / "benchmarks" / "results" / f"deployment-{_slug(record['device'])}.json"
+    name = f"deployment-{slug(device_name(torch.device(args.device)))}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / name
     write_atomic(out, (json.dumps(record, indent=2) + "\n").encode())
     print(f"rounds (s): {[round(w, 2) for w in walls]}; after the first, median "
           f"{record['median_round_seconds_after_first']:.2f} s")
@@ -344,12 +349,6 @@ def _cifar_presets() -> list[str]:
 
 def _float_or_none(text: str | None) -> float | None:
     return None if text is None else float(text)
-
-
-def _slug(text: str) -> str:
-    import throughput as tp
-
-    return tp.slug(text)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,7 @@ fi
 ENV_SCRIPT='
 import platform, sys, torch, torchvision
 sys.path.insert(0, "benchmarks")
-from layer_overhead import device_name
-from throughput import slug
+from layer_overhead import device_name, slug
 from fedpara.storage import write_atomic
 lines = [f"python {platform.python_version()}", f"torch {torch.__version__}",
          f"torchvision {torchvision.__version__}", f"cuda available {torch.cuda.is_available()}"]

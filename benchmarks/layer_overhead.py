@@ -18,7 +18,8 @@ counted twice). Transient buffers inside an op are not seen.
 Also measured: the composition alone (forward + backward of the 13 weights, no convolution) in
 three implementations, to show where the time goes; the multiply-add counts of the
 convolutions and of the composition; and the rate (multiply-adds per second) of each kind of
-work on the largest layer (`arithmetic_rates`). Writes benchmarks/results/layer_overhead.json.
+work on the largest layer (`arithmetic_rates`). Writes
+benchmarks/results/layer_overhead-<device>.json (`--out` to choose).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -43,7 +45,7 @@ from fedpara.models import vgg16  # noqa: E402
 from fedpara.storage import write_atomic  # noqa: E402
 
 VARIANTS = ("original", "fedpara", "fedpara_autograd")
-OUT = Path(__file__).parent / "results" / "layer_overhead.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,6 +63,11 @@ def device_name(device: torch.device) -> str:
     ]
     name = names[0] if names else platform.processor() or platform.machine()
     return f"{name}, {os.cpu_count()} cores"
+
+
+def slug(text: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (file-name safe)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def sync(device: torch.device) -> None:
@@ -241,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default: benchmarks/results/layer_overhead-<device>.json)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.batch < 1:
         raise ValueError("--repeats, --steps and --batch must be >= 1")
@@ -325,8 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
     for key in (*keys, "multiply_adds", "arithmetic_rates", "compose_seconds"):
         if key in record:
             print(f"{key}: {json.dumps(record[key])}")
-    write_json(args.out, record)
-    print(f"wrote {args.out}")
+    out = args.out or RESULTS / f"layer_overhead-{slug(record['device'])}.json"
+    write_json(out, record)
+    print(f"wrote {out}")
     return record
 
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import deployment_rounds  # noqa: E402
-from throughput import slug  # noqa: E402
+from layer_overhead import slug  # noqa: E402
 
 from fedpara.storage import write_atomic  # noqa: E402
 

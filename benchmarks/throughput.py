@@ -78,7 +78,6 @@ import hashlib
 import io
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -96,7 +95,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_overhead import device_name, sync, timings, write_json  # noqa: E402
+from layer_overhead import device_name, slug, sync, timings, write_json  # noqa: E402
 
 from fedpara import task  # noqa: E402
 from fedpara.config import ExperimentConfig, get_preset  # noqa: E402
@@ -134,11 +133,6 @@ DEFAULT_PATHS = {
 
 
 # helpers ------------------------------------------------------------------------------------
-
-
-def slug(text: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (file-name safe)."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def peak_bf16_flops(name: str) -> float | None:
