@@ -20,7 +20,9 @@ measures training throughput per device.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -280,6 +282,25 @@ class ExperimentConfig:
         return self.parameterization if self.algorithm == "fedavg" else self.algorithm
 
     @property
+    def run_name(self) -> str:
+        """The name of this run's history file and checkpoint folder: `<variant>-<profile>`,
+        then `+field=value` for every field that differs from what its preset, variant and
+        profile give (EXECUTION_FIELDS aside), e.g. `fedpara-full+proximal_mu=0.1`, so that a
+        run with changed settings never overwrites the preset's own history. A config that is
+        not a known preset's variant has no suffix."""
+        stem = f"{self.variant_name}-{self.profile}"
+        preset = PRESETS.get(self.preset)
+        if preset is None or self.variant not in preset.variants or self.profile not in PROFILES:
+            return stem
+        reference = get_preset(self.preset, variant=self.variant, profile=self.profile)
+        changed = {k: getattr(self, k) for k in differing_fields(reference.to_dict(), self)}
+        suffix = "".join(f"+{k}={_file_value(v)}" for k, v in changed.items())
+        if len(suffix) > 80:  # file names have a length limit: name the changes by a digest
+            digest = hashlib.sha256(repr(sorted(changed.items())).encode()).hexdigest()
+            suffix = f"+{len(changed)}-changes-{digest[:12]}"
+        return stem + suffix
+
+    @property
     def personalized(self) -> bool:
         """True when part of the model never leaves the client (FedPer, pFedPara, local)."""
         return self.algorithm in PERSONALIZED
@@ -291,7 +312,7 @@ class ExperimentConfig:
     def replace(self, **changes: Any) -> ExperimentConfig:
         """A copy with some fields changed (validated again)."""
         _check_field_names(changes)
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{k: _cast(k, v) for k, v in changes.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -339,25 +360,49 @@ def _check_field_names(values: dict[str, Any]) -> None:
         )
 
 
+def as_bool(name: str, value: Any) -> bool:
+    """`value` as a flag: True/False, "true"/"false"/"1"/"0" (any case) or the integers 1/0;
+    anything else raises ValueError naming `name` (bool("false") would be True)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text in ("true", "1", 1):
+        return True
+    if text in ("false", "0", 0):
+        return False
+    raise ValueError(f"{name}={value!r} is not a valid bool; allowed: true, false, 1, 0")
+
+
 def _cast(name: str, value: Any) -> Any:
-    """Cast a run-config or command-line value to the type of field `name`."""
+    """Cast a run-config or command-line value to the type of field `name`. A bool is refused
+    where a number is expected (True would become 1), and a number is not a string (a path is)."""
     kind = _FIELD_TYPES[name]
+    if kind == "bool":
+        return as_bool(name, value)
+    expected = {"int": "an integer", "float": "a number", "str": "a string"}[kind]
     try:
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return value.lower() in ("true", "1")
-            return bool(value)
+        if isinstance(value, bool):
+            raise ValueError
         if kind == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if kind == "float":
             return float(value)
-        return str(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a valid {kind}") from None
+        if isinstance(value, os.PathLike):  # a folder given as a Path
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (ValueError, TypeError, OverflowError):
+        raise ValueError(f"{name}={value!r} is not a valid {kind}; expected {expected}") from None
+
+
+def _file_value(value: Any) -> str:
+    """A field value as part of a file name: true/false, numbers as Python writes them,
+    characters other than letters, digits, '.', '_' and '-' replaced by '_'."""
+    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
 # presets ---------------------------------------------------------------------------------
@@ -586,11 +631,21 @@ def get_preset(
         )
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}; allowed: {', '.join(PROFILES)}")
-    _check_field_names(overrides)
+    _check_overridable(overrides)
     values = {**preset.base, **preset.variants[variant], **preset.profiles.get(profile, {})}
     values.update(overrides)
     values.update(preset=name, variant=variant, profile=profile)
     return ExperimentConfig.from_dict(values)
+
+
+def _check_overridable(overrides: Mapping[str, Any]) -> None:
+    """Overrides must be fields, and not the three that name which preset's run this is."""
+    _check_field_names(dict(overrides))
+    chosen = sorted({"preset", "variant", "profile"} & set(overrides))
+    if chosen:
+        raise ValueError(f"{', '.join(chosen)}: not a field to override; a preset's run is "
+                         f"chosen by get_preset's name, variant and profile arguments (on the "
+                         f"command line --preset, --variant and --profile)")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -601,6 +656,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ValueError(f"--set {pair!r}: expected key=value, e.g. rounds=5")
-        _check_field_names({key: raw})
+        _check_overridable({key: raw})
         values[key] = _cast(key, raw.strip())
     return values

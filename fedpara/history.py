@@ -191,6 +191,7 @@ class History:
 
     @staticmethod
     def default_path(config: Any, results_dir: str | os.PathLike = "results") -> Path:
-        """`<results_dir>/<preset>/<variant>-<profile>.json` for an ExperimentConfig."""
-        return Path(results_dir) / config.preset / f"{config.variant_name}-{config.profile}.json"
+        """`<results_dir>/<preset>/<run_name>.json` for an ExperimentConfig: run_name is
+        `<variant>-<profile>`, plus `+field=value` for each setting changed from the preset's."""
+        return Path(results_dir) / config.preset / f"{config.run_name}.json"
 

@@ -6,7 +6,8 @@
         print(status, run_command(config), planned_traffic_gib(config))
 
 A stored history counts for `config` only if it was made with the same experiment: the file is
-`History.default_path(config, results_dir)` (preset, variant and profile are in its name) and
+`History.default_path(config, results_dir)` (preset, variant, profile and any changed setting
+are in its name) and
 every field of its stored config equals `config`'s, except the fields in `MAY_DIFFER`, which say
 where and how a run executed, not what it computed. The config stored in the history is the
 truth: a history made by `python -m fedpara.run`, by `flwr run` or by a notebook is accepted alike.
@@ -159,9 +160,8 @@ class ClientScores:
 
 
 def client_scores_path(config: ExperimentConfig, results_dir: str | Path = "results") -> Path:
-    """`<results_dir>/<preset>/clients/<variant>-<profile>.json`, next to the history."""
-    return (Path(results_dir) / config.preset / "clients"
-            / f"{config.variant_name}-{config.profile}.json")
+    """`<results_dir>/<preset>/clients/<run_name>.json`, next to the history."""
+    return Path(results_dir) / config.preset / "clients" / f"{config.run_name}.json"
 
 
 def score_clients(config: ExperimentConfig, checkpoint: str | Path) -> ClientScores:
@@ -508,7 +508,7 @@ def open_chapter(
       (and, unless `results_dir` is given, `<root>/_build/fake-data/results`), so smoke
       histories never land next to real ones; True with a `data_dir` raises ValueError.
     - `checkpoints`: True puts each run's checkpoints where `python -m fedpara.run` does,
-      `<results_dir>/../checkpoints/<preset>/<variant>-<profile>/` (per-client scores of
+      `<results_dir>/../checkpoints/<preset>/<run_name>/` (per-client scores of
       personalized runs are computed from the last one); False: none.
     - `train=False` never trains: runs without a matching stored history stay missing.
       `train=True` trains those (`retrain=True`: all), saving each history where it is read;
@@ -545,13 +545,12 @@ def open_chapter(
         for variant in PRESETS[preset].variants:
             if chosen and variant not in chosen:
                 continue
-            extra = dict(overrides)
-            if checkpoints and "checkpoint_dir" not in extra:
-                extra["checkpoint_dir"] = str(results.parent / "checkpoints" / preset
-                                              / f"{variant}-{profile}")
-            configs[preset, variant] = get_preset(preset, variant=variant, profile=profile,
-                                                  seed=seed, data_dir=data_dir, device=device,
-                                                  **extra)
+            config = get_preset(preset, variant=variant, profile=profile, seed=seed,
+                                data_dir=data_dir, device=device, **overrides)
+            if checkpoints and "checkpoint_dir" not in overrides:
+                config = config.replace(checkpoint_dir=str(results.parent / "checkpoints"
+                                                           / preset / config.run_name))
+            configs[preset, variant] = config
     if not configs:
         raise ValueError(f"variants={variants!r}: none of them is a variant of {presets!r}")
     runs = {key: load_or_train(config, results, train=train, retrain=retrain,

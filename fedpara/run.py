@@ -8,7 +8,10 @@
         # then: flwr run . --run-config run.toml  (the same experiment through `flwr run`)
 
 The history goes to results/<preset>/<variant>-<profile>.json (or --out); checkpoints to
-checkpoints/<preset>/<variant>-<profile>/ unless `--set checkpoint_dir=...`. A bad config fails
+checkpoints/<preset>/<variant>-<profile>/ unless `--set checkpoint_dir=...`. A run with changed
+settings (`--set` of a field other than where and how it runs) is another experiment: its names
+get `+field=value` for each change, e.g. results/fmnist-noniid/fedpara-full+rounds=5.json, so
+it never overwrites the preset's own history or deletes its checkpoints. A bad config fails
 before any data is loaded, with a message naming the field, and exit status 2. A run that cannot
 start or finish (a missing or corrupt dataset, a download that fails, a checkpoint from another
 experiment or one that does not read back, a file that cannot be written) prints one paragraph
@@ -59,8 +62,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     overrides = parse_overrides(args.overrides)
     config = get_preset(args.preset, variant=args.variant, profile=args.profile, **overrides)
     if "checkpoint_dir" not in overrides:
-        folder = Path("checkpoints") / config.preset / f"{config.variant_name}-{config.profile}"
-        config = config.replace(checkpoint_dir=str(folder))
+        config = config.replace(checkpoint_dir=str(Path("checkpoints") / config.preset
+                                                   / config.run_name))
     if args.results_dir is not None:  # one folder, whether this CLI or `flwr run` saves
         if "results_dir" in overrides and Path(overrides["results_dir"]) != args.results_dir:
             raise ValueError(f"--results-dir {args.results_dir} and --set results_dir="
@@ -87,10 +90,20 @@ def _toml(key: str, value, pair: bool = False) -> str:
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def write_run_config(config: ExperimentConfig, path: Path) -> None:
-    """A TOML file of Flower run-config overrides (kebab-case keys), written atomically."""
-    lines = [f"{key} = {_toml(key, value)}" for key, value in config.to_run_config().items()]
+def write_run_config(config: ExperimentConfig, path: Path, *, resume: bool = False) -> None:
+    """A TOML file of Flower run-config overrides (kebab-case keys), written atomically;
+    `resume` adds the ServerApp's `resume = true`. Flower reads `--run-config X` as a file only
+    when X ends in `.toml` (else as key=value pairs), so another name is refused."""
+    _check_run_config_name(path)
+    values = {**config.to_run_config(), **({"resume": True} if resume else {})}
+    lines = [f"{key} = {_toml(key, value)}" for key, value in values.items()]
     write_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def _check_run_config_name(path: Path) -> None:
+    if Path(path).suffix != ".toml":
+        raise ValueError(f"--write-run-config {path}: the name must end in .toml; `flwr run "
+                         f"--run-config` reads any other name as key=value pairs, not a file")
 
 
 def run_config_pairs(config: ExperimentConfig, without: tuple[str, ...] = ()) -> str:
@@ -163,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.preset:
         _parser().error("--preset is required (see --list)")
     try:
+        if args.write_run_config and args.out:
+            raise ValueError("--out cannot go into a run-config file: `flwr run` saves the "
+                             "history under results_dir (give --results-dir instead)")
+        if args.write_run_config:
+            _check_run_config_name(args.write_run_config)
         config = build_config(args)
         if not args.write_run_config:  # that file may be meant for another machine
             from fedpara.task import resolve_device
@@ -189,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
     if args.write_run_config:
-        _writable(lambda: write_run_config(config, args.write_run_config), args.write_run_config)
+        resume = {"resume": True} if args.resume else {}
+        _writable(lambda: write_run_config(config, args.write_run_config, **resume),
+                  args.write_run_config)
         print(f"wrote {args.write_run_config}; run it with: flwr run . --run-config "
               f"{args.write_run_config}")
         return 0

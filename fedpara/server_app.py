@@ -64,7 +64,7 @@ from fedpara.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedpara.config import STRATEGIES, ExperimentConfig
+from fedpara.config import STRATEGIES, ExperimentConfig, as_bool
 from fedpara.history import History, RoundRecord, hardware_info
 from fedpara.messages import (
     ADDRESS,
@@ -593,7 +593,7 @@ def make_server_app(config: ExperimentConfig | None = None, *, resume: bool = Fa
     @server_app.main()
     def main(grid: Grid, context) -> None:
         run_config = dict(context.run_config)
-        resume_run = bool(run_config.pop("resume", resume))
+        resume_run = as_bool("resume", run_config.pop("resume", resume))
         experiment = config or ExperimentConfig.from_run_config(run_config)
         history = run_server(grid, experiment, resume=resume_run, on_round=on_round)
         if on_finish is not None:

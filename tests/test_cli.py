@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,14 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
     (["--set", f"device=cuda:{torch.cuda.device_count()}"],
      ["device='cuda:", "allowed here: auto, cpu"]),
     (["--results-dir", "a", "--set", "results_dir=b"], ["--results-dir a", "results_dir=b"]),
+    # which preset's run this is comes from --preset, --variant and --profile only
+    (["--set", "profile=quick"], ["profile: not a field to override", "--profile"]),
+    (["--set", "variant=mine"], ["variant: not a field to override"]),
+    (["--set", "preset=mine"], ["preset: not a field to override"]),
+    (["--set", "nonlinear=yes"], ["nonlinear='yes'", "allowed: true, false, 1, 0"]),
+    # Flower reads --run-config X as a file only if X ends in .toml
+    (["--write-run-config", "run.cfg"], ["run.cfg", "must end in .toml"]),
+    (["--write-run-config", "run.toml", "--out", "mine.json"], ["--out", "--results-dir"]),
 ])
 def test_bad_config_exits_with_status_2_before_loading_data(args, messages, tmp_path, capsys,
                                                             monkeypatch):
@@ -160,6 +169,46 @@ def test_unreadable_checkpoint_is_named(tmp_path, capsys, monkeypatch, fmnist_di
     assert f"delete {path} to resume from the checkpoint before it" in err
 
 
+def test_changed_settings_never_overwrite_the_presets_run(tmp_path, monkeypatch):
+    """A run with --set of a protocol field is another experiment, with files of its own: the
+    preset's stored history and checkpoints stay untouched."""
+    from fedpara.run import _parser, build_config
+
+    monkeypatch.chdir(tmp_path)
+
+    def config(*args):
+        return build_config(_parser().parse_args(["--preset", "fmnist-noniid", *args]))
+
+    plain = config("--variant", "fedpara")
+    where = config("--variant", "fedpara", "--set", "device=cpu", "--set", "data_dir=/d")
+    changed = config("--variant", "fedpara", "--set", "strategy=fedprox",
+                     "--set", "proximal_mu=0.01")
+    assert History.default_path(plain) == Path("results/fmnist-noniid/fedpara-full.json")
+    assert where.checkpoint_dir == plain.checkpoint_dir == "checkpoints/fmnist-noniid/fedpara-full"
+    assert History.default_path(where) == History.default_path(plain)  # same experiment
+    assert History.default_path(changed) == Path(
+        "results/fmnist-noniid/fedpara-full+proximal_mu=0.01+strategy=fedprox.json")
+    assert changed.checkpoint_dir == (
+        "checkpoints/fmnist-noniid/fedpara-full+proximal_mu=0.01+strategy=fedprox")
+    # many changes: a short name made from their digest, different for different changes
+    many = [plain.replace(seed=s, lr=0.05, rounds=3, alpha=0.1, gamma=0.2, local_epochs=2,
+                          batch_size=16, num_clients=30) for s in (1, 2)]
+    names = [m.run_name for m in many]
+    assert names[0] != names[1] and all(n.startswith("fedpara-full+8-changes-") for n in names)
+    # a value with characters a file name should not hold
+    assert plain.replace(data_dir="x", partition="iid").run_name == "fedpara-full+partition=iid"
+
+
+def test_write_run_config_carries_resume(tmp_path):
+    path = tmp_path / "run.toml"
+    assert main(["--preset", "fmnist-noniid", "--resume", "--write-run-config", str(path)]) == 0
+    with open(path, "rb") as f:
+        assert tomllib.load(f)["resume"] is True
+    assert main(["--preset", "fmnist-noniid", "--write-run-config", str(path)]) == 0
+    with open(path, "rb") as f:
+        assert "resume" not in tomllib.load(f)
+
+
 def test_unwritable_output_is_one_paragraph(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     err = failure(capsys, "--preset", "fmnist-noniid", "--write-run-config",
@@ -203,7 +252,9 @@ def test_run_config_file_matches_the_preset(tmp_path, capsys):
         run_config = tomllib.load(f)
     config = ExperimentConfig.from_run_config(run_config)
     expected = get_preset("cifar10-noniid", variant="fedpara", profile="quick", seed=4)
-    assert config == expected.replace(checkpoint_dir="checkpoints/cifar10-noniid/fedpara-quick")
+    # seed=4 is not the preset's: the run is named after the change
+    assert config == expected.replace(
+        checkpoint_dir="checkpoints/cifar10-noniid/fedpara-quick+seed=4")
     # every key is one `flwr run` accepts: declared in pyproject's [tool.flwr.app.config]
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
         declared = tomllib.load(f)["tool"]["flwr"]["app"]["config"]

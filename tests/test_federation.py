@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,31 @@ def test_command_line_overrides_are_typed():
         parse_overrides(["rounds=five"])
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["rounds"])
+
+
+def test_replace_casts_as_the_run_config_does():
+    """Server and clients must build the same config: `replace` casts like `from_run_config`
+    (before, nonlinear="false" stayed a truthy string on the server and False on the clients)."""
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke")
+    changed = config.replace(nonlinear="false", gamma="0.2", rounds=3.0)
+    assert (changed.nonlinear, changed.gamma, changed.rounds) == (False, 0.2, 3)
+    assert ExperimentConfig.from_run_config(changed.to_run_config()) == changed
+    for bad, message in [({"rounds": 2.5}, "expected an integer"),
+                         ({"rounds": True}, "expected an integer"),
+                         ({"gamma": True}, "expected a number"),
+                         ({"gamma": "x"}, "expected a number"),
+                         ({"nonlinear": 2}, "allowed: true, false, 1, 0"),
+                         ({"device": 0}, "expected a string")]:
+        (key,) = bad
+        with pytest.raises(ValueError, match=f"{key}=.*{message}"):
+            config.replace(**bad)
+        with pytest.raises(ValueError, match=message):
+            ExperimentConfig.from_run_config({key.replace("_", "-"): bad[key]})
+    assert config.replace(data_dir=Path("/data")).data_dir == "/data"  # a path is a string
+    with pytest.raises(ValueError, match="profile: not a field to override"):
+        parse_overrides(["profile=quick"])
+    with pytest.raises(ValueError, match="preset: not a field to override"):
+        get_preset("fmnist-noniid", preset="mine")  # silently kept "fmnist-noniid" before
 
 
 def test_learning_rate_decays_per_round_and_is_never_zero():
