@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .layers import (
     FedParaConv2d,
@@ -35,8 +37,11 @@ class LayerChange:
 
     Attributes:
         name: the module's name in `model.named_modules()`.
-        kind: "Conv2d" or "Linear".
+        kind: the module's type name: "Conv2d" or "Linear" for a layer fedparafy can convert,
+            anything else (e.g. "Conv1d", "ParametrizedConv2d") for one it cannot.
         dense_params: parameters of the dense weight (bias excluded; the bias is kept as is).
+            For a parametrized weight, the parameters its parametrization stores; 0 for a
+            lazy layer's uninitialized weight.
         factorized_params: parameters of the factorized weight at this γ (0 if not computed).
         rank: FedPara's R or the low-rank inner dimension (0 if not computed).
         replaced: whether the layer was swapped.
@@ -69,7 +74,53 @@ def _factorized(
     return cls(module.in_features, module.out_features, gamma=gamma, bias=bias, **extra, **factory)
 
 
-def _skip_reason(module: nn.Module) -> str:
+# every per-module hook dictionary: a replaced layer would lose whatever is registered in them
+_HOOKS = {
+    "forward": "_forward_hooks",
+    "forward pre": "_forward_pre_hooks",
+    "backward": "_backward_hooks",
+    "backward pre": "_backward_pre_hooks",
+    "state_dict": "_state_dict_hooks",
+    "state_dict pre": "_state_dict_pre_hooks",
+    "load_state_dict pre": "_load_state_dict_pre_hooks",
+    "load_state_dict post": "_load_state_dict_post_hooks",
+}
+
+
+def _weight_params(module: nn.Module) -> int:
+    """Parameters `module` stores for its weight, without evaluating a parametrization."""
+    if parametrize.is_parametrized(module, "weight"):
+        return sum(p.numel() for p in module.parametrizations["weight"].parameters())
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or nn.parameter.is_lazy(weight):
+        return 0
+    return weight.numel()
+
+
+def _unsupported_reason(module: nn.Module) -> str:
+    if parametrize.is_parametrized(module):
+        return "parametrized " + ", ".join(module.parametrizations.keys())
+    return f"unsupported type {type(module).__name__}"
+
+
+def _skip_reason(module: nn.Module, holders: dict[int, dict[int, str]]) -> str:
+    for attr in ("weight", "bias"):
+        param = getattr(module, attr)
+        if param is None:
+            continue
+        others = [n for i, n in holders.get(id(param), {}).items() if i != id(module)]
+        if others:
+            # replacing one holder would untie it and leave the dense tensor in the other
+            return f"{attr} shared with {others[0] or '<model>'}"
+    hooks = [kind for kind, attr in _HOOKS.items() if getattr(module, attr, None)]
+    if hooks:
+        return f"has hooks ({', '.join(hooks)})"
+    for attr in ("weight", "bias"):
+        param = getattr(module, attr)
+        if param is not None and not param.requires_grad:
+            # the new factors start from a fresh initialization: frozen, they would be fixed
+            # random weights; trainable, they would undo the freeze
+            return f"frozen {attr}"
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
             return f"grouped convolution (groups={module.groups})"
@@ -89,19 +140,29 @@ def fedparafy(
 ) -> tuple[nn.Module, list[LayerChange]]:
     """Replace `model`'s nn.Conv2d (and, with linear=True, nn.Linear) layers in place.
 
-    Only modules whose type is exactly nn.Conv2d / nn.Linear are visited: subclasses (e.g. the
-    output projection inside nn.MultiheadAttention, whose weight is read directly) are left alone.
+    Only modules whose type is exactly nn.Conv2d / nn.Linear are converted. Other convolutions
+    (Conv1d, Conv3d, ConvTranspose*, subclasses of Conv2d) and, with linear=True, subclasses of
+    nn.Linear (e.g. the output projection inside nn.MultiheadAttention, whose weight is read
+    directly) are left alone and reported as "unsupported type <Name>", or as "parametrized
+    weight" when torch.nn.utils.parametrize has swapped in a subclass (weight_norm,
+    spectral_norm, ...).
 
     Each layer gets R = rank_from_gamma(out, in, kernel, γ) (a low-rank layer: inner dimension
-    2R, the same budget). A layer is kept dense when factorizing would not shrink its weight,
-    when it is a grouped convolution, or when its padding_mode is not "zeros".
+    2R, the same budget). A layer is kept dense when its weight or bias Parameter is also held
+    by another module (tied weights: replacing one holder would break the tie and keep the
+    dense tensor alive in the other), when it has hooks (they would not move to the new layer),
+    when its weight or bias is frozen (requires_grad=False: the new factors start from a fresh
+    initialization, so freezing them would fix random weights and leaving them trainable would
+    undo the freeze), when factorizing would not shrink its weight, when it is a grouped
+    convolution, or when its padding_mode is not "zeros".
 
-    A layer registered under several names (shared weights) becomes one FedPara layer at all
-    of them; its LayerChange carries the first name.
+    A layer registered under several names (the same module object at several places) becomes
+    one FedPara layer at all of them; its LayerChange carries the first name.
 
     Returns:
         (model, changes): the same model object (or the new layer if `model` itself is a
-        layer), and one LayerChange per Conv2d/Linear visited, in module order.
+        layer), and one LayerChange per Conv2d/Linear visited and per unsupported convolution
+        (or, with linear=True, unsupported linear layer), in module order.
     """
     if parameterization not in FACTORIZED:
         raise ValueError(f"parameterization must be one of {FACTORIZED}, got {parameterization!r}")
@@ -110,21 +171,30 @@ def fedparafy(
         raise ValueError("personalized=True and nonlinear=True require parameterization='fedpara'")
 
     kinds = (nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)
-    # every name of every target: a module registered under several names (shared weights)
-    # is replaced by one new layer at all of them, so the sharing survives the conversion
+    families = (nn.modules.conv._ConvNd, nn.Linear) if linear else (nn.modules.conv._ConvNd,)
+    # every name of every visited module: a module registered under several names (shared
+    # weights) is replaced by one new layer at all of them, so the sharing survives the conversion
     names: dict[int, list[str]] = {}
-    targets = []
+    visited = []
+    # id(parameter) -> {id(module): first name} of every module holding it directly
+    holders: dict[int, dict[int, str]] = {}
     for n, m in model.named_modules(remove_duplicate=False):
-        if type(m) in kinds:
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), {}).setdefault(id(m), n)
+        if isinstance(m, families):
             if id(m) not in names:
                 names[id(m)] = []
-                targets.append((n, m))
+                visited.append((n, m))
             names[id(m)].append(n)
     changes = []
-    for name, module in targets:
+    for name, module in visited:
         kind = type(module).__name__
+        if type(module) not in kinds:
+            reason = _unsupported_reason(module)
+            changes.append(LayerChange(name, kind, _weight_params(module), 0, 0, False, reason))
+            continue
         dense = module.weight.numel()
-        reason = _skip_reason(module)
+        reason = _skip_reason(module, holders)
         if reason:
             changes.append(LayerChange(name, kind, dense, 0, 0, False, reason))
             continue

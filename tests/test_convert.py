@@ -3,9 +3,10 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from fedpara.accounting import count_params
-from fedpara.convert import fedparafy
+from fedpara.convert import LayerChange, fedparafy
 from fedpara.layers import FedParaConv2d, FedParaLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,6 +80,8 @@ def test_a_converted_transformer_layer_runs_its_fused_inference_path():
                                                           batch_first=True),
                                gamma=0.1, linear=True)
     assert [c.name for c in changes if c.replaced] == ["linear1", "linear2"]
+    out_proj = next(c for c in changes if c.name == "self_attn.out_proj")
+    assert out_proj.reason == "unsupported type NonDynamicallyQuantizableLinear"
     assert torch.equal(model.linear1.weight, model.linear1.compose_weight())
     x = torch.randn(2, 5, 64)
     model.eval()
@@ -115,3 +118,101 @@ def test_a_converted_transformer_layer_runs_its_fused_inference_path():
 def test_fedparafy_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fedparafy(Toy(), **kwargs)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(1000, 256)
+        self.head = nn.Linear(256, 1000, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_fedparafy_keeps_tied_weights_tied():
+    model = TiedLM()
+    before = count_params(model)
+    model, changes = fedparafy(model, gamma=0.1, linear=True)
+    assert changes == [
+        LayerChange("head", "Linear", 256_000, 0, 0, False, "weight shared with emb")
+    ]
+    assert type(model.head) is nn.Linear and model.head.weight is model.emb.weight
+    assert count_params(model) == before
+
+    # two distinct layers holding one weight, or one bias, are both kept dense
+    convs = [nn.Conv2d(64, 64, 3) for _ in range(4)]
+    convs[1].weight = convs[0].weight
+    convs[3].bias = convs[2].bias
+    model, changes = fedparafy(nn.Sequential(*convs), gamma=0.1)
+    assert [c.reason for c in changes] == [
+        "weight shared with 1",
+        "weight shared with 0",
+        "bias shared with 3",
+        "bias shared with 2",
+    ]
+    assert all(type(m) is nn.Conv2d for m in model) and model[1].weight is model[0].weight
+
+
+class MyConv2d(nn.Conv2d):
+    pass
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+def test_fedparafy_reports_layers_it_cannot_convert():
+    model = nn.Sequential(
+        nn.Conv1d(128, 128, 3),
+        nn.Conv3d(64, 64, 3),
+        nn.ConvTranspose2d(128, 128, 3),
+        parametrizations.weight_norm(nn.Conv2d(128, 128, 3)),
+        MyConv2d(128, 128, 3),
+        nn.Conv2d(128, 128, 3),
+        MyLinear(128, 128),
+    )
+    before = count_params(model)
+    model, changes = fedparafy(model, gamma=0.1)  # linear=False: Linear layers are not visited
+    assert [(c.name, c.kind, c.dense_params, c.replaced, c.reason) for c in changes] == [
+        ("0", "Conv1d", 128 * 128 * 3, False, "unsupported type Conv1d"),
+        ("1", "Conv3d", 64 * 64 * 27, False, "unsupported type Conv3d"),
+        ("2", "ConvTranspose2d", 128 * 128 * 9, False, "unsupported type ConvTranspose2d"),
+        ("3", "ParametrizedConv2d", 128 * 128 * 9 + 128, False, "parametrized weight"),
+        ("4", "MyConv2d", 128 * 128 * 9, False, "unsupported type MyConv2d"),
+        ("5", "Conv2d", 128 * 128 * 9, True, ""),
+    ]
+    assert count_params(model) == before - (changes[5].dense_params - changes[5].factorized_params)
+    assert isinstance(model[5], FedParaConv2d) and type(model[4]) is MyConv2d
+
+    _, changes = fedparafy(nn.Sequential(MyLinear(128, 128)), gamma=0.1, linear=True)
+    assert changes == [
+        LayerChange("0", "MyLinear", 128 * 128, 0, 0, False, "unsupported type MyLinear")
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind, register",
+    [
+        ("forward", nn.Module.register_forward_hook),
+        ("forward pre", nn.Module.register_forward_pre_hook),
+        ("backward", nn.Module.register_full_backward_hook),
+    ],
+    ids=["forward", "forward-pre", "backward"],
+)
+def test_fedparafy_keeps_layers_with_hooks(kind, register):
+    calls = []
+    model = nn.Sequential(nn.Conv2d(64, 64, 3))
+    register(model[0], lambda *args: calls.append(1))
+    model, changes = fedparafy(model, gamma=0.1)
+    assert type(model[0]) is nn.Conv2d
+    assert changes[0].reason == f"has hooks ({kind})" and not changes[0].replaced
+    model(torch.randn(1, 64, 5, 5, requires_grad=True)).sum().backward()
+    assert calls == [1]
+
+
+def test_fedparafy_keeps_frozen_layers_dense():
+    model = nn.Sequential(nn.Conv2d(64, 64, 3).requires_grad_(False), nn.Conv2d(64, 64, 3))
+    model[1].bias.requires_grad_(False)
+    model, changes = fedparafy(model, gamma=0.1)
+    assert [c.reason for c in changes] == ["frozen weight", "frozen bias"]
+    assert all(type(m) is nn.Conv2d for m in model)
+    assert [p.requires_grad for p in model.parameters()] == [False, False, True, False]
