@@ -38,8 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--variant", "--parameterization", "--algorithm", dest="variant",
-                   help="what the preset compares: original/lowrank/fedpara for the FedAvg "
-                        "presets, fedavg/fedper/pfedpara/local for the personalization ones")
+                   help="what the preset compares, e.g. original/lowrank/fedpara for the "
+                        "FedAvg presets, fedavg/fedper/pfedpara/local for the personalization "
+                        "ones (default: the preset's first; --list shows each preset's)")
     p.add_argument("--profile", default="full", choices=PROFILES)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set rounds=5 --set device=cpu")

@@ -79,7 +79,6 @@ def resolve_device(name: str) -> torch.device:
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     allowed = ["auto", "cpu"]
@@ -87,6 +86,11 @@ def resolve_device(name: str) -> torch.device:
         allowed += ["cuda", *(f"cuda:{i}" for i in range(cuda))]
     if mps:
         allowed.append("mps")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # e.g. "gpu" or an index torch cannot parse
+        raise ValueError(f"device={name!r} is not a device name; allowed here: "
+                         f"{', '.join(allowed)}") from None
     if device.type in ("cuda", "mps") and str(device) not in allowed:
         raise ValueError(f"device={name!r} is not available on this machine; allowed here: "
                          f"{', '.join(allowed)}")
