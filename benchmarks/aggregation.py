@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "flwr": flwr.__version__,
         "numpy": np.__version__,
         "torch_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "preset": args.preset,
         "clients": args.clients,

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "client_start",
         "device": device_name(torch.device("cpu")),
         "python": sys.version.split()[0],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "setting": "cifar10-noniid (100 clients, Dirichlet 0.5), fake CIFAR-10 files of "
                    f"{args.train_images} training images, client 0, CPU tensors",

@@ -51,12 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from layer_overhead import device_name, slug  # noqa: E402
+
 from fedpara.config import ExperimentConfig, get_preset, parse_overrides  # noqa: E402
 from fedpara.fakedata import write_fake_cifar  # noqa: E402
 from fedpara.partition import SPLITS_ENV  # noqa: E402
 from fedpara.run import run_config_pairs  # noqa: E402
 from fedpara.storage import write_atomic  # noqa: E402
-from layer_overhead import device_name, slug  # noqa: E402
 
 ENGINES_PATH = {"cohort": "cohort", "client": "default"}  # the throughput path each engine runs
 # fedpara.server_app.POLL_ENV, spelled here because this script runs without flwr installed
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": (history.get("hardware") or {}).get("device_name") or args.device,
         "hardware": history.get("hardware"),
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "runtime": "Flower deployment: 1 SuperLink, 1 SuperNode holding every partition",
         "preset": config.preset, "variant": config.variant, "engine": config.engine,
         "config": config.to_dict(),

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         # other processes on the machine skew CPU timings: 1-minute load average around the run
         "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": "vgg16-gn, 10 classes",
         "gamma": args.gamma,
         "batch": args.batch,

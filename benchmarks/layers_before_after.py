@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
             times[(k, "compose")].append(time_compose(nets[k]))
             times[(k, "layer")].append(time_layer(nets[k], inputs))
     record = {"benchmark": "layers_before_after", "device": device_name(torch.device("cpu")),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "baseline": args.baseline,
               "baseline_commit": subprocess.run(
                   ["git", "rev-parse", "--short", args.baseline], cwd=ROOT, check=True,

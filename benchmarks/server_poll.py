@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "setting": ("cifar10-noniid/fedpara through Flower's deployment runtime (1 SuperLink, "
                     "1 SuperNode holding all 100 partitions, cohort engine), 2 clients x 8 "
                     "images a round, 16 test images, fake CIFAR-10 of 10,000 training images"),

@@ -689,7 +689,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_bf16_flags": cpu_bf16_flags(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     name = "gpu-smoke" if args.smoke_only else "throughput"
     out = args.out or RESULTS / f"{name}-{record['device_slug']}.json"
@@ -795,7 +795,7 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
         "ratio_fast_to_plain_interval": {n: paired_interval(times[n]["plain"], times[n]["fast"])
                                          for n in names
                                          if {"fast", "plain"} <= set(paths) and args.repeats > 1},
-        # time of FedPara per image over the original's, per path (the FedPara/original)
+        # time of FedPara per image over the original's, per path
         "time_ratio_fedpara_to_original": {
             n: {p: paired(times[n][p], times["original"][p]) for p in paths}
             | ({"default": paired(times[n][default], times["original"][default])}

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import datetime, timezone, UTC
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -97,7 +97,7 @@ class History:
     config: dict[str, Any]
     hardware: dict[str, Any] = field(default_factory=dict)
     records: list[RoundRecord] = field(default_factory=list)
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     def append(self, record: RoundRecord) -> None:
         expected = len(self.records) + 1

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedpara.checkpoints import checkpoint_path
 from fedpara.config import PRESETS, ExperimentConfig, get_preset
 from fedpara.fakedata import write_fake_cifar, write_fake_idx
 from fedpara.history import History
 from fedpara.run import main
-from fedpara.checkpoints import checkpoint_path
 
 # downloads fail at once in a subprocess too, on any machine: every URL goes through a dead proxy
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
