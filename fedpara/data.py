@@ -34,6 +34,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -281,7 +282,7 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Im
         if actual is not None:
             raise _corrupt_archive(title, folder, expected, archive, tv.tgz_md5, actual, tv.url)
         if archive.is_file():
-            _extract_cifar(tv, root)
+            _extract_cifar(tv, root, expected)
             missing = _missing(folder, expected)
     if missing:
         reason = f"missing {', '.join(missing)}"
@@ -303,16 +304,21 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Im
     return splits[0], splits[1]
 
 
-def _extract_cifar(tv: type, root: Path) -> None:
+def _extract_cifar(tv: type, root: Path, expected: Sequence[str]) -> None:
     """Extract torchvision's archive (its MD5 already checked) into `root`.
 
     The folder is extracted next to its final place and renamed into it, so it exists only
-    when complete.
+    when complete. If another process has meanwhile put its complete copy (all of `expected`)
+    there, that copy is kept.
     """
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
     try:
         extract_archive(str(root / tv.filename), str(tmp))
-        os.replace(tmp / tv.base_folder, root / tv.base_folder)
+        try:
+            os.replace(tmp / tv.base_folder, root / tv.base_folder)
+        except OSError:  # "Directory not empty": the other process was first
+            if _missing(root / tv.base_folder, expected):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -358,12 +364,21 @@ def _load_idx(name: str, root: Path, download: bool) -> tuple[ImageDataset, Imag
         for f in _missing(raw, expected):
             src = DEBIAN_FASHION_MNIST / f"{f}.gz"
             try:
-                _gunzip_atomic(src, raw / f)
+                content = gzip.decompress(src.read_bytes())  # at most 47 MB
             except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
                 reason = f"Debian's copy {src} is corrupt or truncated ({err!r})"
                 fix = (
                     "reinstall the package: apt-get install --reinstall dataset-fashion-mnist "
                     f"(or place the four decompressed files in {raw})"
+                )
+                raise _unavailable(title, raw, reason, expected, fix, lead="To fix it") from err
+            try:
+                write_atomic(raw / f, content)
+            except OSError as err:  # a read-only data folder, a full disk
+                reason = f"cannot write into the data folder {raw} ({err})"
+                fix = (
+                    f"make {raw} writable (or free space on its disk), or use another data "
+                    "folder (data_dir, or $FEDPARA_DATA)"
                 )
                 raise _unavailable(title, raw, reason, expected, fix, lead="To fix it") from err
     for gz_name, md5 in tv.resources:  # a .gz already in raw/ is used even without download
@@ -479,7 +494,11 @@ def _fetch_femnist(root: Path, folder: Path) -> None:
     try:
         ds = datasets.load_dataset(FEMNIST_HUB_ID, split="train", cache_dir=str(work / "cache"))
         ds.save_to_disk(str(work / "saved"))
-        os.replace(work / "saved", folder)
+        try:
+            os.replace(work / "saved", folder)
+        except OSError:  # "Directory not empty": another process was first; keep its copy
+            if not (folder / "state.json").is_file():
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -519,7 +538,11 @@ def _femnist_arrays(
     labels, writers = labels.astype(np.int64), meta["writer_id"].astype(str)
 
     arrays = dict(images=images, labels=labels, writer_ids=writers, fingerprint=ds._fingerprint)
-    write_atomic(cache, lambda f: np.savez(f, **arrays))
+    try:
+        write_atomic(cache, lambda f: np.savez(f, **arrays))
+    except OSError as err:  # a read-only data folder, a full disk: the cache only saves time
+        warnings.warn(f"could not write the FEMNIST cache {cache} ({err}); the images will be "
+                      "decoded again next time", stacklevel=2)
     return images, labels, writers
 
 

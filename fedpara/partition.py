@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,7 +60,8 @@ def partition(
       - "iid": a random equal split (sizes differ by at most one).
       - "dirichlet": for each class, client shares drawn from Dirichlet(alpha) (smaller alpha,
         more skew); every client gets at least min(10, N // (2 · num_partitions)) samples
-        (flwr-datasets redraws otherwise), no self-balancing.
+        (flwr-datasets redraws otherwise, and after 10 draws a ValueError says whether
+        fewer clients or a larger alpha would help), no self-balancing.
       - "shard": samples sorted by label and cut into shards of ⌊N / (P·S)⌋ samples, with
         P = num_partitions and S = shards_per_partition; each client gets S shards drawn at
         random (the MNIST personalization setting: 100 clients × 2 shards of 300). When P·S
@@ -79,8 +82,8 @@ def partition(
             f"num_partitions must be an integer in 1..{n} (the number of samples), "
             f"got {num_partitions!r}"
         )
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if not isinstance(shards_per_partition, (int, np.integer)) or shards_per_partition < 1:
         raise ValueError(
             f"shards_per_partition must be an integer >= 1, got {shards_per_partition!r}"
@@ -124,6 +127,7 @@ def _compute(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float,
     from flwr_datasets import partitioner as fp
 
     n = len(labels)
+    min_size = max(1, min(10, n // (2 * num_partitions)))  # "dirichlet"'s smallest client
 
     columns = {"label": labels, "position": np.arange(n)}
     if scheme == "natural":
@@ -141,7 +145,6 @@ def _compute(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float,
         table = table.shuffle(seed=seed)
         part = fp.IidPartitioner(num_partitions=num_partitions)
     elif scheme == "dirichlet":
-        min_size = max(1, min(10, n // (2 * num_partitions)))
         part = fp.DirichletPartitioner(
             num_partitions=num_partitions,
             partition_by="label",
@@ -166,12 +169,34 @@ def _compute(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float,
     with warnings.catch_warnings():
         # ShardPartitioner's sort triggers a pyarrow deprecation notice that is not ours to fix
         warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
-        # read the positions through Arrow: the default Python-object column is 100× slower
-        positions = [
-            part.load_partition(i).with_format("arrow")["position"].to_numpy()
-            for i in range(num_partitions)
-        ]
+        try:
+            # read the positions through Arrow: the default Python-object column is 100× slower
+            positions = [
+                part.load_partition(i).with_format("arrow")["position"].to_numpy()
+                for i in range(num_partitions)
+            ]
+        except ValueError as err:
+            if scheme != "dirichlet" or "max number of attempts" not in str(err):
+                raise
+            raise _dirichlet_failed(labels, num_partitions, alpha, min_size) from err
     return [p.astype(np.int64) for p in positions]
+
+
+def _dirichlet_failed(labels: np.ndarray, num_partitions: int, alpha: float,
+                      min_size: int) -> ValueError:
+    """The error for flwr-datasets giving up: 10 Dirichlet draws each left a client with fewer
+    than `min_size` samples. Too many clients if even the limit of large alpha, every class
+    cut into equal shares (rounded down as flwr-datasets does), leaves one that small."""
+    counts = np.unique(labels, return_counts=True)[1]
+    cuts = np.arange(num_partitions + 1)[:, None] * counts // num_partitions  # (P+1, classes)
+    even_min = int(np.diff(cuts, axis=0).sum(axis=1).min())
+    head = (f"scheme 'dirichlet' could not give each of num_partitions={num_partitions} clients "
+            f"at least {min_size} of the {len(labels)} samples with alpha={alpha}")
+    if even_min < min_size:
+        return ValueError(f"{head}: too many clients for the samples (even equal shares of "
+                          f"each class leave a client {even_min}), so raising alpha does not "
+                          "help; use fewer clients")
+    return ValueError(f"{head}: raise alpha (more even shares) or use fewer clients")
 
 
 def _stored_split_path(labels: np.ndarray, num_partitions: int, scheme: str, alpha: float,
@@ -202,12 +227,21 @@ def _write_split(path: Path, digest: str, parts: list[np.ndarray]) -> None:
 
 
 def _read_split(path: Path, digest: str, num_partitions: int) -> list[np.ndarray]:
-    with np.load(path) as stored:
-        if str(stored["digest"]) != digest or len(stored["sizes"]) != num_partitions:
-            raise ValueError(f"{path} does not hold the split its name promises (digest "
-                             f"{str(stored['digest'])[:16]}…, expected {digest[:16]}…): delete "
-                             f"it, and {SPLITS_ENV}'s folder will get it recomputed")
-        return np.split(stored["positions"].astype(np.int64), np.cumsum(stored["sizes"])[:-1])
+    try:
+        with np.load(path) as stored:
+            found = str(stored["digest"])
+            if found == digest and len(stored["sizes"]) == num_partitions:
+                return np.split(stored["positions"].astype(np.int64),
+                                np.cumsum(stored["sizes"])[:-1])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise _unusable_split(path, f"does not read back ({err!r})") from err
+    raise _unusable_split(path, f"does not hold the split its name promises (digest "
+                                f"{found[:16]}…, expected {digest[:16]}…)")
+
+
+def _unusable_split(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path} {problem}: delete it, and {SPLITS_ENV}'s folder will get it "
+                      "recomputed")
 
 
 def holdout_indices(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import re
 import struct
 
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets as tvd
+from torchvision.datasets.utils import extract_archive
 
 from fedpara import data
 from fedpara.data import (
@@ -138,7 +141,25 @@ def test_corrupt_debian_fashion_mnist_says_to_reinstall_it(tmp_path, monkeypatch
     msg = str(err.value)
     assert "corrupt or truncated" in msg and str(debian / "FashionMNIST" / "raw") in msg
     assert "apt-get install --reinstall dataset-fashion-mnist" in msg
-    assert not list((tmp_path / "data" / "FashionMNIST" / "raw").iterdir())  # nothing half-written
+    assert not list((tmp_path / "data").rglob("*ubyte*"))  # nothing half-written
+
+
+def test_unwritable_data_folder_for_debian_fashion_mnist_is_not_blamed_on_debian(
+        tmp_path, monkeypatch):
+    debian = tmp_path / "debian"
+    write_fake_idx(debian, "fashion-mnist")
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", debian / "FashionMNIST" / "raw")
+
+    def read_only(path, content):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(data, "write_atomic", read_only)
+    with pytest.raises(DataUnavailableError) as err:
+        load_dataset("fashion-mnist", data_dir=tmp_path / "data", download=False)
+    msg = str(err.value)
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert f"cannot write into the data folder {raw}" in msg and "Read-only file system" in msg
+    assert "corrupt" not in msg and "reinstall" not in msg
 
 
 def test_mnist_offline_error_names_dataset_folder_files_and_remedy(tmp_path, offline):
@@ -342,6 +363,29 @@ def test_incomplete_cifar_folder_is_not_used_or_overwritten(tmp_path, offline):
     assert (tmp_path / "cifar-10-batches-py" / "data_batch_1").is_file()
 
 
+@pytest.mark.parametrize("complete", [True, False])
+def test_cifar_extracted_by_another_process_meanwhile_is_kept(tmp_path, monkeypatch, offline,
+                                                              complete):
+    written = write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, archive=True)
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", written["archive_md5"])
+    folder = tmp_path / tvd.CIFAR10.base_folder
+
+    def extract_while_another_process_finishes(archive, to):
+        extract_archive(archive, to)
+        write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)  # its copy, the same data
+        if not complete:
+            (folder / "test_batch").unlink()
+
+    monkeypatch.setattr(data, "extract_archive", extract_while_another_process_finishes)
+    if complete:
+        train, _ = load_dataset("cifar10", data_dir=tmp_path, download=False)
+        np.testing.assert_array_equal(train.data, written["train"][0])
+    else:  # an incomplete folder there is no copy to keep
+        with pytest.raises(OSError):
+            load_dataset("cifar10", data_dir=tmp_path, download=False)
+    assert not list(tmp_path.glob(".extract-*"))
+
+
 # FEMNIST: a local copy of flwrlabs/femnist, split per writer
 
 
@@ -395,6 +439,31 @@ def test_corrupt_femnist_cache_is_rebuilt(tmp_path):
     np.testing.assert_array_equal(first[0].data, again[0].data)
     with np.load(cache) as z:  # written again in full
         assert len(z["images"]) == 30
+
+
+def test_femnist_loads_when_its_cache_cannot_be_written(tmp_path, monkeypatch):
+    write_fake_femnist(tmp_path, n_writers=3, per_writer=10)
+
+    def read_only(path, content):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(data, "write_atomic", read_only)
+    cache = tmp_path / "femnist-arrays.npz"
+    with pytest.warns(UserWarning, match=re.escape(f"could not write the FEMNIST cache {cache}")):
+        train, test = load_dataset("femnist", data_dir=tmp_path, download=False)
+    assert len(train) + len(test) == 30 and not cache.exists()
+
+
+def test_femnist_downloaded_by_another_process_meanwhile_is_kept(tmp_path, monkeypatch, offline):
+    import datasets
+
+    def hub_while_another_process_finishes(*args, **kwargs):
+        return write_fake_femnist(tmp_path, n_writers=3, per_writer=10)  # its copy in place
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_while_another_process_finishes)
+    train, test = load_dataset("femnist", data_dir=tmp_path, download=True)
+    assert len(train) + len(test) == 30
+    assert not list(tmp_path.glob(".femnist-*"))
 
 
 def test_femnist_test_mask_takes_a_tenth_of_each_writer():

@@ -3,6 +3,8 @@ label plot."""
 
 from __future__ import annotations
 
+import re
+
 import matplotlib
 import numpy as np
 import pytest
@@ -154,6 +156,19 @@ def test_a_stored_file_that_does_not_match_its_name_is_refused(tmp_path, monkeyp
         split("dirichlet", alpha=0.3, seed=0)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda path: path.write_bytes(path.read_bytes()[:100]),  # cut short
+    lambda path: path.write_bytes(b""),
+])
+def test_a_stored_file_that_does_not_read_back_names_it(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("FEDPARA_SPLITS", str(tmp_path))
+    split("dirichlet", alpha=0.5, seed=0)
+    [path] = tmp_path.glob("split-*.npz")
+    damage(path)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))} does not read back.*delete it"):
+        split("dirichlet", alpha=0.5, seed=0)
+
+
 def test_partition_of_real_fashion_mnist(fmnist):
     train, test = fmnist
     parts = partition(train.labels, 100, "dirichlet", alpha=0.5, seed=0)
@@ -172,9 +187,10 @@ def test_partition_of_real_fashion_mnist(fmnist):
             dict(scheme="pathological"),
             r"scheme must be one of \('iid', 'dirichlet', 'shard', 'natural'\)",
         ),
-        (dict(alpha=0.0), "alpha must be > 0"),
-        (dict(alpha=-1.0), "alpha must be > 0"),
-        (dict(alpha=float("nan")), "alpha must be > 0"),
+        (dict(alpha=0.0), "alpha must be a finite number > 0"),
+        (dict(alpha=-1.0), "alpha must be a finite number > 0"),
+        (dict(alpha=float("nan")), "alpha must be a finite number > 0"),
+        (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
         (dict(num_partitions=0), r"num_partitions must be an integer in 1\.\.6000"),
         (dict(num_partitions=6001), r"num_partitions must be an integer in 1\.\.6000"),
         (dict(num_partitions=2.5), "num_partitions must be an integer"),
@@ -195,6 +211,27 @@ def test_bad_partition_arguments_name_the_parameter(kwargs, match):
     args = dict(labels=LABELS, num_partitions=10, scheme="iid") | kwargs
     with pytest.raises(ValueError, match=match):
         partition(**args)
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+@pytest.mark.parametrize("alpha", [0.5, 1000.0])
+def test_too_many_dirichlet_clients_for_the_samples_says_to_use_fewer(alpha):
+    with pytest.raises(ValueError) as err:
+        split("dirichlet", num_partitions=1000, alpha=alpha)
+    msg = str(err.value)
+    assert "num_partitions=1000 clients at least 3 of the 6000 samples" in msg
+    assert f"alpha={alpha}" in msg and "too many clients for the samples" in msg
+    assert "raising alpha does not help; use fewer clients" in msg
+    assert "max number of attempts" in str(err.value.__cause__)
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_too_small_dirichlet_alpha_says_to_raise_it():
+    with pytest.raises(ValueError) as err:
+        split("dirichlet", num_partitions=20, alpha=0.001)
+    msg = str(err.value)
+    assert "num_partitions=20 clients at least 10 of the 6000 samples with alpha=0.001" in msg
+    assert "raise alpha" in msg and "too many clients" not in msg
 
 
 @pytest.mark.parametrize("labels", [[], [[0, 1], [1, 0]], [0.5, 1.5], ["a", "b"]])
