@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint
+.PHONY: install test
 
 install: $(STAMP)
 
@@ -23,8 +23,9 @@ test: $(STAMP)
 # (and cached) by the build; experiment chapters are rendered from book/generated/ (never re-run).
 # `make execute` reruns the experiment notebooks with papermill, then rebuilds the book:
 #   make execute [PROFILE=full|quick|smoke] [CHAPTER=fashion_mnist] [PARAMS="-p device cuda"]
-# `make colab` writes the repository url of _config.yml into the README's chapter table and the
-# chapters' install cells, then refreshes the committed .ipynb twin of every chapter.
+# `make colab` writes the repository url and branch of _config.yml into the README's chapter table
+# and the chapters' install cells, refreshes the committed .ipynb twin of every chapter, and
+# re-renders the executed experiment copies whose source changed (the notebooks Colab opens).
 PROFILE ?= full
 CHAPTER ?=
 PARAMS  ?=
@@ -44,3 +45,4 @@ execute: $(STAMP)
 colab: $(STAMP)
 	$(BIN)/python scripts/sync_repository.py
 	$(BIN)/jupytext --update --to ipynb $(NOTEBOOK_SOURCES)
+	FLWR_TELEMETRY_ENABLED=0 $(BIN)/python scripts/execute_notebooks.py --render

@@ -29,6 +29,7 @@ cost. It never trains, so `-p train ...` with `--render` is refused.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ import sys
 from pathlib import Path
 
 import jupytext
+import nbformat
 import papermill
 import yaml
 
@@ -122,6 +124,20 @@ def stored_run(generated: Path) -> tuple[str | None, dict]:
     return digest, dict(metadata.get("papermill", {}).get("parameters", {}))
 
 
+def notebook_parameters(source: Path) -> list[str]:
+    """The names the cell tagged `parameters` of `source` assigns: what `-p` may override
+    (papermill only warns about another name, and the run then goes on with the default)."""
+    names = []
+    for cell in jupytext.read(source).cells:
+        if "parameters" not in cell.metadata.get("tags", []):
+            continue
+        for node in ast.parse(cell.source).body:
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else [])
+            names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
 # running
 
 
@@ -167,6 +183,14 @@ def run_notebook(
         progress_bar=False,
         log_output=log_output,
     )
+    # papermill records where it read and wrote: here a copy of the whole input notebook (it
+    # was given one in memory) and a folder of this machine; the copy keeps neither
+    executed = nbformat.read(partial, as_version=4)
+    record = executed.metadata.get("papermill", {})
+    record.pop("output_path", None)
+    if "input_path" in record:
+        record["input_path"] = notebook.metadata[METADATA_KEY]["source"]
+    nbformat.write(executed, partial)
     os.replace(partial, output)  # same file system (both under the repository): atomic
 
 
@@ -217,6 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in args.chapter:
         if name not in known:
             parser.error(f"--chapter must be one of {', '.join(known)}, got {name!r}")
+    for key, _ in args.parameter:  # a typo would otherwise run every chapter with the default
+        for name in args.chapter or known:
+            allowed = notebook_parameters(chapter_source(name)[0])
+            if key not in allowed:
+                parser.error(f"-p {key}: not a parameter of the {name} chapter; "
+                             f"its parameters: {', '.join(allowed)}")
     return args
 
 

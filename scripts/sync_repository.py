@@ -7,13 +7,14 @@
 book lives. Jupyter Book builds each chapter's launch buttons from them; this script writes
 them into the two other places that need them:
 
-- the hidden install cell of every chapter source (`FEDPARA_REPO = "<url>"`), which clones
-  the repository when a chapter is opened on Colab;
+- the hidden install cell of every chapter source (`FEDPARA_REPO = "<url>"` and
+  `FEDPARA_BRANCH = "<branch>"`), which clones that branch when a chapter is opened on Colab;
 - the chapter table of README.md between `<!-- chapters:start -->` and `<!-- chapters:end -->`,
   one row per page of `_toc.yml` with its title and its Colab badge
   (`https://colab.research.google.com/github/<owner>/<repo>/blob/<branch>/<notebook>`).
 
-A fork sets `url` and `branch` in `_config.yml` and runs `make colab`.
+A fork sets `url` and `branch` in `_config.yml` and runs `make colab`, which also re-renders
+the executed experiment copies in book/generated/ (the notebooks the README's badges open).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL_LINE = re.compile(r'^FEDPARA_REPO = "[^"]*"', re.MULTILINE)
+BRANCH_LINE = re.compile(r'^FEDPARA_BRANCH = "[^"]*"', re.MULTILINE)
 START, END = "<!-- chapters:start -->", "<!-- chapters:end -->"
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
@@ -98,11 +100,12 @@ def sources(root: Path = ROOT) -> list[Path]:
 
 def sync(root: Path = ROOT, check: bool = False) -> list[Path]:
     """Files that disagree with _config.yml; rewritten unless `check`."""
-    url, _ = repository(root)
+    url, branch = repository(root)
     changed = []
     for path in sources(root):
         text = path.read_text()
         fixed = INSTALL_LINE.sub(f'FEDPARA_REPO = "{url}"', text)
+        fixed = BRANCH_LINE.sub(f'FEDPARA_BRANCH = "{branch}"', fixed)
         if fixed != text:
             changed.append(path)
             if not check:

@@ -102,6 +102,10 @@ def test_first_cell_installs_on_colab_only(source, tmp_path, monkeypatch):
     assert namespace["FEDPARA_REPO"] == CONFIG["repository"]["url"], (
         "the install cell's FEDPARA_REPO must be the repository url of _config.yml"
     )
+    assert namespace["FEDPARA_BRANCH"] == CONFIG["repository"]["branch"], (
+        "the install cell's FEDPARA_BRANCH must be the repository branch of _config.yml"
+    )
+    assert '"--branch", FEDPARA_BRANCH' in first.source, "Colab must clone that branch"
 
 
 # citations --------------------------------------------------------------------------------------
@@ -206,6 +210,21 @@ def test_driver_rejects_bad_arguments(argv, capsys):
     assert "must be one of" in capsys.readouterr().err
 
 
+def test_driver_refuses_a_parameter_the_notebooks_do_not_have(capsys):
+    with pytest.raises(SystemExit):
+        driver.parse_args(["-p", "devcie", "cuda"])
+    err = capsys.readouterr().err
+    assert "-p devcie: not a parameter of the" in err and "device" in err
+    # fake_data is a parameter of the fake-data chapters only
+    plain = next(name for name in EXPERIMENTS if name not in FAKE_DATA_CHAPTERS)
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--chapter", plain, "-p", "fake_data", "true"])
+    assert f"not a parameter of the {plain} chapter" in capsys.readouterr().err
+    for name in FAKE_DATA_CHAPTERS:
+        assert driver.parse_args(["--chapter", name, "-p", "fake_data", "true"]).parameter
+    assert driver.parse_args(["-p", "device", "cuda"]).parameter == [["device", "cuda"]]
+
+
 def test_render_refuses_a_train_parameter(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(driver, "run_notebook", lambda *args, **kwargs: calls.append(args))
@@ -298,6 +317,10 @@ def test_render_only_run_never_trains(name, tmp_path):
         assert "NaN" not in text and "None" not in text, "no table of missing values"
     assert "a test of the machinery" not in text
     assert not (tmp_path / "results").exists(), "a render-only run must not write histories"
+    # papermill's record of the run names the source, not a copy of it or a local folder
+    record = notebook.metadata["papermill"]
+    assert "output_path" not in record
+    assert record["input_path"] == source.relative_to(ROOT).as_posix()
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
