@@ -61,6 +61,17 @@ def backend_config(config: ExperimentConfig, verbose: bool = False) -> dict:
     }
 
 
+def _check_simulation_device(device: str) -> None:
+    """Refuse `cuda:N` with N >= 1: Ray shows each client only the GPU it gives it (as cuda:0,
+    through CUDA_VISIBLE_DEVICES), so every client would fail to find cuda:N."""
+    index = device.removeprefix("cuda:")
+    if device.startswith("cuda:") and index.isdigit() and int(index) >= 1:
+        raise ValueError(
+            f"device={device!r}: in a Flower simulation Ray gives each client the GPU it "
+            f"chooses and shows it as cuda:0, so no client can use {device}. To run on GPU "
+            f"{index} alone, start with CUDA_VISIBLE_DEVICES={index} and device=cuda (or auto)")
+
+
 def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: bool = False,
                    progress: bool = True, on_round: RoundCallback | None = None) -> History:
     """Run `config` as a Flower simulation on this machine and return its per-round history.
@@ -70,6 +81,7 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
     on_round: called in the server after each round with (record, history so far).
     """
     config.validate()  # a config built by hand and mutated is checked again before any work
+    _check_simulation_device(config.device)
     if resume and not config.checkpoint_dir:
         raise ValueError("resume=True needs config.checkpoint_dir (where checkpoints are written)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

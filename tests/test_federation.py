@@ -560,3 +560,15 @@ def test_mean_accuracy_skips_unscored_rounds_and_short_histories(tmp_path):
     history.records[-1].train_loss = float("-inf")
     again = History.load(history.save(tmp_path / "h.json")).records[-1]
     assert math.isnan(again.parameter_change["head.x1"]) and math.isnan(again.train_loss)
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:3"])
+def test_a_simulation_refuses_a_gpu_index_its_clients_cannot_see(device):
+    """Ray shows each client only its own GPU, as cuda:0: cuda:N (N >= 1) would fail in every
+    client, so it is refused before anything starts, with the way to choose a GPU."""
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke", device=device)
+    from fedpara.experiment import run_experiment
+
+    index = device.split(":")[1]
+    with pytest.raises(ValueError, match=f"CUDA_VISIBLE_DEVICES={index} and device=cuda"):
+        run_experiment(config)
