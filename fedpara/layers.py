@@ -133,7 +133,9 @@ def rank_from_gamma(
     _check_gamma(gamma)
     r_min = _ceil_sqrt(min(out_features, in_features))
     r_max = _largest_rank_within(out_features, in_features, kh * kw)
-    # the baseline's exact float expression, so that the paper's model sizes come out exactly
+    # the baseline's float expression as it is, so that every rank agrees with the baseline's:
+    # where float error lands just above an integer (e.g. 0.8·3 + 0.2·3 = 3.0000000000000004)
+    # it rounds up one more than exact arithmetic would, so R is not always monotone in γ
     return max(1, math.ceil((1 - gamma) * r_min + gamma * r_max))
 
 
