@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
     from fedpara.history import History
 
-__all__ = ["RESUMABLE_FIELDS", "checkpoint_path", "clear_checkpoints", "latest_checkpoint",
-           "load_checkpoint", "save_checkpoint"]
+__all__ = ["RESUMABLE_FIELDS", "check_fresh_start", "checkpoint_path", "clear_checkpoints",
+           "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 # beyond the execution fields, what a resumed run may change: it may run for more rounds
 RESUMABLE_FIELDS = frozenset({"rounds"})
@@ -72,6 +72,31 @@ def clear_checkpoints(directory: str | Path, keep: int = 0) -> None:
     found = _by_round(directory)
     for old in found[:len(found) - keep]:
         old.unlink()
+
+
+def check_fresh_start(config: ExperimentConfig) -> None:
+    """Before a fresh (not resumed) run deletes the checkpoints in `config.checkpoint_dir`:
+    raise ValueError, deleting nothing, if the latest is another experiment's (any field but
+    the execution ones differs, `rounds` included), so that a run with changed settings
+    pointed at a preset's folder cannot wipe that run's checkpoints. One that does not read
+    back says nothing about its owner and may be deleted."""
+    import pickle
+
+    import torch
+
+    path = latest_checkpoint(config.checkpoint_dir)
+    if path is None:
+        return
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+        return
+    differing = differing_fields(stored, config)
+    if differing:
+        raise ValueError(f"{config.checkpoint_dir} holds the checkpoints of another experiment "
+                         f"({path.name}: fields {', '.join(differing)} differ), which a fresh "
+                         f"run would delete; give this run its own checkpoint_dir, or delete "
+                         f"them yourself")
 
 
 def save_checkpoint(config: ExperimentConfig, server_round: int,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -313,6 +313,22 @@ def _fake_femnist(folder: Path, seed: int) -> None:
 FAKE_DATA_WRITERS: dict[str, Callable[[Path, int], None]] = {
     "cifar10": _fake_cifar10, "cifar100": _fake_cifar100, "femnist": _fake_femnist,
 }
+
+
+def write_fake_data(datasets: Iterable[str], folder: str | Path, seed: int) -> Path:
+    """Write the fake files of `datasets` (names in FAKE_DATA_WRITERS) into `folder` and
+    return it: the data folder of a smoke run on fake data."""
+    datasets = set(datasets)
+    missing_writers = sorted(str(d) for d in datasets - set(FAKE_DATA_WRITERS))
+    if missing_writers:
+        raise ValueError(f"fake data: no fake-data writer for {missing_writers}; "
+                         f"available: {', '.join(FAKE_DATA_WRITERS)}")
+    folder = Path(folder)
+    for dataset in sorted(datasets):
+        FAKE_DATA_WRITERS[dataset](folder, seed)
+    return folder
+
+
 # the fields of a config that say what a run computes, for `Chapter.protocol`
 PROTOCOL_FIELDS = (
     "dataset", "model", "algorithm", "parameterization", "gamma", "personal_split",
@@ -528,15 +544,8 @@ def open_chapter(
         raise ValueError(f"fake_data=True writes and uses its own data folder, but "
                          f"data_dir={str(data_dir)!r} was given: give one of them")
     if fake_data:
-        missing_writers = sorted(str(d) for d in datasets - set(FAKE_DATA_WRITERS))
-        if missing_writers:
-            raise ValueError(f"fake_data=True: no fake-data writer for {missing_writers}; "
-                             f"available: {', '.join(FAKE_DATA_WRITERS)}")
-        folder = root / "_build" / "fake-data"
-        for dataset in sorted(datasets):
-            FAKE_DATA_WRITERS[dataset](folder, seed)
-        data_dir = folder
-        results_dir = results_dir or folder / "results"
+        data_dir = write_fake_data(datasets, root / "_build" / "fake-data", seed)
+        results_dir = results_dir or data_dir / "results"
     results = Path(results_dir) if results_dir else root / "results"
     data_dir = str(data_dir or os.environ.get("FEDPARA_DATA") or root / "data")
     chosen = set(_names(variants))

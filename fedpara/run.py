@@ -32,6 +32,8 @@ from fedpara.config import PRESETS, PROFILES, ExperimentConfig, get_preset, pars
 from fedpara.history import History
 from fedpara.storage import write_atomic
 
+FAKE_DIR = Path("_build") / "fake-data"  # where --fake-data writes, as the chapters do
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fedpara.run", description=__doc__.split("\n")[0],
@@ -45,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set rounds=5 --set device=cpu")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--fake-data", action="store_true",
+                   help="smoke profile of a CIFAR or FEMNIST preset only: write tiny fake files "
+                        f"in the real formats to {FAKE_DIR}/ and run on them (data, results "
+                        "and checkpoints all under that folder), as the chapters' smoke runs do")
     p.add_argument("--verbose", action="store_true",
                    help="show Flower's and Ray's logs, and the traceback of an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,8 +68,23 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     """The preset with its overrides; checkpoints default to checkpoints/<preset>/<name>."""
     overrides = parse_overrides(args.overrides)
     config = get_preset(args.preset, variant=args.variant, profile=args.profile, **overrides)
+    base = Path()
+    if getattr(args, "fake_data", False):
+        from fedpara.results import FAKE_DATA_WRITERS
+
+        if args.profile != "smoke" or config.dataset not in FAKE_DATA_WRITERS:
+            raise ValueError(f"--fake-data is for the smoke profile of a preset on "
+                             f"{', '.join(FAKE_DATA_WRITERS)} (the fake sets are tiny); got "
+                             f"--profile {args.profile} on {config.dataset}")
+        if "data_dir" in overrides:
+            raise ValueError("--fake-data writes and uses its own data folder; leave out "
+                             "--set data_dir")
+        base = FAKE_DIR  # data, results and checkpoints apart from real runs'
+        config = config.replace(data_dir=str(FAKE_DIR))
+        if "results_dir" not in overrides:
+            config = config.replace(results_dir=str(FAKE_DIR / "results"))
     if "checkpoint_dir" not in overrides:
-        config = config.replace(checkpoint_dir=str(Path("checkpoints") / config.preset
+        config = config.replace(checkpoint_dir=str(base / "checkpoints" / config.preset
                                                    / config.run_name))
     if args.results_dir is not None:  # one folder, whether this CLI or `flwr run` saves
         if "results_dir" in overrides and Path(overrides["results_dir"]) != args.results_dir:
@@ -119,8 +140,9 @@ class RunFailure(Exception):
     """A run that cannot go on; the message says what went wrong, where, and how to fix it."""
 
 
-def check_checkpoint(config: ExperimentConfig) -> None:
+def check_checkpoint(config: ExperimentConfig) -> str:
     """For --resume: the checkpoint it would start from reads back and is from this experiment.
+    Returns what the run will do, for the user ("resuming after round N from ...").
 
     Checked here, before Ray starts: inside the simulation the same error would end the run
     with Flower's log instead of this message.
@@ -129,9 +151,9 @@ def check_checkpoint(config: ExperimentConfig) -> None:
 
     path = latest_checkpoint(config.checkpoint_dir)
     if path is None:
-        return
+        return f"no checkpoint in {config.checkpoint_dir}: starting from round 1"
     try:
-        load_checkpoint(path, config)
+        state = load_checkpoint(path, config)
     except ValueError as err:  # another experiment's, or past `rounds`
         raise RunFailure(
             f"cannot resume: {err}.\n"
@@ -145,6 +167,24 @@ def check_checkpoint(config: ExperimentConfig) -> None:
             f"truncated ({err!r}).\n"
             f"To fix it: delete {path} to resume from the checkpoint before it, or run without "
             f"--resume to start afresh."
+        ) from err
+    if state["round"] == config.rounds:
+        return f"{path} is of the last round, {config.rounds}: nothing left to train"
+    return f"resuming after round {state['round']} of {config.rounds} from {path}"
+
+
+def check_fresh_start(config: ExperimentConfig) -> None:
+    """For a run without --resume, which deletes the checkpoints in its folder: they must be
+    this experiment's (checked before Ray starts, like `check_checkpoint`)."""
+    from fedpara import checkpoints
+
+    try:
+        checkpoints.check_fresh_start(config)
+    except ValueError as err:
+        raise RunFailure(
+            f"cannot start: {err}.\nTo fix it: run with --set checkpoint_dir=<another folder> "
+            f"(without it, each preset and each change of settings has a folder of its own), "
+            f"or resume that experiment with its own settings and --resume."
         ) from err
 
 
@@ -207,12 +247,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
+    if args.fake_data:  # also for a run-config file: `flwr run` reads the same folder
+        from fedpara.results import write_fake_data
+
+        write_fake_data([config.dataset], config.data_dir, config.seed)
     if args.write_run_config:
         resume = {"resume": True} if args.resume else {}
         _writable(lambda: write_run_config(config, args.write_run_config, **resume),
                   args.write_run_config)
-        print(f"wrote {args.write_run_config}; run it with: flwr run . --run-config "
-              f"{args.write_run_config}")
+        print(f"wrote {args.write_run_config}; run it on the local simulation federation (one "
+              f"SuperNode per client; docs/flower.md has the environment it needs) with:\n"
+              f"  flwr run . --stream --run-config {args.write_run_config} --federation-config "
+              f"\"num-supernodes={config.num_clients} client-resources-num-cpus=1\"")
         return 0
 
     from fedpara.experiment import run_experiment
@@ -221,7 +267,9 @@ def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
         if not config.checkpoint_dir:
             raise RunFailure("--resume needs the folder of the checkpoints.\nTo fix it: add "
                              "--set checkpoint_dir=<folder> (the one the run wrote to).")
-        check_checkpoint(config)
+        print(check_checkpoint(config), file=sys.stderr)
+    elif config.checkpoint_dir:
+        check_fresh_start(config)
     history = run_experiment(config, resume=args.resume, verbose=args.verbose,
                              progress=not args.no_progress)
     path = Path(args.out or History.default_path(config, config.results_dir))

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from fedpara import task
 from fedpara.checkpoints import (
+    check_fresh_start,
     clear_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -543,7 +544,8 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         strategy.restore_local(grid, state["local"])
         first_round = state["round"] + 1
         log.info("resumed from %s", path)
-    elif config.checkpoint_dir:  # a fresh run: older checkpoints here belong to an older run
+    elif config.checkpoint_dir:  # a fresh run: older checkpoints of this experiment go
+        check_fresh_start(config)  # (another experiment's are refused, not deleted)
         clear_checkpoints(config.checkpoint_dir)
 
     test_batches = task.test_data(config) if config.evaluation == "server" else None

@@ -27,6 +27,13 @@ if ! [ "$NUM_NODES" -ge 1 ] 2>/dev/null || ! [ "$NUM_PARTITIONS" -ge "$NUM_NODES
     "PARTITIONS=$NUM_PARTITIONS" >&2
   exit 2
 fi
+for tool in python flwr flower-superlink flower-supernode; do
+  if [ ! -x "$BIN/$tool" ]; then
+    echo "no $BIN/$tool: run \`make install\` first, or point VENV_BIN at the bin folder of" \
+      "an environment with fedpara and flwr[simulation]" >&2
+    exit 2
+  fi
+done
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fedpara-deployment.XXXXXX")"
 export FLWR_HOME="$WORK/flwr-home"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 UV_OFFLINE=1

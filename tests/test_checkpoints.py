@@ -16,6 +16,7 @@ import torch
 
 from fedpara import config as config_module
 from fedpara.checkpoints import (
+    check_fresh_start,
     checkpoint_path,
     clear_checkpoints,
     latest_checkpoint,
@@ -173,6 +174,22 @@ def test_resume_takes_more_rounds_and_other_machines_but_not_another_experiment(
         load_checkpoint(path, config.replace(lr=0.5, seed=1))
     with pytest.raises(ValueError, match="round 2 > rounds=1"):
         load_checkpoint(path, config.replace(rounds=1))
+
+
+def test_a_fresh_run_deletes_only_its_own_experiments_checkpoints(tmp_path):
+    """A fresh run clears its folder; a folder holding another experiment's checkpoints (any
+    field but where the run executed, rounds included) is refused, so a run with changed
+    settings pointed at a preset's folder cannot wipe that run's checkpoints."""
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path))
+    check_fresh_start(config.replace(checkpoint_dir=str(tmp_path / "none")))  # no folder yet
+    path = write(config, 2)
+    check_fresh_start(config.replace(device="cpu", data_dir="/elsewhere"))  # the same experiment
+    for other in (config.replace(rounds=4), config.replace(lr=0.5, seed=1)):
+        with pytest.raises(ValueError, match="another experiment .* which a fresh run would"):
+            check_fresh_start(other)
+    assert path.exists()
+    path.write_bytes(path.read_bytes()[:100])  # cut short: nobody's, it may go
+    check_fresh_start(config.replace(rounds=4))
 
 
 def test_scoring_needs_the_last_round_of_the_same_run(tmp_path):

@@ -14,7 +14,7 @@ import torch
 from fedpara.checkpoints import checkpoint_path
 from fedpara.config import PRESETS, ExperimentConfig, get_preset
 from fedpara.fakedata import write_fake_cifar, write_fake_idx
-from fedpara.history import History
+from fedpara.history import History, RoundRecord
 from fedpara.run import main
 
 # downloads fail at once in a subprocess too, on any machine: every URL goes through a dead proxy
@@ -65,6 +65,8 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
     (["--set", "variant=mine"], ["variant: not a field to override"]),
     (["--set", "preset=mine"], ["preset: not a field to override"]),
     (["--set", "nonlinear=yes"], ["nonlinear='yes'", "allowed: true, false, 1, 0"]),
+    # fake data: only the smoke profile of a dataset with a fake-data writer
+    (["--profile", "smoke", "--fake-data"], ["--fake-data", "fashion-mnist"]),
     # Flower reads --run-config X as a file only if X ends in .toml
     (["--write-run-config", "run.cfg"], ["run.cfg", "must end in .toml"]),
     (["--write-run-config", "run.toml", "--out", "mine.json"], ["--out", "--results-dir"]),
@@ -158,6 +160,34 @@ def test_checkpoint_of_another_experiment_is_refused_before_the_run(tmp_path, ca
     assert list(folder.iterdir()) == [checkpoint_path(folder, 1)]  # nothing deleted
 
 
+def test_a_fresh_run_refuses_a_folder_of_another_experiments_checkpoints(tmp_path, capsys,
+                                                                        monkeypatch, fmnist_dir):
+    """Without --resume a run deletes the checkpoints in its folder: another experiment's are
+    refused before the run starts, and kept."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    write_checkpoint(folder, get_preset("fmnist-noniid", variant="fedpara", profile="smoke"))
+    err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, "--set", "rounds=3",
+                  "--set", f"checkpoint_dir={folder}", "--set", f"data_dir={fmnist_dir}")
+    assert "cannot start" in err and "another experiment" in err and "rounds differ" in err
+    assert "--set checkpoint_dir=" in err and "Traceback" not in err
+    assert list(folder.iterdir()) == [checkpoint_path(folder, 1)]  # nothing deleted
+
+
+def test_resume_says_where_it_starts(tmp_path):
+    from fedpara.run import check_checkpoint
+
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke",
+                        checkpoint_dir=str(tmp_path))
+    assert check_checkpoint(config) == f"no checkpoint in {tmp_path}: starting from round 1"
+    write_checkpoint(tmp_path, config, server_round=1)
+    path = checkpoint_path(tmp_path, 1)
+    assert check_checkpoint(config) == f"resuming after round 1 of 2 from {path}"
+    write_checkpoint(tmp_path, config, server_round=2)
+    assert "of the last round, 2: nothing left to train" in check_checkpoint(config)
+
+
 def test_unreadable_checkpoint_is_named(tmp_path, capsys, monkeypatch, fmnist_dir):
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "ck"
@@ -199,6 +229,37 @@ def test_changed_settings_never_overwrite_the_presets_run(tmp_path, monkeypatch)
     assert names[0] != names[1] and all(n.startswith("fedpara-full+8-changes-") for n in names)
     # a value with characters a file name should not hold
     assert plain.replace(data_dir="x", partition="iid").run_name == "fedpara-full+partition=iid"
+
+
+def test_fake_data_runs_apart_from_real_runs(tmp_path, monkeypatch):
+    """--fake-data writes the fake files in the real format and keeps the run's data, history
+    and checkpoints under _build/fake-data, away from real runs of the same experiment."""
+    import fedpara.experiment
+    from fedpara import task
+    from fedpara.run import _parser, build_config
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--preset", "cifar10-noniid", "--variant", "fedpara", "--profile", "smoke",
+            "--set", "device=cpu", "--fake-data"]
+    config = build_config(_parser().parse_args(args))
+    assert config.data_dir == "_build/fake-data"
+    assert config.results_dir == "_build/fake-data/results"
+    assert config.checkpoint_dir == "_build/fake-data/checkpoints/cifar10-noniid/fedpara-smoke"
+    ran = []
+
+    def fake_run(config, **kwargs):  # no simulation: what matters is the data it would read
+        train, _ = task.load_splits(config)
+        ran.append(len(train))
+        history = History(config=config.to_dict())
+        history.append(RoundRecord(round=1, accuracy=0.1, loss=2.0, bytes_up=1, bytes_down=1,
+                                   cum_bytes=2, wall_seconds=0.1))
+        return history
+
+    monkeypatch.setattr(fedpara.experiment, "run_experiment", fake_run)
+    assert main(args + ["--no-progress"]) == 0
+    assert ran == [6400]  # the fake CIFAR-10 training set, read from the real format
+    assert (tmp_path / "_build/fake-data/results/cifar10-noniid/fedpara-smoke.json").is_file()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_write_run_config_carries_resume(tmp_path):
