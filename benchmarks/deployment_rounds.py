@@ -45,8 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -326,7 +324,9 @@ def main(argv: list[str] | None = None) -> dict:
                  / record["median_projected_seconds_after_first"])
         record["measured_to_projected"] = ratio
         record["within_20_percent"] = abs(ratio - 1) <= 0.2
-    name = f"deployment-{slug(device_name(torch.device(args.device)))}.json"
+    from fedpara.task import resolve_device  # "auto" is a device of the config, not torch's
+
+    name = f"deployment-{slug(device_name(resolve_device(args.device)))}.json"
     out = args.out or ROOT / "benchmarks" / "results" / name
     write_atomic(out, (json.dumps(record, indent=2) + "\n").encode())
     print(f"rounds (s): {[round(w, 2) for w in walls]}; after the first, median "

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpara.config import ExperimentConfig, differing_fields
+from fedpara.config import PRESETS, ExperimentConfig, differing_fields
 from fedpara.storage import write_atomic
 
 if TYPE_CHECKING:
@@ -78,8 +78,10 @@ def check_fresh_start(config: ExperimentConfig) -> None:
     """Before a fresh (not resumed) run deletes the checkpoints in `config.checkpoint_dir`:
     raise ValueError, deleting nothing, if the latest is another experiment's (any field but
     the execution ones differs, `rounds` included), so that a run with changed settings
-    pointed at a preset's folder cannot wipe that run's checkpoints. One that does not read
-    back says nothing about its owner and may be deleted."""
+    pointed at a preset's folder cannot wipe that run's checkpoints. Two cases may go: a
+    checkpoint that does not read back (it says nothing about its owner), and, when `config`
+    is a preset's own run, a checkpoint of the same preset, variant and profile made under an
+    older definition of that preset (what a rerun after the preset changed finds)."""
     import pickle
 
     import torch
@@ -92,6 +94,11 @@ def check_fresh_start(config: ExperimentConfig) -> None:
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
         return
     differing = differing_fields(stored, config)
+    names = ("preset", "variant", "profile")
+    own_run = (config.preset in PRESETS and config.variant in PRESETS[config.preset].variants
+               and not config.changes_from_preset())
+    if differing and own_run and all(stored.get(k) == getattr(config, k) for k in names):
+        return  # the preset's own run, and an older definition of it in its folder
     if differing:
         raise ValueError(f"{config.checkpoint_dir} holds the checkpoints of another experiment "
                          f"({path.name}: fields {', '.join(differing)} differ), which a fresh "

@@ -289,16 +289,24 @@ class ExperimentConfig:
         run with changed settings never overwrites the preset's own history. A config that is
         not a known preset's variant has no suffix."""
         stem = f"{self.variant_name}-{self.profile}"
-        preset = PRESETS.get(self.preset)
-        if preset is None or self.variant not in preset.variants or self.profile not in PROFILES:
+        changed = self.changes_from_preset()
+        if not changed:
             return stem
-        reference = get_preset(self.preset, variant=self.variant, profile=self.profile)
-        changed = {k: getattr(self, k) for k in differing_fields(reference.to_dict(), self)}
         suffix = "".join(f"+{k}={_file_value(v)}" for k, v in changed.items())
         if len(suffix) > 80:  # file names have a length limit: name the changes by a digest
             digest = hashlib.sha256(repr(sorted(changed.items())).encode()).hexdigest()
             suffix = f"+{len(changed)}-changes-{digest[:12]}"
         return stem + suffix
+
+    def changes_from_preset(self) -> dict[str, Any]:
+        """The fields whose values differ from what the preset, variant and profile give
+        (EXECUTION_FIELDS aside), name -> this config's value; empty for a preset's own run
+        and for a config that is not a known preset's variant."""
+        preset = PRESETS.get(self.preset)
+        if preset is None or self.variant not in preset.variants or self.profile not in PROFILES:
+            return {}
+        reference = get_preset(self.preset, variant=self.variant, profile=self.profile)
+        return {k: getattr(self, k) for k in differing_fields(reference.to_dict(), self)}
 
     @property
     def personalized(self) -> bool:

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from fedpara.checkpoints import check_fresh_start
 from fedpara.config import ExperimentConfig
 from fedpara.history import GIB, History, RoundRecord
 
@@ -98,6 +99,8 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
     # log); the splits stay cached
     task.resolve_device(config.device)
     task.load_splits(config)
+    if not resume and config.checkpoint_dir:  # a fresh run deletes only its own checkpoints
+        check_fresh_start(config)
 
     finished: list[History] = []
     bar = _progress_bar(config, enabled=progress)

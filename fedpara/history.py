@@ -13,7 +13,7 @@ import math
 import os
 import platform
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone, UTC
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any

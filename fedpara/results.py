@@ -81,11 +81,22 @@ def same_experiment(stored: Mapping[str, Any], config: ExperimentConfig) -> bool
 
 
 def run_command(config: ExperimentConfig) -> str:
-    """The shell command that makes this config's history (a preset's variant and profile)."""
+    """The shell command that makes this config's history: a preset's variant and profile,
+    with `--set field=value` for each setting changed from the preset's (the history's name
+    carries them, `ExperimentConfig.run_name`)."""
     if config.preset == "custom":
         raise ValueError("config.preset='custom': only a preset's config has a one-line command")
+    changes = "".join(f" --set {k}={_set_value(v)}"
+                      for k, v in config.changes_from_preset().items())
     return (f"python -m fedpara.run --preset {config.preset} --variant {config.variant_name} "
-            f"--profile {config.profile}")
+            f"--profile {config.profile}{changes}")
+
+
+def _set_value(value) -> str:
+    """A field value as `--set` reads it, quoted for the shell when it needs to be."""
+    import shlex
+
+    return shlex.quote(("true" if value else "false") if isinstance(value, bool) else str(value))
 
 
 def planned_traffic_gib(config: ExperimentConfig) -> float:

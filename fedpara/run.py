@@ -151,6 +151,7 @@ def check_checkpoint(config: ExperimentConfig) -> str:
 
     path = latest_checkpoint(config.checkpoint_dir)
     if path is None:
+        _check_resumable_elsewhere(config)
         return f"no checkpoint in {config.checkpoint_dir}: starting from round 1"
     try:
         state = load_checkpoint(path, config)
@@ -171,6 +172,33 @@ def check_checkpoint(config: ExperimentConfig) -> str:
     if state["round"] == config.rounds:
         return f"{path} is of the last round, {config.rounds}: nothing left to train"
     return f"resuming after round {state['round']} of {config.rounds} from {path}"
+
+
+def _check_resumable_elsewhere(config: ExperimentConfig) -> None:
+    """--resume with a `rounds` of its own finds its default folder empty (the folder is named
+    after the rounds): a checkpoint this run may continue, in a folder of the same preset,
+    variant and profile named after other rounds, is named with the flag that resumes it."""
+    from fedpara.checkpoints import latest_checkpoint, load_checkpoint
+
+    folder = Path(config.checkpoint_dir)
+    stem = f"{config.variant_name}-{config.profile}"
+    found = []
+    for other in sorted(folder.parent.glob(f"{stem}*")):
+        if other == folder or not (other.name == stem or other.name.startswith(stem + "+")):
+            continue
+        path = latest_checkpoint(other)
+        try:
+            state = load_checkpoint(path, config) if path is not None else None
+        except (ValueError, OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError):
+            continue
+        if state is not None:
+            found.append(f"--set checkpoint_dir={other} (round {state['round']})")
+    if found:
+        raise RunFailure(
+            f"--resume: {folder} holds no checkpoint, but this experiment's run can be "
+            f"continued from another folder (a folder is named after its run's rounds).\n"
+            f"To fix it: resume with {' or '.join(found)}; or run without --resume to start "
+            f"afresh in {folder}.")
 
 
 def check_fresh_start(config: ExperimentConfig) -> None:

@@ -524,6 +524,9 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
     # host resolves it)
     device = task.resolve_device(config.device) if config.evaluation == "server" else None
     named = device or (task.resolve_device("auto") if config.device == "auto" else config.device)
+    path = latest_checkpoint(config.checkpoint_dir) if resume else None
+    if path is None and config.checkpoint_dir:  # a fresh run deletes its own checkpoints only:
+        check_fresh_start(config)  # another experiment's are refused (before any node is asked)
     strategy = FedParaStrategy(config)
     strategy.discover_nodes(grid)
 
@@ -534,7 +537,6 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
     history = History(config=config.to_dict(), hardware=hardware_info(str(named)))
     first_round = 1
 
-    path = latest_checkpoint(config.checkpoint_dir) if resume else None
     if path is not None:
         state = load_checkpoint(path, config)
         arrays = ArrayRecord(state["global"])
@@ -545,7 +547,6 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
         first_round = state["round"] + 1
         log.info("resumed from %s", path)
     elif config.checkpoint_dir:  # a fresh run: older checkpoints of this experiment go
-        check_fresh_start(config)  # (another experiment's are refused, not deleted)
         clear_checkpoints(config.checkpoint_dir)
 
     test_batches = task.test_data(config) if config.evaluation == "server" else None

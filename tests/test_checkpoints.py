@@ -8,6 +8,7 @@ leaf modules (config, messages) import nothing from the library.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from fedpara.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedpara.config import EXECUTION_FIELDS, ExperimentConfig, differing_fields
+from fedpara.config import EXECUTION_FIELDS, ExperimentConfig, differing_fields, get_preset
 from fedpara.history import History, RoundRecord
 
 PACKAGE = Path(config_module.__file__).parent
@@ -190,6 +191,22 @@ def test_a_fresh_run_deletes_only_its_own_experiments_checkpoints(tmp_path):
     assert path.exists()
     path.write_bytes(path.read_bytes()[:100])  # cut short: nobody's, it may go
     check_fresh_start(config.replace(rounds=4))
+
+
+def test_a_presets_own_rerun_clears_an_older_definition_of_it(tmp_path):
+    """After a preset's definition changed, its own folder holds checkpoints that differ from
+    the preset's run now: that run may clear them; a changed run may not."""
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke",
+                        checkpoint_dir=str(tmp_path))
+    older = dataclasses.replace(config, lr=config.lr * 2)  # as an older definition made it
+    path = write(older, 1)
+    check_fresh_start(config)
+    with pytest.raises(ValueError, match="fields lr, rounds differ"):
+        check_fresh_start(config.replace(rounds=5))
+    with pytest.raises(ValueError, match="another experiment"):  # another preset's own run
+        check_fresh_start(get_preset("fmnist-gamma", variant="fedpara-0.2", profile="smoke",
+                                     checkpoint_dir=str(tmp_path)))
+    assert path.exists()
 
 
 def test_scoring_needs_the_last_round_of_the_same_run(tmp_path):

@@ -175,6 +175,21 @@ def test_a_fresh_run_refuses_a_folder_of_another_experiments_checkpoints(tmp_pat
     assert list(folder.iterdir()) == [checkpoint_path(folder, 1)]  # nothing deleted
 
 
+def test_resume_with_more_rounds_names_the_folder_to_continue(tmp_path, capsys, monkeypatch,
+                                                              fmnist_dir):
+    """A run's folder is named after its rounds: --resume --set rounds=<more> finds its own
+    folder empty and names the one that holds the run to continue, instead of starting over."""
+    monkeypatch.chdir(tmp_path)
+    first = get_preset("fmnist-noniid", variant="fedpara", profile="smoke", rounds=1)
+    folder = tmp_path / "checkpoints" / "fmnist-noniid" / first.run_name
+    folder.mkdir(parents=True)
+    write_checkpoint(folder, first, server_round=1)
+    err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, "--resume", "--set", "rounds=3",
+                  "--set", f"data_dir={fmnist_dir}")
+    assert "holds no checkpoint" in err and "(round 1)" in err
+    assert f"--set checkpoint_dir=checkpoints/fmnist-noniid/{first.run_name}" in err
+
+
 def test_resume_says_where_it_starts(tmp_path):
     from fedpara.run import check_checkpoint
 

@@ -75,6 +75,21 @@ def test_command_and_planned_traffic():
         run_command(CONFIG.replace(preset="custom"))
 
 
+def test_the_command_of_a_changed_run_makes_the_history_the_chapter_reads(tmp_path,
+                                                                         monkeypatch):
+    """A config with settings changed from its preset's: the command carries them, so the
+    history it writes has the name the chapter looks for."""
+    from fedpara.run import _parser, build_config
+
+    changed = CONFIG.replace(seed=1, data_dir="/data/x", partition="iid")
+    command = run_command(changed)
+    assert command.endswith("--profile smoke --set partition=iid --set seed=1")
+    monkeypatch.chdir(tmp_path)
+    rebuilt = build_config(_parser().parse_args(command.split()[3:]))
+    assert History.default_path(rebuilt) == History.default_path(changed)
+    assert run_command(CONFIG.replace(data_dir="/y")) == run_command(CONFIG)  # where, not what
+
+
 def test_client_scores_round_trip(tmp_path):
     scores = ClientScores(config=CONFIG.to_dict(), round=2, correct={0: 3, 5: 0, 7: 1},
                           examples={0: 4, 5: 0, 7: 2})
