@@ -159,7 +159,9 @@ def verdict(preset: str, histories: Mapping[str, History], window: int = FINAL_W
     if "pfedpara" not in mine or not set(COMPETITORS) <= set(histories):
         return ""
     acc = {v: h.mean_accuracy(window) for v, h in histories.items()}
-    best = max(mine, key=lambda v: acc[v])
+    if any(math.isnan(acc[v]) for v in ("pfedpara", *COMPETITORS)):
+        return ""  # an unscored run: no comparison to state
+    best = max((v for v in mine if not math.isnan(acc[v])), key=lambda v: acc[v])
     traffic = (histories[best].cumulative_gib()[-1]
                / histories["fedavg"].cumulative_gib()[-1])
     lost = [o for o in COMPETITORS if acc[best] < acc[o]]
@@ -179,11 +181,17 @@ def verdict(preset: str, histories: Mapping[str, History], window: int = FINAL_W
 def control(preset: str, histories: Mapping[str, History], window: int = FINAL_WINDOW) -> str:
     """One Markdown sentence: how much of FedPer's lead over the best pFedPara variant comes from
     the smaller FedPara model and how much from the choice of the personal part, read from the
-    control run `fedper-fedpara` (FedPer on pFedPara's model). "" without those runs."""
-    mine = [v for v in PFEDPARA_VARIANTS if v in histories]
-    if not mine or not {"fedper", "fedper-fedpara"} <= set(histories):
+    control run `fedper-fedpara` (FedPer on pFedPara's model). Only pFedPara variants trained
+    at the control's learning rates are compared with it (`pfedpara-lr30` trains W2 at 30
+    times the rate: its gain would not be the split's). "" without those runs."""
+    if not {"fedper", "fedper-fedpara"} <= set(histories):
         return ""
     acc = {v: h.mean_accuracy(window) for v, h in histories.items()}
+    scale = histories["fedper-fedpara"].config.get("local_lr_scale", 1.0)
+    mine = [v for v in PFEDPARA_VARIANTS if v in histories and not math.isnan(acc[v])
+            and histories[v].config.get("local_lr_scale", 1.0) == scale]
+    if not mine or math.isnan(acc["fedper"]) or math.isnan(acc["fedper-fedpara"]):
+        return ""
     best = max(mine, key=lambda v: acc[v])
     capacity = 100 * (acc["fedper"] - acc["fedper-fedpara"])
     split = 100 * (acc[best] - acc["fedper-fedpara"])
@@ -192,6 +200,7 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
                   "biases of every layer personal works " + ("better" if split >= 0 else "worse")
                   + " than keeping the head")
     return (f"On `{preset}`, FedPer reaches {acc['fedper']:.1%} with the dense model and "
-            f"{acc['fedper-fedpara']:.1%} with pFedPara's FedPara model, against `{best}`'s "
-            f"{acc[best]:.1%}: the dense model's capacity is worth {capacity:+.1f} points to "
+            f"{acc['fedper-fedpara']:.1%} with pFedPara's FedPara model, against "
+            f"{acc[best]:.1%} for `{best}`, the best pFedPara variant at the same learning "
+            f"rates: the dense model's capacity is worth {capacity:+.1f} points to "
             f"FedPer, and {same_model}.")

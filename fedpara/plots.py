@@ -40,9 +40,9 @@ def _check_window(window: int) -> None:
         raise ValueError(f"window={window!r} must be an integer >= 1 (rounds averaged)")
 
 
-def _check_nonempty(history: History) -> None:
+def _check_nonempty(history: History, name: str = "history") -> None:
     if len(history) == 0:
-        raise ValueError("history has no rounds")
+        raise ValueError(f"{name} has no rounds")
 
 
 def _check_accuracy(name: str, value: float) -> None:
@@ -91,8 +91,9 @@ def accuracy_within(history: History, budget_gib: float, window: int = 1) -> flo
     spent = int(np.searchsorted(gib, budget_gib * (1 + 1e-12), side="right"))  # rounds within
     if spent == 0:
         return math.nan
-    accuracy = history.column("accuracy")[:spent]
-    return float(np.nanmean(accuracy[-window:]))
+    accuracy = np.asarray(history.column("accuracy")[:spent][-window:], dtype=float)
+    # NaN (nothing scored) when none of them scored, without NumPy's empty-slice warning
+    return float(np.nanmean(accuracy)) if not np.isnan(accuracy).all() else math.nan
 
 
 def equal_traffic(histories: Mapping[str, History], budget_gib: float | None = None,
@@ -101,8 +102,8 @@ def equal_traffic(histories: Mapping[str, History], budget_gib: float | None = N
     (the cheapest run's budget). Returns {"budget_gib": ..., name: accuracy, ...}."""
     if not histories:
         raise ValueError("histories is empty")
-    for history in histories.values():
-        _check_nonempty(history)
+    for name, history in histories.items():
+        _check_nonempty(history, f"histories[{name!r}]")
     if budget_gib is None:
         budget_gib = min(h.cumulative_gib()[-1] for h in histories.values())
     result = {"budget_gib": float(budget_gib)}
@@ -118,6 +119,9 @@ def equal_accuracy(histories: Mapping[str, History], target: float | None = None
     attain, or nearly so). Returns {"target": ..., name: GiB or NaN if never reached, ...}."""
     if not histories:
         raise ValueError("histories is empty")
+    _check_window(window)
+    for name, history in histories.items():
+        _check_nonempty(history, f"histories[{name!r}]")
     if target is None:
         finals = [final_accuracy(h, window) for h in histories.values()]
         scored = [accuracy for accuracy in finals if not math.isnan(accuracy)]
@@ -147,7 +151,7 @@ def plot_curves(histories: Mapping[str, History], *, title: str | None = None,
     # sized for a book page (about 8 inches of column): one legend below both panels
     fig, (left, right) = plt.subplots(1, 2, figsize=(8.5, 3.9))
     for name, history in histories.items():
-        _check_nonempty(history)
+        _check_nonempty(history, f"histories[{name!r}]")
         accuracy = 100 * np.asarray(history.column("accuracy"), dtype=float)
         marker = "o" if len(history) <= 20 else None
         left.plot(history.cumulative_gib(), accuracy, marker=marker, label=name)

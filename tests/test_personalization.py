@@ -71,7 +71,8 @@ def test_factor_movement_averages_each_branch_over_the_last_rounds():
 def histories(accuracies, gib):
     out = {}
     for name, acc in accuracies.items():
-        h = History(config={})
+        # the presets' learning-rate multiplier of the personal factors
+        h = History(config={"local_lr_scale": 30.0 if name == "pfedpara-lr30" else 1.0})
         for r in (1, 2, 3):
             h.append(record(r, accuracy=acc, gib=gib.get(name, 1.0)))
         out[name] = h
@@ -92,10 +93,23 @@ def test_verdict_names_the_best_variant_and_what_it_beats():
 
 
 def test_control_splits_fedpers_lead_into_capacity_and_split():
-    runs = histories({"pfedpara": 0.70, "pfedpara-lr30": 0.81, "fedper": 0.84,
-                      "fedper-fedpara": 0.80}, gib={})
+    runs = histories({"pfedpara": 0.70, "pfedpara-product": 0.81, "pfedpara-lr30": 0.90,
+                      "fedper": 0.84, "fedper-fedpara": 0.80}, gib={})
     text = control("p", runs)
     assert "capacity is worth +4.0 points" in text
-    assert "`pfedpara-lr30` is 1.0 points above FedPer" in text and "works better" in text
+    # pfedpara-lr30 is best, but trains W2 at 30 times the rate: not the split's doing
+    assert "81.0% for `pfedpara-product`, the best pFedPara variant at the same learning" in text
+    assert "`pfedpara-product` is 1.0 points above FedPer" in text and "works better" in text
+    del runs["pfedpara-product"]
+    assert "`pfedpara` is 10.0 points below FedPer" in control("p", runs)
     del runs["fedper-fedpara"]
     assert control("p", runs) == ""
+
+
+def test_an_unscored_run_gives_no_sentence():
+    runs = histories({"pfedpara": 0.70, "pfedpara-product": float("nan"), "fedper": 0.84,
+                      "fedper-fedpara": 0.80, "local": 0.6, "fedavg": 0.75}, gib={})
+    assert "`pfedpara` at 70.0%" in verdict("p", runs)  # the NaN variant is not the best
+    assert "for `pfedpara`," in control("p", runs)
+    runs["fedper"] = histories({"fedper": float("nan")}, {})["fedper"]
+    assert verdict("p", runs) == "" and control("p", runs) == ""

@@ -58,6 +58,16 @@ def test_accuracy_within_a_budget():
     assert accuracy_within(CHEAP, 0.6) == pytest.approx(0.8)  # all six rounds (float sums)
 
 
+def test_accuracy_within_rounds_that_never_scored_is_nan_without_a_warning():
+    import warnings
+
+    unscored_end = make_history([0.5, math.nan, math.nan], GIB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's "Mean of empty slice" would fail the test
+        assert math.isnan(accuracy_within(unscored_end, 10.0, window=2))
+        assert accuracy_within(unscored_end, 10.0, window=3) == 0.5
+
+
 def test_equal_traffic_uses_the_cheapest_runs_total():
     result = equal_traffic({"cheap": CHEAP, "dear": DEAR})
     assert result["budget_gib"] == pytest.approx(0.6)
@@ -101,7 +111,12 @@ def test_equal_accuracy_defaults_to_the_runs_that_scored():
     (lambda: accuracy_within(CHEAP, math.nan), "budget_gib"),
     (lambda: equal_traffic({"cheap": CHEAP}, budget_gib=math.nan), "budget_gib"),
     (lambda: equal_traffic({}), "empty"),
-    (lambda: equal_traffic({"cheap": CHEAP, "none": History(config={})}), "no rounds"),
+    (lambda: equal_traffic({"cheap": CHEAP, "none": History(config={})}),
+     r"histories\['none'\] has no rounds"),
+    (lambda: equal_accuracy({"cheap": CHEAP, "none": History(config={})}, target=0.5),
+     r"histories\['none'\] has no rounds"),
+    # a window is checked even when a target makes it unused
+    (lambda: equal_accuracy({"cheap": CHEAP}, target=0.5, window=0), "window"),
     (lambda: final_accuracy(History(config={})), "no rounds"),
     (lambda: plot_curves({"cheap": CHEAP}, targets=[0.7, 80]), "targets"),
 ])
