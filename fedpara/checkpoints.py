@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
     from fedpara.history import History
 
-__all__ = ["RESUMABLE_FIELDS", "check_fresh_start", "checkpoint_path", "clear_checkpoints",
-           "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["RESUMABLE_FIELDS", "ForeignCheckpoints", "check_fresh_start", "checkpoint_path",
+           "clear_checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 # beyond the execution fields, what a resumed run may change: it may run for more rounds
 RESUMABLE_FIELDS = frozenset({"rounds"})
@@ -74,10 +74,15 @@ def clear_checkpoints(directory: str | Path, keep: int = 0) -> None:
         old.unlink()
 
 
+class ForeignCheckpoints(ValueError):
+    """A fresh run's checkpoint folder holds another experiment's checkpoints."""
+
+
 def check_fresh_start(config: ExperimentConfig) -> None:
     """Before a fresh (not resumed) run deletes the checkpoints in `config.checkpoint_dir`:
-    raise ValueError, deleting nothing, if the latest is another experiment's (any field but
-    the execution ones differs, `rounds` included), so that a run with changed settings
+    raise ForeignCheckpoints (a ValueError), deleting nothing, if the latest is another
+    experiment's (any field but the execution ones differs, `rounds` included), so that a run
+    with changed settings
     pointed at a preset's folder cannot wipe that run's checkpoints. Two cases may go: a
     checkpoint that does not read back (it says nothing about its owner), and, when `config`
     is a preset's own run, a checkpoint of the same preset, variant and profile made under an
@@ -94,16 +99,17 @@ def check_fresh_start(config: ExperimentConfig) -> None:
     except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
         return
     differing = differing_fields(stored, config)
+    if not differing:
+        return
     names = ("preset", "variant", "profile")
     own_run = (config.preset in PRESETS and config.variant in PRESETS[config.preset].variants
                and not config.changes_from_preset())
-    if differing and own_run and all(stored.get(k) == getattr(config, k) for k in names):
+    if own_run and all(stored.get(k) == getattr(config, k) for k in names):
         return  # the preset's own run, and an older definition of it in its folder
-    if differing:
-        raise ValueError(f"{config.checkpoint_dir} holds the checkpoints of another experiment "
-                         f"({path.name}: fields {', '.join(differing)} differ), which a fresh "
-                         f"run would delete; give this run its own checkpoint_dir, or delete "
-                         f"them yourself")
+    raise ForeignCheckpoints(
+        f"{config.checkpoint_dir} holds the checkpoints of another experiment ({path.name}: "
+        f"fields {', '.join(differing)} differ), which a fresh run would delete; give this run "
+        f"its own checkpoint_dir, or delete them yourself")
 
 
 def save_checkpoint(config: ExperimentConfig, server_round: int,

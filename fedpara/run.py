@@ -201,28 +201,18 @@ def _check_resumable_elsewhere(config: ExperimentConfig) -> None:
             f"afresh in {folder}.")
 
 
-def check_fresh_start(config: ExperimentConfig) -> None:
-    """For a run without --resume, which deletes the checkpoints in its folder: they must be
-    this experiment's (checked before Ray starts, like `check_checkpoint`)."""
-    from fedpara import checkpoints
-
-    try:
-        checkpoints.check_fresh_start(config)
-    except ValueError as err:
-        raise RunFailure(
-            f"cannot start: {err}.\nTo fix it: run with --set checkpoint_dir=<another folder> "
-            f"(without it, each preset and each change of settings has a folder of its own), "
-            f"or resume that experiment with its own settings and --resume."
-        ) from err
-
-
 def _failure(err: BaseException) -> str | None:
     """One paragraph for stderr (what went wrong and where, and the step that fixes it), or
     None for an error that is not one of the expected ones (a bug: keep its traceback)."""
+    from fedpara.checkpoints import ForeignCheckpoints
     from fedpara.data import DataUnavailableError
 
     if isinstance(err, RunFailure | DataUnavailableError):  # they carry their own fix
         return f"error: {err}"
+    if isinstance(err, ForeignCheckpoints):  # run_experiment's check, before Ray starts
+        return (f"error: cannot start: {err}.\nTo fix it: run with --set checkpoint_dir=<another "
+                f"folder> (without it, each preset and each change of settings has a folder of "
+                f"its own), or resume that experiment with its own settings and --resume.")
     return None
 
 
@@ -296,8 +286,6 @@ def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
             raise RunFailure("--resume needs the folder of the checkpoints.\nTo fix it: add "
                              "--set checkpoint_dir=<folder> (the one the run wrote to).")
         print(check_checkpoint(config), file=sys.stderr)
-    elif config.checkpoint_dir:
-        check_fresh_start(config)
     history = run_experiment(config, resume=args.resume, verbose=args.verbose,
                              progress=not args.no_progress)
     path = Path(args.out or History.default_path(config, config.results_dir))

@@ -241,12 +241,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in args.chapter:
         if name not in known:
             parser.error(f"--chapter must be one of {', '.join(known)}, got {name!r}")
+    allowed = {name: notebook_parameters(chapter_source(name)[0])
+               for name in (args.chapter or known)} if args.parameter else {}
     for key, _ in args.parameter:  # a typo would otherwise run every chapter with the default
-        for name in args.chapter or known:
-            allowed = notebook_parameters(chapter_source(name)[0])
-            if key not in allowed:
+        for name, names in allowed.items():
+            if key not in names:
                 parser.error(f"-p {key}: not a parameter of the {name} chapter; "
-                             f"its parameters: {', '.join(allowed)}")
+                             f"its parameters: {', '.join(names)}")
     return args
 
 
