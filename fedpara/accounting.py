@@ -17,8 +17,11 @@ counts floating-point numbers at their dtype, or at the wire format of fedpara/t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
+import numpy as np
+import torch
 from torch import nn
 
 from .config import ALGORITHMS  # the allowed names live in config
@@ -68,11 +71,15 @@ def global_state_keys(model: nn.Module, algorithm: str = "fedavg") -> list[str]:
     return [k for k in keys if k in shared]
 
 
-def _nbytes(value, float_itemsize: int | None) -> int:
-    if hasattr(value, "element_size"):  # torch.Tensor
+def _nbytes(key, value, float_itemsize: int | None) -> int:
+    if isinstance(value, torch.Tensor):
         numel, itemsize, floating = value.numel(), value.element_size(), value.is_floating_point()
-    else:  # numpy array
-        numel, itemsize, floating = value.size, value.itemsize, value.dtype.kind == "f"
+    elif hasattr(value, "shape") and hasattr(value, "dtype"):  # a numpy array or a Flower Array
+        dtype = np.dtype(value.dtype)  # a Flower Array names its dtype as a string
+        numel, itemsize, floating = math.prod(value.shape), dtype.itemsize, dtype.kind == "f"
+    else:
+        raise ValueError(f"payload_bytes counts torch tensors, numpy arrays and Flower Arrays; "
+                         f"entry {key!r} is a {type(value).__name__}")
     return numel * (float_itemsize if floating and float_itemsize else itemsize)
 
 
@@ -82,7 +89,8 @@ def payload_bytes(model_or_state_dict: nn.Module | Mapping, algorithm: str = "fe
 
     A model sends the entries `global_state_keys(model, algorithm)` selects. A state_dict (a
     mapping of names to torch tensors or numpy arrays) counts all its entries: select the
-    keys first; with a mapping, `algorithm` must stay "fedavg". Floating-point entries count
+    keys first; with a mapping, `algorithm` must stay "fedavg". A Flower ArrayRecord counts
+    the numbers its Arrays hold, not their serialized bytes. Floating-point entries count
     at their own dtype, or at the wire format `transport` ("float32", "float16", "bfloat16";
     see fedpara/transport.py) when it is given.
     """
@@ -90,7 +98,7 @@ def payload_bytes(model_or_state_dict: nn.Module | Mapping, algorithm: str = "fe
     float_itemsize = wire_itemsize(transport) if transport is not None else None
     if isinstance(model_or_state_dict, nn.Module):
         state = model_or_state_dict.state_dict()
-        return sum(_nbytes(state[k], float_itemsize)
+        return sum(_nbytes(k, state[k], float_itemsize)
                    for k in global_state_keys(model_or_state_dict, algorithm))
     if isinstance(model_or_state_dict, Mapping):
         if algorithm != "fedavg":
@@ -98,7 +106,7 @@ def payload_bytes(model_or_state_dict: nn.Module | Mapping, algorithm: str = "fe
                 "algorithm must be 'fedavg' when passing a state_dict (it counts all its entries); "
                 f"got {algorithm!r}: pass the model instead"
             )
-        return sum(_nbytes(v, float_itemsize) for v in model_or_state_dict.values())
+        return sum(_nbytes(k, v, float_itemsize) for k, v in model_or_state_dict.items())
     raise ValueError(
         "model_or_state_dict must be an nn.Module or a mapping, "
         f"got {type(model_or_state_dict).__name__}"

@@ -87,6 +87,11 @@ _HOOKS = {
 }
 
 
+# the hook dictionaries of a Parameter: they stay with the old tensor, which the new layer drops
+_TENSOR_HOOKS = {"gradient": "_backward_hooks",
+                 "post-accumulate-grad": "_post_accumulate_grad_hooks"}
+
+
 def _weight_params(module: nn.Module) -> int:
     """Parameters `module` stores for its weight, without evaluating a parametrization."""
     if parametrize.is_parametrized(module, "weight"):
@@ -113,6 +118,10 @@ def _skip_reason(module: nn.Module, holders: dict[int, dict[int, str]]) -> str:
             # replacing one holder would untie it and leave the dense tensor in the other
             return f"{attr} shared with {others[0] or '<model>'}"
     hooks = [kind for kind, attr in _HOOKS.items() if getattr(module, attr, None)]
+    for attr in ("weight", "bias"):  # tensor hooks (Tensor.register_hook and the like) too
+        param = getattr(module, attr)
+        hooks += [f"{attr} {kind}" for kind, hook_attr in _TENSOR_HOOKS.items()
+                  if param is not None and getattr(param, hook_attr, None)]
     if hooks:
         return f"has hooks ({', '.join(hooks)})"
     for attr in ("weight", "bias"):
@@ -150,10 +159,10 @@ def fedparafy(
     Each layer gets R = rank_from_gamma(out, in, kernel, γ) (a low-rank layer: inner dimension
     2R, the same budget). A layer is kept dense when its weight or bias Parameter is also held
     by another module (tied weights: replacing one holder would break the tie and keep the
-    dense tensor alive in the other), when it has hooks (they would not move to the new layer),
-    when its weight or bias is frozen (requires_grad=False: the new factors start from a fresh
-    initialization, so freezing them would fix random weights and leaving them trainable would
-    undo the freeze), when factorizing would not shrink its weight, when it is a grouped
+    dense tensor alive in the other), when it or its weight or bias has hooks (they would not
+    move to the new layer), when its weight or bias is frozen (requires_grad=False: the new
+    factors start from a fresh initialization, so freezing them would fix random weights and
+    leaving them trainable would undo the freeze), when factorizing would not shrink its weight, when it is a grouped
     convolution, or when its padding_mode is not "zeros".
 
     A layer registered under several names (the same module object at several places) becomes

@@ -10,7 +10,8 @@ keeps a float32 global model; clients train in float32): only the copies on the 
 
 - float32: unchanged (the default).
 - float16: IEEE half precision, 11 significant bits, largest value 65504; numbers below 3e-8
-  (half the smallest subnormal, 2**-24) round to zero.
+  (half the smallest subnormal, 2**-24) round to zero. `encode` refuses finite numbers that
+  would round to ±inf (65520 and beyond): one client's inf would spread through the average.
 - bfloat16: float32's range with 8 significant bits. NumPy (and so Flower's `Array`) has no
   bfloat16, so each number travels as its 16-bit pattern in an int16 array; `decode` reads the
   pattern back. Only the receiver's `transport` setting says an int16 array is bfloat16, so both
@@ -72,11 +73,22 @@ def encode(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Ten
     wire = OrderedDict()
     for key, value in arrays.items():
         if value.is_floating_point() and value.dtype != dtype:
-            value = value.to(dtype)
+            value, source = value.to(dtype), value
+            if dtype == torch.float16:
+                _check_range(key, source, value)
         if value.dtype == torch.bfloat16:
             value = value.view(_BFLOAT16_CARRIER)
         wire[key] = value
     return wire
+
+
+def _check_range(key: str, source: Tensor, wire: Tensor) -> None:
+    overflow = torch.isinf(wire) & torch.isfinite(source)
+    if overflow.any():
+        largest = source[overflow].abs().max().item()
+        raise ValueError(f"transport='float16' cannot carry {key!r}: it holds {largest:.4g}, "
+                         f"beyond float16's largest number ({torch.finfo(torch.float16).max:.0f}),"
+                         f" so it would arrive as inf; use transport='bfloat16' or 'float32'")
 
 
 def decode(arrays: Mapping[str, Tensor], transport: str) -> OrderedDict[str, Tensor]:

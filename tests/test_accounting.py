@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
 from fedpara.accounting import (
@@ -37,6 +38,15 @@ def test_payload_is_the_bytes_of_the_tensors_at_their_dtype():
     assert payload_bytes(model.state_dict()) == payload_bytes(model)
     arrays = {k: v.numpy() for k, v in model.float().state_dict().items()}
     assert payload_bytes(arrays) == 4 * count_params(model)
+
+
+def test_payload_of_a_flower_record_counts_the_numbers_it_carries():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    record = ArrayRecord(model.state_dict())
+    assert payload_bytes(record) == payload_bytes(model)
+    assert payload_bytes(record, transport="float16") == payload_bytes(model, transport="float16")
+    with pytest.raises(ValueError, match=r"payload_bytes counts.*'w' is a list"):
+        payload_bytes({"w": [1.0, 2.0]})
 
 
 def test_buffers_travel_with_the_parameters():

@@ -209,6 +209,20 @@ def test_fedparafy_keeps_layers_with_hooks(kind, register):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("attr", ["weight", "bias"])
+def test_fedparafy_keeps_layers_whose_parameters_have_hooks(attr):
+    grads = []
+    model = nn.Sequential(nn.Conv2d(64, 64, 3), nn.Conv2d(64, 64, 3))
+    getattr(model[0], attr).register_hook(grads.append)
+    getattr(model[1], attr).register_post_accumulate_grad_hook(grads.append)
+    model, changes = fedparafy(model, gamma=0.1)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d]
+    assert [c.reason for c in changes] == [f"has hooks ({attr} gradient)",
+                                           f"has hooks ({attr} post-accumulate-grad)"]
+    model(torch.randn(1, 64, 7, 7)).sum().backward()
+    assert len(grads) == 2
+
+
 def test_fedparafy_keeps_frozen_layers_dense():
     model = nn.Sequential(nn.Conv2d(64, 64, 3).requires_grad_(False), nn.Conv2d(64, 64, 3))
     model[1].bias.requires_grad_(False)

@@ -54,6 +54,20 @@ def test_float16_flushes_tiny_numbers_that_bfloat16_keeps():
     assert torch.allclose(decode(encode(tiny, "bfloat16"), "bfloat16")["w"], tiny["w"], rtol=2**-8)
 
 
+def test_float16_refuses_finite_numbers_it_would_turn_into_inf():
+    largest = torch.finfo(torch.float16).max  # 65504; up to 65520 (excluded) rounds down to it
+    fits = {"w": torch.tensor([largest, -65519.0, 1.0])}
+    assert decode(encode(fits, "float16"), "float16")["w"].tolist() == [largest, -largest, 1.0]
+    for big in (65520.0, -1e6):
+        with pytest.raises(ValueError, match=r"float16.*'w'.*beyond.*65504.*bfloat16"):
+            to_wire({"b": torch.zeros(2), "w": torch.tensor([1.0, big])}, "float16")
+    # bfloat16 has float32's range, and a number that is already inf or NaN is sent as it is
+    assert decode(encode({"w": torch.tensor([1e6])}, "bfloat16"), "bfloat16")["w"].item() > 9e5
+    diverged = decode(encode({"w": torch.tensor([float("inf"), float("nan")])}, "float16"),
+                      "float16")["w"]
+    assert diverged[0].isinf() and diverged[1].isnan()
+
+
 def test_a_16_bit_wire_halves_the_payload_of_floats_only():
     model = mlp(parameterization="fedpara", gamma=0.1)
     full = payload_bytes(model)
