@@ -4,7 +4,8 @@
     state = load_checkpoint(latest_checkpoint(config.checkpoint_dir), config)
 
 A checkpoint is `<checkpoint_dir>/round-NNNNN.pt`, one `torch.save`d dict: "round", "config"
-(`ExperimentConfig.to_dict()`), "global" (the global keys' arrays), "local" (partition id ->
+(`ExperimentConfig.to_dict()`), "run_name" (`ExperimentConfig.run_name` when it was written:
+whether it was a preset's own run then), "global" (the global keys' arrays), "local" (partition id ->
 that client's personal arrays), "trained" (the partitions that have trained, sorted),
 "strategy" (what the server's strategy carries between rounds: FedAvgM's momentum, FedAdam's
 and FedYogi's moments; empty for FedAvg and FedProx) and "history" (`History.to_dict()`).
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
     from fedpara.history import History
 
-__all__ = ["RESUMABLE_FIELDS", "ForeignCheckpoints", "check_fresh_start", "checkpoint_path",
+__all__ = ["RESUMABLE_FIELDS", "ForeignCheckpoints", "check_fresh_start", "check_resumable",
+           "checkpoint_path",
            "clear_checkpoints", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
 # beyond the execution fields, what a resumed run may change: it may run for more rounds
@@ -74,42 +76,50 @@ def clear_checkpoints(directory: str | Path, keep: int = 0) -> None:
         old.unlink()
 
 
+def check_resumable(config: ExperimentConfig, resume: bool) -> None:
+    """A resumed run needs a checkpoint folder: refuse resume=True without one."""
+    if resume and not config.checkpoint_dir:
+        raise ValueError("resume=True needs config.checkpoint_dir (where checkpoints are written)")
+
+
 class ForeignCheckpoints(ValueError):
     """A fresh run's checkpoint folder holds another experiment's checkpoints."""
 
 
 def check_fresh_start(config: ExperimentConfig) -> None:
     """Before a fresh (not resumed) run deletes the checkpoints in `config.checkpoint_dir`:
-    raise ForeignCheckpoints (a ValueError), deleting nothing, if the latest is another
+    raise ForeignCheckpoints (a ValueError), deleting nothing, if any of them is another
     experiment's (any field but the execution ones differs, `rounds` included), so that a run
-    with changed settings
-    pointed at a preset's folder cannot wipe that run's checkpoints. Two cases may go: a
-    checkpoint that does not read back (it says nothing about its owner), and, when `config`
-    is a preset's own run, a checkpoint of the same preset, variant and profile made under an
-    older definition of that preset (what a rerun after the preset changed finds)."""
+    with changed settings pointed at a preset's folder cannot wipe that run's checkpoints.
+    Two cases may go: a checkpoint that does not read back (it says nothing about its owner),
+    and, when `config` is a preset's own run, a checkpoint written as the own run of the same
+    preset, variant and profile under an older definition of that preset (what a rerun after
+    the preset changed finds); a run with changed settings that was pointed at the preset's
+    folder is still another experiment."""
     import pickle
 
     import torch
 
-    path = latest_checkpoint(config.checkpoint_dir)
-    if path is None:
-        return
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
-        return
-    differing = differing_fields(stored, config)
-    if not differing:
-        return
-    names = ("preset", "variant", "profile")
     own_run = (config.preset in PRESETS and config.variant in PRESETS[config.preset].variants
                and not config.changes_from_preset())
-    if own_run and all(stored.get(k) == getattr(config, k) for k in names):
-        return  # the preset's own run, and an older definition of it in its folder
-    raise ForeignCheckpoints(
-        f"{config.checkpoint_dir} holds the checkpoints of another experiment ({path.name}: "
-        f"fields {', '.join(differing)} differ), which a fresh run would delete; give this run "
-        f"its own checkpoint_dir, or delete them yourself")
+    names = ("preset", "variant", "profile")
+    for path in reversed(_by_round(config.checkpoint_dir) if config.checkpoint_dir else []):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            stored = state["config"]
+        except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+            continue
+        differing = differing_fields(stored, config)
+        if not differing:
+            continue
+        # a checkpoint from before "run_name" was stored counts as the preset's own run
+        if (own_run and all(stored.get(k) == getattr(config, k) for k in names)
+                and state.get("run_name", config.run_name) == config.run_name):
+            continue  # the preset's own run, and an older definition of it in its folder
+        raise ForeignCheckpoints(
+            f"{config.checkpoint_dir} holds the checkpoints of another experiment ({path.name}:"
+            f" fields {', '.join(differing)} differ), which a fresh run would delete; give this"
+            f" run its own checkpoint_dir, or delete them yourself")
 
 
 def save_checkpoint(config: ExperimentConfig, server_round: int,
@@ -126,6 +136,7 @@ def save_checkpoint(config: ExperimentConfig, server_round: int,
     state = {
         "round": server_round,
         "config": config.to_dict(),
+        "run_name": config.run_name,
         "global": global_arrays,
         "local": local,
         "trained": sorted(trained),

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from fedpara.checkpoints import check_fresh_start
+from fedpara.checkpoints import check_fresh_start, check_resumable
 from fedpara.config import ExperimentConfig
 from fedpara.history import GIB, History, RoundRecord
 
@@ -83,8 +83,7 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
     """
     config.validate()  # a config built by hand and mutated is checked again before any work
     _check_simulation_device(config.device)
-    if resume and not config.checkpoint_dir:
-        raise ValueError("resume=True needs config.checkpoint_dir (where checkpoints are written)")
+    check_resumable(config, resume)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
 

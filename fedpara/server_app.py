@@ -13,10 +13,12 @@ One round:
    FedAvgM, FedAdam or FedYogi from `flwr.serverapp.strategy`), weighted by training examples,
    the replies in partition order (deterministic): the weighted mean with Flower's arithmetic
    in float64 (`task.weighted_mean`), then the server optimizer's step, if any, by Flower;
-4. score: the global model on the test set here ("server"), or every client that has
-   trained on its own held-out data ("clients"), weighted by examples; clients that never
-   trained are counted, not scored;
-5. record the bytes of the arrays that actually went each way; checkpoint every N rounds.
+4. score: the global model on the test set here ("server"), or each client on its own
+   held-out data ("clients"), weighted by examples: every client under FedAvg, every client
+   that has trained under the personalized algorithms (those that never trained are counted,
+   not scored);
+5. record the bytes of the training messages' arrays that actually went each way (client
+   evaluation's downloads apart, as `eval_bytes_down`); checkpoint every N rounds.
 
 Why `FedParaStrategy` wraps Flower's strategy instead of subclassing it: the round loop here is
 `run_server`, not `Strategy.start` (flwr 1.42), because `start` does not fit it.
@@ -60,6 +62,7 @@ from torch import Tensor
 from fedpara import task
 from fedpara.checkpoints import (
     check_fresh_start,
+    check_resumable,
     clear_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -524,9 +527,14 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
     # host resolves it)
     device = task.resolve_device(config.device) if config.evaluation == "server" else None
     named = device or (task.resolve_device("auto") if config.device == "auto" else config.device)
+    check_resumable(config, resume)
+    # the checkpoint is read and checked before any node is asked (a deployment may wait long
+    # for its nodes): a fresh run deletes its own checkpoints only, another experiment's are
+    # refused; a resumed run must find its own experiment's
     path = latest_checkpoint(config.checkpoint_dir) if resume else None
-    if path is None and config.checkpoint_dir:  # a fresh run deletes its own checkpoints only:
-        check_fresh_start(config)  # another experiment's are refused (before any node is asked)
+    state = load_checkpoint(path, config) if path is not None else None
+    if path is None and config.checkpoint_dir:
+        check_fresh_start(config)
     strategy = FedParaStrategy(config)
     strategy.discover_nodes(grid)
 
@@ -537,8 +545,7 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
     history = History(config=config.to_dict(), hardware=hardware_info(str(named)))
     first_round = 1
 
-    if path is not None:
-        state = load_checkpoint(path, config)
+    if state is not None:
         arrays = ArrayRecord(state["global"])
         history.records = History.from_dict(state["history"]).records
         strategy.trained = set(state["trained"])

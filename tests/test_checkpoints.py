@@ -17,6 +17,7 @@ import torch
 
 from fedpara import config as config_module
 from fedpara.checkpoints import (
+    ForeignCheckpoints,
     check_fresh_start,
     checkpoint_path,
     clear_checkpoints,
@@ -136,7 +137,9 @@ def test_a_checkpoint_reads_back_and_only_the_latest_two_are_kept(tmp_path):
     assert sorted(tmp_path.iterdir()) == paths[1:]  # no temporary files left either
     assert latest_checkpoint(tmp_path) == paths[-1]
     state = load_checkpoint(paths[-1], config)
-    assert list(state) == ["round", "config", "global", "local", "trained", "strategy", "history"]
+    assert list(state) == ["round", "config", "run_name", "global", "local", "trained",
+                           "strategy", "history"]
+    assert state["run_name"] == config.run_name
     assert state["strategy"] == {}  # FedAvg carries nothing between rounds
     assert state["round"] == 3 and state["trained"] == [1, 3]
     assert state["config"] == config.to_dict()
@@ -198,8 +201,11 @@ def test_a_presets_own_rerun_clears_an_older_definition_of_it(tmp_path):
     the preset's run now: that run may clear them; a changed run may not."""
     config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke",
                         checkpoint_dir=str(tmp_path))
-    older = dataclasses.replace(config, lr=config.lr * 2)  # as an older definition made it
+    older = dataclasses.replace(config, lr=config.lr * 2)  # as an older definition made it:
     path = write(older, 1)
+    state = torch.load(path, weights_only=True)
+    assert state["run_name"] == "fedpara-smoke+lr=0.2"  # the preset's own run under it had
+    torch.save({**state, "run_name": "fedpara-smoke"}, path)  # no changes to name
     check_fresh_start(config)
     with pytest.raises(ValueError, match="fields lr, rounds differ"):
         check_fresh_start(config.replace(rounds=5))
@@ -207,6 +213,29 @@ def test_a_presets_own_rerun_clears_an_older_definition_of_it(tmp_path):
         check_fresh_start(get_preset("fmnist-gamma", variant="fedpara-0.2", profile="smoke",
                                      checkpoint_dir=str(tmp_path)))
     assert path.exists()
+
+
+def test_a_presets_own_rerun_keeps_a_changed_runs_checkpoints_in_its_folder(tmp_path):
+    """The older-definition exemption is for checkpoints written as the preset's own run: a
+    run with changed settings that was pointed at the preset's folder is another experiment."""
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke",
+                        checkpoint_dir=str(tmp_path))
+    path = write(config.replace(lr=config.lr * 2), 1)
+    with pytest.raises(ForeignCheckpoints, match="fields lr differ"):
+        check_fresh_start(config)
+    assert path.exists()
+
+
+def test_a_fresh_run_checks_every_checkpoint_not_only_the_latest(tmp_path):
+    """An unreadable latest checkpoint says nothing about its owner; the older ones still do."""
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path))
+    latest = [write(config.replace(lr=0.5), r) for r in (1, 2)][-1]
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.raises(ForeignCheckpoints, match="round-00001.pt: fields lr differ"):
+        check_fresh_start(config)
+    latest.unlink()
+    checkpoint_path(tmp_path, 1).write_bytes(b"not a checkpoint")
+    check_fresh_start(config)  # nothing readable: nobody's, they may go
 
 
 def test_scoring_needs_the_last_round_of_the_same_run(tmp_path):

@@ -507,6 +507,27 @@ def test_a_resumed_run_restores_each_partitions_state_on_a_shared_node(
     same_rounds(uninterrupted, resumed)
 
 
+def test_a_run_that_cannot_start_is_refused_before_any_node_is_asked(fmnist_dir, identity,
+                                                                     tmp_path):
+    """A resume without a checkpoint folder, or from another experiment's checkpoint, and a
+    fresh run in a folder of another experiment's checkpoints: refused before any message."""
+    from fedpara.checkpoints import ForeignCheckpoints, save_checkpoint
+    from fedpara.history import History
+    from fedpara.server_app import run_server
+
+    config = strategy_config(fmnist_dir, variant="fedpara-fedprox", checkpoint_dir=str(tmp_path))
+    other = config.replace(lr=config.lr / 2)
+    save_checkpoint(other, 1, {}, {}, set(), History(config=other.to_dict()))
+    for run, resume, error, message in (
+            (config.replace(checkpoint_dir=""), True, ValueError, "resume=True needs config.che"),
+            (config, True, ValueError, "different experiment: fields lr differ"),
+            (config, False, ForeignCheckpoints, "another experiment .*fields lr differ")):
+        grid = InProcessGrid(config.num_clients)
+        with pytest.raises(error, match=message):
+            run_server(grid, run, resume=resume)
+        assert grid.sent == []
+
+
 def test_node_discovery_checks_that_the_nodes_hold_each_partition_once(fmnist_dir, identity):
     from fedpara.server_app import FedParaStrategy
 
