@@ -69,6 +69,9 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
     if any(n != names[0] for n in names[1:]):
         raise ValueError("train_cohort needs models of one architecture (the same parameters)")
     _check_lr_scale(lr_scale or {}, names[0])
+    _check_per_sample(models[0])
+    if seeds is not None and len(seeds) != k:
+        raise ValueError(f"seeds must name one seed per model ({k}), got {len(seeds)}")
     if proximal_to is not None and proximal_mu > 0:  # as task.train: checked when it is used
         proximal_to = list(proximal_to)
         _check_proximal_to(models[0], proximal_to)
@@ -113,6 +116,20 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
     losses = totals.tolist()
     return [TrainResult(loss=losses[i] / max(seen[i], 1), num_examples=_num_samples(b))
             for i, b in enumerate(batches)]
+
+
+def _check_per_sample(model: nn.Module) -> None:
+    """Refuse what the stacked program cannot train as `task.train` would: buffers (BatchNorm's
+    running statistics would stay where they are, and the padding would enter the batch's
+    statistics) and frozen parameters (the stacked update moves every parameter)."""
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        raise ValueError(f"train_cohort trains models without buffers (per-sample models, e.g. "
+                         f"GroupNorm instead of BatchNorm); this one has {', '.join(buffers[:5])}")
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"train_cohort updates every parameter; frozen (requires_grad=False): "
+                         f"{', '.join(frozen[:5])}: use task.train")
 
 
 def _steps(batches: Sequence[Batches], device: torch.device

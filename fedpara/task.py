@@ -48,8 +48,8 @@ Batches = Iterable[tuple[Tensor, Tensor]]  # TensorBatches or a DataLoader
 
 @dataclass(frozen=True)
 class TrainResult:
-    loss: float  # mean training cross-entropy over all steps, per example
-    num_examples: int  # training samples the client holds (the FedAvg weight)
+    loss: float  # mean training cross-entropy over all steps, per example (0.0 with no data)
+    num_examples: int  # training samples in one pass over the client's data (the FedAvg weight)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:  # e.g. "gpu" or an index torch cannot parse
         raise ValueError(f"device={name!r} is not a device name; allowed here: "
                          f"{', '.join(allowed)}") from None
-    if device.type in ("cuda", "mps") and str(device) not in allowed:
+    if str(device) not in allowed:  # also xpu, meta, cpu:3, ...: not what a run here can use
         raise ValueError(f"device={name!r} is not available on this machine; allowed here: "
                          f"{', '.join(allowed)}")
     return device
@@ -276,7 +276,7 @@ class Proximal:
     def of(cls, model: nn.Module, mu: float, names: Iterable[str]) -> Proximal:
         """The term over the parameters among `names` (state_dict keys: the buffers among
         them have no gradient and are skipped; a name the model lacks is refused)."""
-        names = list(names)
+        names = list(dict.fromkeys(names))  # a name given twice is one term
         _check_proximal_to(model, names)
         named = dict(model.named_parameters())
         params = [named[n] for n in names if n in named]  # buffers have no gradient
@@ -339,6 +339,11 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
     """
     _check_training(epochs, lr, proximal_mu)
     _check_batches(batches)
+    # the settings that name parameters are checked before the model or the generator changes
+    _check_lr_scale(lr_scale or {}, dict(model.named_parameters()))
+    if proximal_mu > 0 and proximal_to is not None:
+        proximal_to = list(proximal_to)  # it may be an iterator: read once
+        _check_proximal_to(model, proximal_to)
     device = torch.device(device)
     if speed is None:
         speed = Speed.default(device, fast=isinstance(batches, TensorBatches))
@@ -473,10 +478,13 @@ def evaluate(model: nn.Module, batches: Batches, *, device: torch.device | str =
 
 
 def _num_samples(batches: Batches) -> int:
-    """Samples in one pass: TensorBatches' tensors, a DataLoader's dataset, or a list's batches."""
+    """Samples in one pass: TensorBatches' tensors, a DataLoader's dataset, or a list's batches
+    (with drop_last, only the full batches')."""
     if isinstance(batches, TensorBatches):
-        return len(batches.x)
+        return len(batches) * batches.batch_size if batches.drop_last else len(batches.x)
     if isinstance(batches, torch.utils.data.DataLoader):
+        if batches.drop_last and batches.batch_size:
+            return len(batches.dataset) // batches.batch_size * batches.batch_size
         return len(batches.dataset)
     return sum(len(y) for _, y in batches)
 

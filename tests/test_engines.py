@@ -109,6 +109,62 @@ def test_every_engine_refuses_proximal_names_the_model_lacks():
                        proximal_mu=0.1, proximal_to=wrong, capture=False)
 
 
+def test_a_refused_setting_leaves_the_model_and_the_generator_as_they_were():
+    """task.train checks the names in lr_scale and proximal_to before it seeds the generator
+    or moves the model (channels-last on CUDA, train mode)."""
+    base, client = _model("original").eval(), _clients()[0]
+    state, rng = copy.deepcopy(base.state_dict()), torch.get_rng_state()
+    speed = task.Speed(channels_last=True)
+    for settings in (dict(lr_scale={"nope": 2.0}),
+                     dict(proximal_mu=0.1, proximal_to=iter(["nope"]))):
+        with pytest.raises(ValueError, match="lacks"):
+            task.train(base, _batches(client, 0), epochs=1, lr=0.1, seed=9, speed=speed,
+                       **settings)
+        assert torch.equal(torch.get_rng_state(), rng) and not base.training
+        assert all(p.is_contiguous() for p in base.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+
+
+def test_a_name_given_twice_in_proximal_to_is_one_term():
+    base, client = _model("original"), _clients()[0]
+    names = [n for n, _ in base.named_parameters()]
+    once, twice = copy.deepcopy(base), copy.deepcopy(base)
+    for model, anchored in ((once, names), (twice, names + names[:1])):
+        with torch.no_grad():  # away from the anchor, so that the term is not zero
+            next(model.parameters()).add_(0.5)
+        task.train(model, _batches(client, 0), epochs=1, lr=0.1, seed=3, proximal_mu=0.5,
+                   proximal_to=anchored)
+    for p, q in zip(once.parameters(), twice.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_cohort_refuses_models_it_would_train_differently():
+    """BatchNorm's statistics and frozen parameters are not what the stacked program trains."""
+    client = _clients()[0]
+    norm = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2),
+                               torch.nn.Flatten(), torch.nn.LazyLinear(10)).double()
+    norm(client[0][:2])  # materialize the lazy layer
+    with pytest.raises(ValueError, match="without buffers.*has 1.running_mean"):
+        train_cohort([norm], [_batches(client, 0)], epochs=1, lr=0.1)
+    frozen = _model("original")
+    first = next(frozen.parameters()).requires_grad_(False)
+    name = next(n for n, p in frozen.named_parameters() if p is first)
+    with pytest.raises(ValueError, match=f"frozen .requires_grad=False.: {name}"):
+        train_cohort([frozen], [_batches(client, 0)], epochs=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"one seed per model \(1\), got 0"):
+        train_cohort([_model("original")], [_batches(client, 0)], epochs=1, lr=0.1, seeds=[])
+
+
+def test_num_examples_counts_the_samples_a_pass_trains_on():
+    x, y = _clients()[1]  # 37 samples: two full batches of 16 and one of 5
+    model = _model("original")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                         drop_last=True)
+    for batches in (TensorBatches(x, y, 16, drop_last=True), loader):
+        assert task.train(model, batches, epochs=1, lr=0.1).num_examples == 32
+    assert task.train(model, TensorBatches(x, y, 16), epochs=1, lr=0.1).num_examples == 37
+
+
 @pytest.mark.parametrize("parameterization", ["fedpara", "original"])
 def test_the_graphed_step_run_eagerly_is_task_train(parameterization):
     """One trainer serves client after client: weights copied in, trained, copied out; the

@@ -118,6 +118,9 @@ def test_a_device_this_machine_lacks_is_refused_with_the_ones_it_has():
     with pytest.raises(ValueError, match=f"device='{missing}' is not available on this "
                                          f"machine; allowed here: auto, cpu"):
         task.resolve_device(missing)
+    for other in ("xpu", "meta", "cpu:3"):  # names torch parses, but not devices a run uses
+        with pytest.raises(ValueError, match=f"device='{other}' is not available"):
+            task.resolve_device(other)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
