@@ -24,6 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fedpara.history import FINAL_WINDOW, History
+from fedpara.results import final_gap
 
 __all__ = [
     "PFEDPARA_VARIANTS",
@@ -183,7 +184,9 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
     the smaller FedPara model and how much from the choice of the personal part, read from the
     control run `fedper-fedpara` (FedPer on pFedPara's model). Only pFedPara variants trained
     at the control's learning rates are compared with it (`pfedpara-lr30` trains W2 at 30
-    times the rate: its gain would not be the split's). "" without those runs."""
+    times the rate: its gain would not be the split's). The two personal parts are compared
+    with `fedpara.results.final_gap`: a difference within the larger of the two runs' jitters
+    is no finding. "" without those runs."""
     if not {"fedper", "fedper-fedpara"} <= set(histories):
         return ""
     acc = {v: h.mean_accuracy(window) for v, h in histories.items()}
@@ -194,11 +197,19 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
         return ""
     best = max(mine, key=lambda v: acc[v])
     capacity = 100 * (acc["fedper"] - acc["fedper-fedpara"])
-    split = 100 * (acc[best] - acc["fedper-fedpara"])
-    same_model = (f"on the same model `{best}` is {abs(split):.1f} points "
-                  + ("above" if split >= 0 else "below") + " FedPer, so keeping $W_2$ and the "
-                  "biases of every layer personal works " + ("better" if split >= 0 else "worse")
-                  + " than keeping the head")
+    gap = final_gap(histories[best], histories["fedper-fedpara"], window)
+    split, noise = 100 * gap.difference, 100 * gap.noise
+    if gap.ahead:
+        word = "above" if gap.ahead > 0 else "below"
+        same_model = (f"on the same model `{best}` is {abs(split):.1f} points {word} FedPer, "
+                      f"more than the larger jitter of the two runs ({noise:.1f} points): in "
+                      "this seed, keeping $W_2$ and the biases of every layer personal works "
+                      + ("better" if gap.ahead > 0 else "worse") + " than keeping the head")
+    else:
+        same_model = (f"on the same model `{best}` and FedPer are {abs(split):.1f} points "
+                      f"apart, within the larger jitter of the two runs ({noise:.1f} points): "
+                      "this seed does not separate keeping $W_2$ and the biases of every "
+                      "layer personal from keeping the head")
     return (f"On `{preset}`, FedPer reaches {acc['fedper']:.1%} with the dense model and "
             f"{acc['fedper-fedpara']:.1%} with pFedPara's FedPara model, against "
             f"{acc[best]:.1%} for `{best}`, the best pFedPara variant at the same learning "

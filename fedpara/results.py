@@ -23,11 +23,16 @@ FEMNIST, unless a data folder is given, tiny fake data: the same rehearsal on ev
 whether or not it has the real data), builds the config of every preset x variant, loads each
 stored history or trains it, and returns a `Chapter` with the configs, the runs, the tables a
 chapter shows (`summary`, `protocol`, `plan`) and the Markdown notice above its results.
+
+Two single-seed runs are compared with one rule, `final_gap`: the difference of their final
+accuracies counts only when it is larger than the larger of their jitters (`jitter`: the
+standard deviation of a run's accuracy over its last `JITTER_WINDOW` rounds).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +48,7 @@ from fedpara.config import (
     differing_fields,
     get_preset,
 )
-from fedpara.history import History
+from fedpara.history import FINAL_WINDOW, History
 from fedpara.storage import write_atomic
 
 if TYPE_CHECKING:
@@ -51,17 +56,21 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAKE_DATA_WRITERS",
+    "JITTER_WINDOW",
     "MAY_DIFFER",
     "PROTOCOL_FIELDS",
     "Chapter",
     "ClientScores",
+    "Gap",
     "client_accuracies",
     "client_scores_path",
     "differing_fields",
+    "final_gap",
     "find_root",
     "load_client_scores",
     "load_or_train",
     "how_to_run",
+    "jitter",
     "open_chapter",
     "planned_traffic_gib",
     "run_summary",
@@ -128,6 +137,56 @@ def load_or_train(config: ExperimentConfig, results_dir: str | Path, *, train: b
     history = run_experiment(config, progress=progress)
     history.save(path)
     return history, "trained"
+
+
+# comparing two single-seed runs --------------------------------------------------------------
+
+JITTER_WINDOW = 10  # rounds: a run's jitter is the std of its accuracy over its last 10 rounds
+
+
+def jitter(history: History, last: int = JITTER_WINDOW) -> float:
+    """A run's round-to-round jitter: the standard deviation of its accuracy over its last
+    `last` rounds, skipping rounds that scored nothing (NaN when none did).
+
+    It is one run's noise around its own curve, not the spread a rerun with another seed
+    (another partition, initialization or client schedule) would show.
+    """
+    if not isinstance(last, int) or isinstance(last, bool) or last < 1:
+        raise ValueError(f"last={last!r} must be an integer >= 1 (rounds)")
+    scored = [r.accuracy for r in history.records[-last:] if not math.isnan(r.accuracy)]
+    if not scored:
+        return math.nan
+    mean = sum(scored) / len(scored)
+    return math.sqrt(sum((a - mean) ** 2 for a in scored) / len(scored))
+
+
+@dataclass(frozen=True)
+class Gap:
+    """One run's final accuracy minus another's, against the larger of their jitters."""
+
+    difference: float  # first minus second, a fraction (0.012 is 1.2 points)
+    noise: float  # the larger of the two runs' jitters, a fraction
+
+    @property
+    def ahead(self) -> int:
+        """1 when the first run is ahead by more than the noise, -1 when the second is, 0 when
+        the difference is within the noise (an exact tie included) or cannot be computed."""
+        if not abs(self.difference) > self.noise:  # NaN: not shown to differ
+            return 0
+        return 1 if self.difference > 0 else -1
+
+    @property
+    def within(self) -> bool:
+        return self.ahead == 0
+
+
+def final_gap(first: History, second: History, window: int = FINAL_WINDOW,
+              last: int = JITTER_WINDOW) -> Gap:
+    """The book's rule for two single-seed runs: `first`'s final accuracy (the mean of its last
+    `window` rounds) minus `second`'s, and the larger of their jitters over the last `last`
+    rounds; the difference counts (`Gap.ahead`) only when it is larger than that jitter."""
+    return Gap(difference=first.mean_accuracy(window) - second.mean_accuracy(window),
+               noise=max(jitter(first, last), jitter(second, last)))
 
 
 # per-client scores ---------------------------------------------------------------------------

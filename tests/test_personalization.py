@@ -106,6 +106,33 @@ def test_control_splits_fedpers_lead_into_capacity_and_split():
     assert control("p", runs) == ""
 
 
+def test_control_calls_a_difference_within_the_jitter_no_finding():
+    def run(accuracies):  # the last rounds of a single-seed run, as recorded
+        h = History(config={"local_lr_scale": 1.0})
+        for r, acc in enumerate(accuracies, start=1):
+            h.append(record(r, accuracy=acc))
+        return h
+
+    # the final accuracies (last 3 rounds) differ by 0.3 points; the control run's jitter
+    # (std over its last 10 rounds) is 0.8 points: no finding either way
+    runs = {"fedper": run([0.90] * 10),
+            "fedper-fedpara": run([0.87, 0.89, 0.87, 0.89, 0.87, 0.89, 0.87, 0.88, 0.88, 0.88]),
+            "pfedpara-product": run([0.883] * 10)}
+    text = control("p", runs)
+    assert "within the larger jitter of the two runs" in text
+    assert "does not separate" in text and "better" not in text and "worse" not in text
+    # an exact tie is a tie, even with no jitter at all
+    tie = {"fedper": run([0.9] * 4), "fedper-fedpara": run([0.8] * 4),
+           "pfedpara": run([0.8] * 4)}
+    text = control("p", tie)
+    assert "`pfedpara` and FedPer are 0.0 points apart" in text and "better" not in text
+    # beyond the jitter, the sentence says which part works better, and by how much
+    tie["pfedpara"] = run([0.85] * 4)
+    text = control("p", tie)
+    assert "`pfedpara` is 5.0 points above FedPer, more than the larger jitter" in text
+    assert "works better than keeping the head" in text
+
+
 def test_an_unscored_run_gives_no_sentence():
     runs = histories({"pfedpara": 0.70, "pfedpara-product": float("nan"), "fedper": 0.84,
                       "fedper-fedpara": 0.80, "local": 0.6, "fedavg": 0.75}, gib={})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,9 +15,12 @@ from fedpara.config import get_preset
 from fedpara.history import History, RoundRecord
 from fedpara.results import (
     ClientScores,
+    Gap,
     client_accuracies,
     client_scores_path,
     differing_fields,
+    final_gap,
+    jitter,
     load_client_scores,
     load_or_train,
     planned_traffic_gib,
@@ -34,6 +39,36 @@ def stored(config, tmp_path, **changes) -> History:
                                cum_bytes=2, wall_seconds=0.1))
     history.save(History.default_path(config, tmp_path))
     return history
+
+
+def curve(accuracies) -> History:
+    history = History(config={})
+    for r, accuracy in enumerate(accuracies, start=1):
+        history.append(RoundRecord(round=r, accuracy=accuracy, loss=1.0, bytes_up=1,
+                                   bytes_down=1, cum_bytes=2 * r, wall_seconds=0.1))
+    return history
+
+
+def test_jitter_is_the_std_of_the_last_rounds_that_scored():
+    history = curve([0.1] * 5 + [0.5, 0.7, float("nan"), 0.5, 0.7])
+    assert jitter(history, last=5) == pytest.approx(0.1)  # the NaN round is skipped
+    assert jitter(history) == pytest.approx(float(np.nanstd(history.column("accuracy"))))
+    assert math.isnan(jitter(curve([float("nan")] * 3)))
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="last"):
+            jitter(history, last=bad)
+
+
+def test_final_gap_counts_a_difference_only_beyond_the_larger_jitter():
+    steady, noisy = curve([0.80] * 10), curve([0.79, 0.81] * 5)  # jitter 0 and 1 point
+    within = final_gap(curve([0.805] * 10), noisy)
+    assert within.difference == pytest.approx(0.805 - (0.81 + 0.79 + 0.81) / 3)
+    assert within.noise == pytest.approx(0.01) and within.ahead == 0 and within.within
+    assert final_gap(curve([0.82] * 10), noisy).ahead == 1
+    assert final_gap(noisy, curve([0.82] * 10)).ahead == -1
+    assert final_gap(steady, curve([0.80] * 10)).ahead == 0  # an exact tie is a tie
+    assert final_gap(steady, curve([0.801] * 10)).ahead == -1  # no jitter: any difference
+    assert Gap(float("nan"), 0.0).ahead == 0  # nothing to compare: no finding
 
 
 def test_where_and_how_may_differ_but_not_what():
