@@ -157,9 +157,10 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
         cohort = record.get("cohort", {}).get(model, {})
         if cohort.get("clients") != config.clients_per_round:
             raise SystemExit(f"{throughput_file} has no cohort of {config.clients_per_round} "
-                             f"clients for {model}: run throughput.py --cohort "
+                             f"clients for {model} (a throughput run stopped before its cohort "
+                             f"part has none): run throughput.py --cohort "
                              f"{config.clients_per_round} --cohort-models {model}")
-        images_per_second = record["round_images_per_second"][model]
+        images_per_second = cohort["images_per_second_together"]  # its round_images_per_second
         # the measurement's clients held equal shares, padded to whole batches: its rate per
         # padded slot (what the sampled rounds count) is the image rate times this
         share, batch = cohort["samples_per_client"], record["settings"]["batch"]

@@ -2,24 +2,29 @@
 # The GPU check: one script for a fresh machine with torch, torchvision and matplotlib only
 # (no flwr, no Ray, no internet). From the repository root:
 #
-#   bash benchmarks/gpu_check.sh                      # on the GPU machine: under 6 minutes
+#   bash benchmarks/gpu_check.sh                      # on the GPU machine: at most 6 minutes
 #   PYTHON=python bash benchmarks/gpu_check.sh        # when torch is not in python3
+#   GPU_CHECK_PARALLEL="1 2 4" bash benchmarks/gpu_check.sh   # also the side-by-side processes
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 bash benchmarks/gpu_check.sh   # a quick run on a CPU
 #
-# Steps (each under its own time limit, so the whole stays under 6 minutes; a failed step does
+# Steps (each under its own time limit: with the environment probe's, the limits add up to
+# 360 s, so the whole stays within 6 minutes, 405 s with GPU_CHECK_PARALLEL; a failed step does
 # not stop the others, and the exit status says whether any failed):
 #   1. benchmarks/throughput.py: training images/s of VGG16-GN original / FedPara 0.1 / 0.4, the
 #      baseline's way vs the fast path (+ ablations) and the captured CUDA-graph step,
 #      overheads, projected preset wall times, 16 clients trained together (fedpara/cohort.py)
 #      against one after the other, and two agreement checks with dropout off: together vs
-#      apart, graphed vs eager                         -> throughput-<device>.json
-#      (the side-by-side processes of the 2026-11-29 H200 file: --parallel 1 2 4, not rerun;
-#      book/performance.md reads them from the first GPU file that has them, so a new file of
-#      that GPU needs them again, or they are gone with the old one)
+#      apart, graphed vs eager (FedPara 0.1 first, the file rewritten after each model, so a
+#      time limit loses the last model's part first)  -> throughput-<device>.json
+#      Not measured unless GPU_CHECK_PARALLEL is set: the side-by-side processes
+#      (throughput.py --parallel 1 2 4; the step's limit then grows by 45 s, past 6 minutes).
+#      A full run without them writes a throughput file without `parallel_clients`: once it
+#      replaces the 2026-11-29 H200 file, which has them, book/performance.md shows a note
+#      in their place.
 #   2. a 3-round FedAvg smoke over fedpara.task without Flower, fast and plain path, on fake
 #      CIFAR-10 files                                   -> gpu-smoke-<device>.json
-#   3. benchmarks/layer_overhead.py with bf16 and channels-last (the fast path's settings)
-#                                                       -> layer_overhead-<device>.json
+#   3. benchmarks/layer_overhead.py with the fast path's settings (task.Speed.default on CUDA:
+#      float32, channels-last, cuDNN autotuning)        -> layer_overhead-<device>.json
 #   4. benchmarks/deployment_rounds.py: 3 rounds of cifar10-noniid/fedpara (E = 1) through
 #      Flower's deployment runtime (a SuperLink and one SuperNode holding all 100 partitions,
 #      the cohort engine) on full-size fake CIFAR-10, each round's wall time against the
@@ -59,10 +64,21 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   DEPLOY=(--rounds 1 --set clients_per_round=2 --set client_samples=8 --set local_epochs=1
           --set eval_samples=16 --test-images 100)
 else
-  THROUGHPUT=(--repeats 3 --cohort 16 --cohort-models original fedpara-0.1)
+  THROUGHPUT=(--repeats 3 --cohort 16 --cohort-models fedpara-0.1 original)
   SMOKE=(--smoke-rounds 3)
-  OVERHEAD=(--bf16 --channels-last)
+  OVERHEAD=(--channels-last --cudnn-benchmark)
   DEPLOY=(--rounds 3 --set local_epochs=1)
+fi
+# time limits (s): the environment probe and the four steps, 25 + 190 + 35 + 25 + 85 = 360
+ENV_LIMIT=25 THROUGHPUT_LIMIT=190 SMOKE_LIMIT=35 OVERHEAD_LIMIT=25 DEPLOY_LIMIT=85
+read -r -a PARALLEL <<< "${GPU_CHECK_PARALLEL:-}"
+if ((${#PARALLEL[@]})); then
+  THROUGHPUT+=(--parallel "${PARALLEL[@]}")
+  THROUGHPUT_LIMIT=$((THROUGHPUT_LIMIT + 45))
+  echo "side-by-side processes ${PARALLEL[*]}: the throughput step's limit is ${THROUGHPUT_LIMIT} s"
+else
+  echo "side-by-side processes not measured (GPU_CHECK_PARALLEL=\"1 2 4\" adds them): the" \
+    "throughput file will have no parallel_clients"
 fi
 WHEELS="${GPU_CHECK_WHEELS:-benchmarks/device-wheels}"  # flwr's wheels (prepare_device.sh)
 if [[ -d "$WHEELS" ]]; then
@@ -90,7 +106,7 @@ write_atomic(sys.argv[1], ("\n".join(lines) + "\n").encode())
 print("\n".join(lines), file=sys.stderr)
 print(slug(device_name(torch.device(sys.argv[2]))))
 '
-SLUG=$(timeout 45 "$PY" -c "$ENV_SCRIPT" "$RESULTS/environment.txt" "$DEVICE") \
+SLUG=$(timeout "$ENV_LIMIT" "$PY" -c "$ENV_SCRIPT" "$RESULTS/environment.txt" "$DEVICE") \
   || { echo "no torch, no benchmarks or no $DEVICE device here: nothing measured"; exit 1; }
 echo "device slug: $SLUG"
 
@@ -108,19 +124,19 @@ step() {  # step <name> <seconds> <command...>
   fi
 }
 
-step throughput 195 "$PY" benchmarks/throughput.py --device "$DEVICE" "${THROUGHPUT[@]}" \
-  --out "$RESULTS/throughput-$SLUG.json"
-step smoke 40 "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only "${SMOKE[@]}" \
-  --out "$RESULTS/gpu-smoke-$SLUG.json"
-step layer_overhead 30 "$PY" benchmarks/layer_overhead.py --device "$DEVICE" "${OVERHEAD[@]}" \
-  --out "$RESULTS/layer_overhead-$SLUG.json"
+step throughput "$THROUGHPUT_LIMIT" "$PY" benchmarks/throughput.py --device "$DEVICE" \
+  "${THROUGHPUT[@]}" --out "$RESULTS/throughput-$SLUG.json"
+step smoke "$SMOKE_LIMIT" "$PY" benchmarks/throughput.py --device "$DEVICE" --smoke-only \
+  "${SMOKE[@]}" --out "$RESULTS/gpu-smoke-$SLUG.json"
+step layer_overhead "$OVERHEAD_LIMIT" "$PY" benchmarks/layer_overhead.py --device "$DEVICE" \
+  "${OVERHEAD[@]}" --out "$RESULTS/layer_overhead-$SLUG.json"
 if [[ "${GPU_CHECK_TINY:-0}" == 1 && ! -d "$WHEELS" ]] && ! "$PY" -c "import flwr" 2>/dev/null
 then
   echo "== deployment: skipped (no flwr and no $WHEELS; the tiny mode only)"
 else
   # its --timeout counts the setup and leaves its daemons the time to stop inside the step's
-  step deployment 90 "$PY" benchmarks/deployment_rounds.py --device "$DEVICE" "${DEPLOY[@]}" \
-    --timeout 88 --throughput "$RESULTS/throughput-$SLUG.json" \
+  step deployment "$DEPLOY_LIMIT" "$PY" benchmarks/deployment_rounds.py --device "$DEVICE" \
+    "${DEPLOY[@]}" --timeout $((DEPLOY_LIMIT - 2)) --throughput "$RESULTS/throughput-$SLUG.json" \
     --out "$RESULTS/deployment-$SLUG.json"
 fi
 

@@ -1,7 +1,8 @@
 """What FedPara's weight composition costs: one SGD step of VGG16-GN, FedPara γ=0.1 vs original.
 
     python benchmarks/layer_overhead.py --repeats 5
-    python benchmarks/layer_overhead.py --device cuda --bf16 --channels-last   # on a GPU
+    python benchmarks/layer_overhead.py --device cuda --channels-last --cudnn-benchmark
+                                      # on a GPU, the fast path's settings (task.Speed.default)
 
 Each variant runs forward + backward + SGD step on random 32×32 images (batch 64 by default);
 variants are interleaved (the order flips every repeat) and the per-step medians are compared;
@@ -9,7 +10,9 @@ on a shared machine also look at the median of the per-round ratios and the rati
 Variants: `original` (dense convs), `fedpara` (the layers' recompute Function), and
 `fedpara_autograd` (the same layers composed with plain autograd, `layer.recompute = False`).
 
-Memory: on CUDA, torch.cuda.max_memory_allocated over one step. On CPU, where torch keeps no
+Memory: on CUDA, torch.cuda.max_memory_allocated over one step, each variant measured with only
+its own model, gradients and batch on the device (built, measured, freed before the next one is
+built; the timed models are built afterwards). On CPU, where torch keeps no
 allocator statistics, an estimate of what is resident at the start of backward: parameters +
 their gradients + every tensor saved for backward (activations and composed weights, found
 with torch.autograd.graph.saved_tensors_hooks, each storage counted once, parameters not
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -142,6 +146,20 @@ def memory_bytes(model, opt, x, y, bf16: bool) -> dict:
     }
 
 
+def memory_alone(variant: str, args: argparse.Namespace, x, y) -> dict:
+    """memory_bytes of `variant` on a model of its own, freed afterwards: on CUDA the peak then
+    holds no other variant's weights or gradients."""
+    model, opt = build(variant, args.gamma, x.device, args.channels_last)
+    if x.device.type == "cuda":  # cuDNN autotuning's trial workspaces are not the step's memory
+        step(model, opt, x, y, args.bf16)
+    memory = memory_bytes(model, opt, x, y, args.bf16)
+    del model, opt
+    gc.collect()
+    if x.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return memory
+
+
 def multiply_adds(model, x) -> dict:
     """Multiply-adds of one training step: convolutions (≈ 3× forward) and the composition."""
     conv = compose = 0
@@ -247,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="cuDNN autotuning (torch.backends.cudnn.benchmark; CUDA only)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/layer_overhead-<device>.json)")
@@ -256,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     if args.channels_last:
@@ -263,8 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
     y = torch.randint(0, 10, (args.batch,), device=device)
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    memory = {v: memory_alone(v, args, x, y) for v in args.variants}
     models = {v: build(v, args.gamma, device, args.channels_last) for v in args.variants}
-    memory = {v: memory_bytes(*models[v], x, y, args.bf16) for v in args.variants}  # also warms up
+    for v in args.variants:  # warm-up (cuDNN autotuning, allocator)
+        step(*models[v], x, y, args.bf16)
     times = {v: [] for v in args.variants}
     for r in range(args.repeats):
         for v in args.variants if r % 2 == 0 else reversed(args.variants):
@@ -292,12 +315,14 @@ def main(argv: list[str] | None = None) -> dict:
         "image": [3, 32, 32],
         "bf16": args.bf16,
         "channels_last": args.channels_last,
+        "cudnn_benchmark": args.cudnn_benchmark,
         "repeats": args.repeats,
         "steps_per_repeat": args.steps,
         "step_seconds": times,
         "median_step_seconds": median,
         "memory": memory,
-        "memory_measure": "cuda max_memory_allocated" if device.type == "cuda" else
+        "memory_measure": "cuda max_memory_allocated, each variant alone on the device"
+        if device.type == "cuda" else
         "parameters + gradients + tensors saved for backward (estimate)",
     }  # fmt: skip
     if "original" in median:

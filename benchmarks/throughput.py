@@ -33,12 +33,18 @@ host. The paths:
 `round_images_per_second[model]`. With dropout off it also checks the two ways agree, and that
 two graphed epochs agree with two eager ones (`engine_checks`: the mean losses), each as
 `difference` (‖a − b‖ / ‖b‖ over the parameters, and the worst tensor) next to its
-`noise_floor`: the same training from a start one float ulp away.
+`noise_floor`: the same training from a start one float ulp away. Models go in the order of
+`--cohort-models`, the file rewritten after each, so a run stopped by a time limit keeps the
+models it finished.
 
 Models: the original VGG16-GN and FedPara for each of `--gammas` (10 classes). Models and paths
-are interleaved, the order reversed every repeat; images/s are medians over the repeats, and the
-ratios are medians of the ratios within each repeat (robust to the load of a shared machine).
-Two of them also get an interval that says whether the run can tell the two apart (the sign
+are interleaved, the order reversed every repeat; images/s are medians of the repeats' images/s,
+and the ratios are medians of the ratios within each repeat (robust to the load of a shared
+machine). Each (model, path) pair gets one warm-up epoch first; a graph path captures its step
+there. fedpara.graphed keeps fewer captures than a full CUDA run has (model, graph path) pairs,
+so the run keeps all of its own (`graph_cache`) and no timed epoch captures one
+(`graph_captures_while_timed` counts any that did: 0 in a sound run).
+Two ratios also get an interval that says whether the run can tell the two apart (the sign
 test's, `paired_interval`): fast against plain, and FedPara against the original on the default
 path.
 
@@ -71,6 +77,7 @@ Writes benchmarks/results/throughput-<device>.json (`--out` to change).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -97,7 +104,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_overhead import device_name, slug, sync, timings, write_json  # noqa: E402
 
-from fedpara import task  # noqa: E402
+from fedpara import graphed, task  # noqa: E402
 from fedpara.config import ExperimentConfig, get_preset  # noqa: E402
 from fedpara.data import ImageDataset, dataset_info, load_dataset, make_loader  # noqa: E402
 from fedpara.fakedata import write_fake_cifar  # noqa: E402
@@ -246,6 +253,26 @@ def epoch_seconds(model, batches, speed, device: torch.device) -> float:
     task.train(model, batches, epochs=1, lr=LR, device=device, speed=speed)
     sync(device)
     return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def graph_cache(trainers: int):
+    """fedpara.graphed's cache of captured steps holding at least `trainers` of them (the timed
+    (model, graph path) pairs: one evicted would be captured again inside a timed epoch), and
+    emptied afterwards (each capture holds device memory)."""
+    size = graphed._CACHE_SIZE
+    graphed._CACHE_SIZE = max(size, trainers)
+    try:
+        yield
+    finally:
+        graphed._CACHE_SIZE = size
+        graphed._CACHE.clear()
+
+
+def new_captures(before: list) -> int:
+    """How many of graphed's cached trainers are not in `before` (each captured its step).
+    `before` holds the earlier ones alive, so a new trainer cannot reuse a freed one's id."""
+    return sum(all(t is not b for b in before) for t in graphed._CACHE.values())
 
 
 def data_seconds(batches, device: torch.device) -> float:
@@ -518,8 +545,9 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
     for r in range(repeats):
         for fn, out in ((together, t_together), (apart, t_apart))[:: 1 if r % 2 == 0 else -1]:
             out.append(fn()[0])
-    # agreement: the same batches from fresh generators, fp32 on both sides (the fast path's
-    # bf16 would dominate the difference), against the float-rounding floor of two clients
+    # agreement: the same batches from fresh generators, fp32 on both sides (bf16 autocast,
+    # where a fast path has it on, would dominate the difference), against the float-rounding
+    # floor of two clients
     plain = dataclasses.replace(speed, bf16=False)
     _, ours = together(_client_batches(k, samples, name, device, batch))
     _, reference = apart(_client_batches(k, samples, name, device, batch), plain)
@@ -699,25 +727,22 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(out, record)
     cohort = args.cohort if args.cohort is not None else (16 if device.type == "cuda" else 0)
     if cohort and not args.smoke_only:
-        names = args.cohort_models or model_names(args.gammas)
-        rounds = {n: cohort_round(n, cohort, args.samples, args.batch, device, args.repeats)
-                  for n in names}
-        record["cohort"] = rounds
-        record["round_images_per_second"] = {n: r["images_per_second_together"]
-                                             for n, r in rounds.items()}
-        over = record["overheads"]
-        for key, proj in record["projected_full_presets"].items():
-            # only where the measured cohort is the preset's round (same clients per round);
-            # clients there are of equal size, so a non-IID round's padding is not included
-            preset = key.split("/")[0]
-            if proj["model"] in rounds and get_preset(preset).clients_per_round == cohort:
-                proj["cohort"] = project(record["round_images_per_second"][proj["model"]],
-                                         over[proj["model"]], preset, cohort=True)
-        write_json(out, record)
-        if device.type == "cuda":  # written model by model, as each check ends
-            record["engine_checks"] = {}
-            for n in names:
-                record["engine_checks"][n] = {
+        record["cohort"], record["round_images_per_second"] = {}, {}
+        for n in args.cohort_models or model_names(args.gammas):  # written model by model
+            rounds = cohort_round(n, cohort, args.samples, args.batch, device, args.repeats)
+            record["cohort"][n] = rounds
+            record["round_images_per_second"][n] = rounds["images_per_second_together"]
+            for key, proj in record["projected_full_presets"].items():
+                # only where the measured cohort is the preset's round (same clients per
+                # round); clients there are of equal size, so a non-IID round's padding is
+                # not included
+                preset = key.split("/")[0]
+                if proj["model"] == n and get_preset(preset).clients_per_round == cohort:
+                    proj["cohort"] = project(rounds["images_per_second_together"],
+                                             record["overheads"][n], preset, cohort=True)
+            write_json(out, record)
+            if device.type == "cuda":
+                record.setdefault("engine_checks", {})[n] = {
                     **graph_check(n, args.samples, args.batch, device),
                     "bf16": graph_check(n, args.samples, args.batch, device, bf16=True)}
                 write_json(out, record)
@@ -750,17 +775,25 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                for n in names for p in paths}
     load_before = _load()
 
-    # warm-up (cuDNN autotuning, allocator, first worker start), then interleaved repeats
-    for (n, p), (b, s) in batches.items():
-        epoch_seconds(models[n], b, s, device)
     times: dict[str, dict[str, list[float]]] = {n: {p: [] for p in paths} for n in names}
     order = list(batches)
-    for r in range(args.repeats):
-        for n, p in order if r % 2 == 0 else reversed(order):
-            times[n][p].append(epoch_seconds(models[n], *batches[n, p], device))
-            print(f"  repeat {r + 1}/{args.repeats} {n:12s} {p:18s} {times[n][p][-1]:.3f} s",
-                  flush=True)
-    ips = {n: {p: args.samples / statistics.median(t) for p, t in times[n].items()}
+    captured = 0  # graphs captured inside timed epochs (none: graph_cache keeps them all)
+    with graph_cache(sum(speed.graph for _, speed in batches.values())):
+        # warm-up (cuDNN autotuning, allocator, first worker start, a graph path's capture),
+        # then interleaved repeats
+        for (n, _), (b, s) in batches.items():
+            epoch_seconds(models[n], b, s, device)
+        for r in range(args.repeats):
+            for n, p in order if r % 2 == 0 else reversed(order):
+                before = list(graphed._CACHE.values())
+                times[n][p].append(epoch_seconds(models[n], *batches[n, p], device))
+                captured += new_captures(before)
+                print(f"  repeat {r + 1}/{args.repeats} {n:12s} {p:18s} "
+                      f"{times[n][p][-1]:.3f} s", flush=True)
+    if captured:
+        print(f"WARNING: {captured} graph(s) captured inside timed epochs: those graph paths' "
+              "times include a capture", file=sys.stderr)
+    ips = {n: {p: statistics.median(args.samples / s for s in t) for p, t in times[n].items()}
            for n in names}
     default = "fast" if "fast" in paths else None  # what task.Speed.default runs
     if default:
@@ -805,6 +838,7 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
             n: paired_interval(times[n][default], times["original"][default])
             for n in names[1:] if default and args.repeats > 1},
         "default_path": default,
+        "graph_captures_while_timed": captured,
         "flops_per_epoch": flops,
         "flops_per_image": {n: flops[n] / args.samples for n in names},
         "achieved_flops_per_second": achieved,

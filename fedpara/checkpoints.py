@@ -5,8 +5,8 @@
 
 A checkpoint is `<checkpoint_dir>/round-NNNNN.pt`, one `torch.save`d dict: "round", "config"
 (`ExperimentConfig.to_dict()`), "run_name" (`ExperimentConfig.run_name` when it was written:
-whether it was a preset's own run then), "global" (the global keys' arrays), "local" (partition id ->
-that client's personal arrays), "trained" (the partitions that have trained, sorted),
+whether it was a preset's own run then), "global" (the global keys' arrays), "local" (partition
+id -> that client's personal arrays), "trained" (the partitions that have trained, sorted),
 "strategy" (what the server's strategy carries between rounds: FedAvgM's momentum, FedAdam's
 and FedYogi's moments; empty for FedAvg and FedProx) and "history" (`History.to_dict()`).
 It is read only for the experiment that wrote it: `config.differing_fields` decides, the same

@@ -162,8 +162,8 @@ def fedparafy(
     dense tensor alive in the other), when it or its weight or bias has hooks (they would not
     move to the new layer), when its weight or bias is frozen (requires_grad=False: the new
     factors start from a fresh initialization, so freezing them would fix random weights and
-    leaving them trainable would undo the freeze), when factorizing would not shrink its weight, when it is a grouped
-    convolution, or when its padding_mode is not "zeros".
+    leaving them trainable would undo the freeze), when factorizing would not shrink its
+    weight, when it is a grouped convolution, or when its padding_mode is not "zeros".
 
     A layer registered under several names (the same module object at several places) becomes
     one FedPara layer at all of them; its LayerChange carries the first name.

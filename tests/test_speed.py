@@ -6,20 +6,25 @@ Torch runs on one thread: the machine is shared, and two threads under load are 
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
+import types
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 from fedpara import layers, task
-from fedpara.config import get_preset
-from fedpara.config import ExperimentConfig
+from fedpara.config import ExperimentConfig, get_preset
 from fedpara.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +249,7 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
             10 * cohort["noise_floor"]["relative_difference"], 1e-6)
         assert cohort["together_vs_apart"]["largest_tensor"]  # a parameter's name
     assert record["time_ratio_fedpara_to_original"]["fedpara-0.1"]["default"] > 0
+    assert record["graph_captures_while_timed"] == 0
     # the median of two repeats' ratios lies in their [min, max] interval
     for key, ratio in (("ratio_fast_to_plain", record["ratio_fast_to_plain"]["fedpara-0.1"]),
                        ("time_ratio_fedpara_to_original",
@@ -444,3 +450,252 @@ def test_the_graph_check_compares_graphed_and_eager_in_both_precisions():
         assert check["graph_loss"] == check["eager_loss"] > 0
     assert fp32["noise_floor"]["relative_difference"] > 0
     assert bf16["graph_loss"] != fp32["graph_loss"]
+
+
+def test_the_throughput_benchmark_captures_no_graph_inside_a_timed_epoch(tmp_path, monkeypatch):
+    """On CUDA `task.train` takes a graph path's captured step from fedpara.graphed's cache,
+    which holds fewer captures than a full run has (model, graph path) pairs: one evicted would
+    be captured again inside a timed epoch. Here the cache is driven as `task.train` drives it
+    on CUDA, with the trainer's eager step (capture=False) on the CPU."""
+    from fedpara import graphed
+
+    throughput = _load_throughput()
+    monkeypatch.setattr(graphed, "_CACHE", {})
+    built = []
+
+    class Counting(graphed.GraphedTrainer):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(graphed, "GraphedTrainer", Counting)
+    epoch = throughput.epoch_seconds
+
+    def as_on_cuda(model, batches, speed, device):
+        if speed.graph:  # task.train's CUDA branch: the cached trainer for this batch shape
+            shape = (batches.batch_size, *batches.x.shape[1:])
+            graphed.trainer_for(model, batches.x.new_empty(shape),
+                                batches.y.new_empty(shape[:1]), device=device, speed=speed)
+        return epoch(model, batches, speed, device)
+
+    monkeypatch.setattr(throughput, "epoch_seconds", as_on_cuda)
+    record = throughput.main(["--device", "cpu", "--paths", "graph", "graph+bf16", "--gammas",
+                              "0.1", "0.4", "--repeats", "3", "--samples", "4", "--batch", "4",
+                              "--eval-samples", "4", "--threads", "1", "--cohort", "0",
+                              "--out", str(tmp_path / "throughput.json")])
+    pairs = 3 * 2  # three models, two graph paths: more than the cache keeps by default
+    assert pairs > graphed._CACHE_SIZE
+    assert len(built) == pairs  # each captured once, in its warm-up epoch
+    assert record["graph_captures_while_timed"] == 0
+    assert graphed._CACHE == {}  # the run's captures are freed when it ends
+
+
+def test_the_throughput_benchmark_writes_the_cohort_model_by_model(tmp_path, monkeypatch):
+    """A run stopped by a time limit in its second cohort model keeps the first one's round
+    images/s, which the deployment step needs."""
+    throughput = _load_throughput()
+    done = []
+
+    def cohort_round(name, k, *args):
+        if done:
+            raise KeyboardInterrupt  # the time limit
+        done.append(name)
+        return {"clients": k, "samples_per_client": 4, "images_per_second_together": 10.0}
+
+    monkeypatch.setattr(throughput, "cohort_round", cohort_round)
+    out = tmp_path / "throughput.json"
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main(["--device", "cpu", "--paths", "fast", "--gammas", "0.1", "--repeats",
+                         "1", "--samples", "4", "--batch", "4", "--eval-samples", "4",
+                         "--threads", "1", "--cohort", "2", "--cohort-models", "fedpara-0.1",
+                         "original", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert record["round_images_per_second"] == {"fedpara-0.1": 10.0}
+    assert list(record["cohort"]) == ["fedpara-0.1"]
+
+
+def _throughput_file(path: Path, cohort: dict) -> Path:
+    over = {"client_setup_seconds": 0.01, "trip_seconds": 0.02,
+            "average_seconds_per_client": 0.0, "eval_seconds_per_image": 1e-5}
+    path.write_text(json.dumps({"device": "test", "settings": {"batch": 64}, "cohort": cohort,
+                                "overheads": {"fedpara-0.1": over}}))
+    return path
+
+
+def test_the_deployment_check_takes_the_cohort_rate_from_the_cohort(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import deployment_rounds
+
+    config = get_preset("cifar10-noniid", variant="fedpara", profile="full").replace(
+        engine="cohort")
+    cohort = {"clients": config.clients_per_round, "samples_per_client": 500,
+              "images_per_second_together": 1000.0}
+    # a file without round_images_per_second (written apart before the cohort was per model)
+    good = _throughput_file(tmp_path / "good.json", {"fedpara-0.1": cohort})
+    assert deployment_rounds.projection(config, good, 50_000, 10_000)[
+        "images_per_second"] == 1000.0
+    none = _throughput_file(tmp_path / "none.json", {})
+    with pytest.raises(SystemExit, match="has no cohort of 16 clients for fedpara-0.1 .a "
+                                         "throughput run stopped before its cohort"):
+        deployment_rounds.projection(config, none, 50_000, 10_000)
+
+
+def test_the_layer_benchmark_measures_each_variants_memory_alone(tmp_path, monkeypatch):
+    """On CUDA the peak counts whatever is on the device: each variant is measured with no other
+    variant's model built. On a CPU the estimate is per model, so its numbers are those of a
+    model measured on its own; and cuDNN autotuning is a switch, recorded."""
+    overhead = _load_benchmark("layer_overhead")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored afterwards
+    models, alive = [], []
+    build, memory_bytes = overhead.build, overhead.memory_bytes
+
+    def tracked_build(*args):
+        model, opt = build(*args)
+        models.append(weakref.ref(model))
+        return model, opt
+
+    def counting(*args):
+        gc.collect()
+        alive.append(sum(m() is not None for m in models))
+        return memory_bytes(*args)
+
+    monkeypatch.setattr(overhead, "build", tracked_build)
+    monkeypatch.setattr(overhead, "memory_bytes", counting)
+    record = overhead.main(["--device", "cpu", "--repeats", "1", "--steps", "1", "--batch", "2",
+                            "--threads", "1", "--variants", "original", "fedpara",
+                            "--cudnn-benchmark", "--out", str(tmp_path / "overhead.json")])
+    assert alive == [1, 1]
+    assert record["cudnn_benchmark"] is True and torch.backends.cudnn.benchmark
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    for variant in ("original", "fedpara"):
+        model, opt = build(variant, 0.1, torch.device("cpu"), False)
+        assert record["memory"][variant] == memory_bytes(model, opt, x, y, False)
+
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_the_gpu_checks_time_limits_add_up_to_what_it_promises():
+    script = GPU_CHECK.read_text()
+    limits = {name: int(v) for name, v in re.findall(r"\b([A-Z]+_LIMIT)=(\d+)\b", script)}
+    assert set(limits) == {"ENV_LIMIT", "THROUGHPUT_LIMIT", "SMOKE_LIMIT", "OVERHEAD_LIMIT",
+                           "DEPLOY_LIMIT"}
+    total = sum(limits.values())
+    assert total <= 360  # the device has 15 minutes for everything, machine start included
+    header = script.split("\nset -uo pipefail")[0]
+    assert f"{total} s" in header and "6 minutes" in header
+    # the probe and every step run under those limits, none under a number of its own
+    assert not re.search(r"timeout \d|^ *step \w+ \d", script, re.MULTILINE)
+
+
+def test_the_gpu_check_runs_the_layer_benchmark_with_the_fast_paths_settings():
+    tiny, full = re.findall(r"OVERHEAD=\(([^)]*)\)", GPU_CHECK.read_text())
+    flags = set(full.split())
+    speed = task.Speed.default("cuda")
+    assert ("--bf16" in flags) == speed.bf16
+    assert ("--channels-last" in flags) == speed.channels_last
+    assert ("--cudnn-benchmark" in flags) == speed.cudnn_benchmark
+
+
+# the training-speed appendix -------------------------------------------------------------------
+
+
+def run_appendix(results: Path, root: Path, monkeypatch) -> tuple[dict, list[str], dict]:
+    """Every code cell of book/performance.md, with `results` as its benchmarks/results (in a
+    repository stand-in at `root`): what it glued, the Markdown it displayed, its names."""
+    pytest.importorskip("pandas")
+    jupytext = pytest.importorskip("jupytext")
+    ipython_display = pytest.importorskip("IPython.display")
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "_toc.yml").write_text("")
+    shutil.copytree(results, root / "benchmarks" / "results")
+    for script in (ROOT / "benchmarks").glob("*.py"):  # the page loads one of them
+        (root / "benchmarks" / script.name).symlink_to(script)
+    glued, shown = {}, []
+    myst_nb = types.ModuleType("myst_nb")
+    myst_nb.glue = lambda name, value, display=True: glued.__setitem__(name, value)
+    monkeypatch.setitem(sys.modules, "myst_nb", myst_nb)
+    monkeypatch.setattr(ipython_display, "display", lambda *objs, **kwargs: shown.extend(
+        o.data for o in objs if isinstance(o, ipython_display.Markdown)))
+    monkeypatch.chdir(root)
+    namespace: dict = {}
+    for cell in jupytext.read(ROOT / "book" / "performance.md").cells:
+        if cell.cell_type == "code":
+            exec(compile(cell.source, "performance.md", "exec"), namespace)
+    return glued, shown, namespace
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_the_appendix_quotes_todays_fast_path_and_the_cuda_version(tmp_path, monkeypatch):
+    """A file from when the CUDA fast path autocast to bf16 (the H200 file of 2026-11-29) has
+    "fast" in bf16 and today's float32 path as "fast-fp32": the page quotes the path that runs
+    what the library runs today, and CUDA's version."""
+    glued, _, page = run_appendix(RESULTS, tmp_path / "repo", monkeypatch)
+    cuda = re.search(r"^cuda (\d\S*)$", (RESULTS / "environment.txt").read_text(), re.M)
+    assert glued["gpu_cuda"] == cuda.group(1)  # not "available True"
+    # which path that is, for a file of each era
+    assert not task.Speed.default("cuda").bf16
+    then = {"bf16": True, "channels_last": True, "cudnn_benchmark": True}  # no "graph" yet
+    for speed_default, path in ((then, "fast-fp32"), ({**then, "bf16": False}, "fast")):
+        record = {"device": "a GPU", "device_type": "cuda",
+                  "settings": {"speed_default": speed_default}}
+        assert page["default_path"](record) == path
+    records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("throughput-*.json"))]
+    gpu = next(r for r in records if r["device"] == glued["gpu_device_full"])
+    path = "fast-fp32" if gpu["settings"]["speed_default"]["bf16"] else "fast"
+    assert glued["gpu_default_path"] == path
+    times, ips = gpu["epoch_seconds"], gpu["images_per_second"]
+
+    def paired(model, slow, fast):
+        return statistics.median(
+            a / b for a, b in zip(times[model][slow], times[model][fast], strict=True))
+
+    assert glued["gpu_fast_vs_baseline"] == pytest.approx(paired("fedpara-0.1", "baseline", path))
+    assert glued["gpu_fedpara_time_ratio_fast"] == pytest.approx(
+        gpu["time_ratio_fedpara_to_original"]["fedpara-0.1"][path])
+    assert glued["gpu_ips_fedpara_fast"] == ips["fedpara-0.1"][path]
+    # float32 over bf16: a median of ratios within a repeat, as the page's other ratios
+    bf16 = "fast" if path == "fast-fp32" else "fast+bf16"
+    assert glued["gpu_fp32_gain_original"] == pytest.approx(paired("original", bf16, path))
+    # the wall times on that path (which a bf16-era file timed but did not project), as the
+    # benchmark projects them
+    project = _load_throughput().project
+    for preset, variant in (("cifar10-noniid", "fedpara"), ("cifar100-noniid", "original")):
+        model = gpu["projected_full_presets"][f"{preset}/{variant}"]["model"]
+        expected = project(ips[model][path], gpu["overheads"][model], preset)["seconds"] / 60
+        assert glued[f"gpu_minutes_{preset.split('-')[0]}_{variant}_fast"] == pytest.approx(
+            expected)
+    fractions = gpu["fraction_of_bf16_peak"]
+    assert glued["gpu_peak_fraction_max"] == max(
+        f for row in fractions.values() for p, f in row.items() if p.startswith("fast"))
+    assert glued["gpu_peak_fraction_max"] >= glued["gpu_peak_fraction_original"]
+    # the CPU file's fast path is today's: its stored ratios are the ones quoted
+    cpu = next(r for r in records if r["device_type"] == "cpu")
+    assert glued["cpu_fast_vs_baseline"] == pytest.approx(
+        cpu["ratio_fast_to_baseline"]["fedpara-0.1"])
+
+
+def test_the_appendix_builds_after_a_gpu_check_rerun(tmp_path, monkeypatch):
+    """What a rerun of the GPU check (without GPU_CHECK_PARALLEL) leaves: throughput files
+    without `parallel_clients`, where the page says so instead of failing, and a layer
+    benchmark run with today's fast path's settings, which the page says it was."""
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    for path in results.glob("throughput-*.json"):
+        record = json.loads(path.read_text())
+        record.pop("parallel_clients", None)
+        path.write_text(json.dumps(record))
+    speed = task.Speed.default("cuda")
+    for path in results.glob("layer_overhead-*.json"):
+        record = json.loads(path.read_text())
+        if record["device_type"] == "cuda":
+            record.update(bf16=speed.bf16, channels_last=speed.channels_last,
+                          cudnn_benchmark=speed.cudnn_benchmark)
+            path.write_text(json.dumps(record))
+    glued, shown, _ = run_appendix(results, tmp_path / "repo", monkeypatch)
+    assert any(text.startswith("No GPU throughput file on record has the eager processes side "
+                               "by side") for text in shown)
+    assert glued["gpu_layer_settings"].startswith("the fast path's settings (float32,")
