@@ -87,15 +87,17 @@ class ForeignCheckpoints(ValueError):
 
 
 def check_fresh_start(config: ExperimentConfig) -> None:
-    """Before a fresh (not resumed) run deletes the checkpoints in `config.checkpoint_dir`:
-    raise ForeignCheckpoints (a ValueError), deleting nothing, if any of them is another
-    experiment's (any field but the execution ones differs, `rounds` included), so that a run
-    with changed settings pointed at a preset's folder cannot wipe that run's checkpoints.
-    Two cases may go: a checkpoint that does not read back (it says nothing about its owner),
-    and, when `config` is a preset's own run, a checkpoint written as the own run of the same
-    preset, variant and profile under an older definition of that preset (what a rerun after
-    the preset changed finds); a run with changed settings that was pointed at the preset's
-    folder is still another experiment."""
+    """Before a fresh (not resumed) run deletes the checkpoints in `config.checkpoint_dir`: raise
+    ForeignCheckpoints (a ValueError), deleting nothing, if any of them is another
+    experiment's (any field but the execution ones differs, `rounds` included), so that a
+    run with changed settings pointed at a preset's folder cannot wipe that run's
+    checkpoints. Three kinds may go: a checkpoint that does not read back (it says nothing
+    about its owner), older checkpoints that differ only in `rounds` from a newer one of
+    this experiment (written before it was resumed for more rounds), and, when `config` is a
+    preset's own run, a checkpoint written as the own run of the same preset, variant and
+    profile under an older definition of that preset (what a rerun after the preset changed
+    finds); a run with changed settings that was pointed at the preset's folder is still
+    another experiment."""
     import pickle
 
     import torch
@@ -103,6 +105,7 @@ def check_fresh_start(config: ExperimentConfig) -> None:
     own_run = (config.preset in PRESETS and config.variant in PRESETS[config.preset].variants
                and not config.changes_from_preset())
     names = ("preset", "variant", "profile")
+    own_seen = False  # a newer checkpoint of this very experiment was found
     for path in reversed(_by_round(config.checkpoint_dir) if config.checkpoint_dir else []):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -110,8 +113,9 @@ def check_fresh_start(config: ExperimentConfig) -> None:
         except (OSError, EOFError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
             continue
         differing = differing_fields(stored, config)
-        if not differing:
-            continue
+        own_seen = own_seen or not differing
+        if not differing or (own_seen and set(differing) <= RESUMABLE_FIELDS):
+            continue  # ours, or written before ours was resumed for more rounds
         # a checkpoint from before "run_name" was stored counts as the preset's own run
         if (own_run and all(stored.get(k) == getattr(config, k) for k in names)
                 and state.get("run_name", config.run_name) == config.run_name):

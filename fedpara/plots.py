@@ -32,6 +32,7 @@ __all__ = [
     "plot_client_accuracies",
     "plot_curves",
     "round_to_reach",
+    "rounds_within",
 ]
 
 
@@ -78,17 +79,23 @@ def final_accuracy(history: History, window: int = 1) -> float:
     return history.mean_accuracy(window)
 
 
+def rounds_within(history: History, budget_gib: float) -> int:
+    """How many of the run's first rounds fit in `budget_gib` of cumulative traffic (a relative
+    1e-12 of slack absorbs the rounding of summed GiB)."""
+    _check_nonempty(history)
+    if not math.isfinite(budget_gib) or budget_gib < 0:
+        raise ValueError(f"budget_gib={budget_gib} must be a finite number >= 0 (GiB)")
+    gib = np.asarray(history.cumulative_gib())
+    return int(np.searchsorted(gib, budget_gib * (1 + 1e-12), side="right"))
+
+
 def accuracy_within(history: History, budget_gib: float, window: int = 1) -> float:
     """Mean accuracy of the last `window` rounds whose cumulative traffic is <= `budget_gib`.
 
     What the run had reached when it had spent that budget; NaN if even round 1 costs more.
     """
-    _check_nonempty(history)
     _check_window(window)
-    if not math.isfinite(budget_gib) or budget_gib < 0:
-        raise ValueError(f"budget_gib={budget_gib} must be a finite number >= 0 (GiB)")
-    gib = np.asarray(history.cumulative_gib())
-    spent = int(np.searchsorted(gib, budget_gib * (1 + 1e-12), side="right"))  # rounds within
+    spent = rounds_within(history, budget_gib)
     if spent == 0:
         return math.nan
     accuracy = np.asarray(history.column("accuracy")[:spent][-window:], dtype=float)

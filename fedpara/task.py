@@ -478,14 +478,13 @@ def evaluate(model: nn.Module, batches: Batches, *, device: torch.device | str =
 
 
 def _num_samples(batches: Batches) -> int:
-    """Samples in one pass: TensorBatches' tensors, a DataLoader's dataset, or a list's batches
-    (with drop_last, only the full batches')."""
+    """Samples in one pass: TensorBatches' tensors, a DataLoader's sampler (its dataset by
+    default), or a list's batches (with drop_last, only the full batches')."""
     if isinstance(batches, TensorBatches):
         return len(batches) * batches.batch_size if batches.drop_last else len(batches.x)
     if isinstance(batches, torch.utils.data.DataLoader):
-        if batches.drop_last and batches.batch_size:
-            return len(batches.dataset) // batches.batch_size * batches.batch_size
-        return len(batches.dataset)
+        n = len(batches.sampler)  # what a pass draws: the dataset, unless a sampler picks fewer
+        return n // batches.batch_size * batches.batch_size if batches.drop_last else n
     return sum(len(y) for _, y in batches)
 
 

@@ -238,6 +238,17 @@ def test_a_fresh_run_checks_every_checkpoint_not_only_the_latest(tmp_path):
     check_fresh_start(config)  # nothing readable: nobody's, they may go
 
 
+def test_a_fresh_rerun_of_a_run_resumed_for_more_rounds_may_clear_its_folder(tmp_path):
+    """A run of 2 rounds resumed to 4 leaves a round-2 checkpoint that says rounds=2 next to
+    the round-4 one: both are the rerun's own; alone, the rounds=2 one is another run's."""
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path), rounds=4)
+    write(config.replace(rounds=2), 2)
+    with pytest.raises(ForeignCheckpoints, match="fields rounds differ"):
+        check_fresh_start(config)
+    write(config, 4)
+    check_fresh_start(config)
+
+
 def test_scoring_needs_the_last_round_of_the_same_run(tmp_path):
     config = CONFIG.replace(checkpoint_dir=str(tmp_path))
     last = write(config, 3)

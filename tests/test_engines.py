@@ -162,6 +162,11 @@ def test_num_examples_counts_the_samples_a_pass_trains_on():
                                          drop_last=True)
     for batches in (TensorBatches(x, y, 16, drop_last=True), loader):
         assert task.train(model, batches, epochs=1, lr=0.1).num_examples == 32
+    subset = torch.utils.data.SubsetRandomSampler(range(20))  # 20 of the 37: one full batch
+    for drop_last, trained in ((True, 16), (False, 20)):
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                             sampler=subset, drop_last=drop_last)
+        assert task.train(model, loader, epochs=1, lr=0.1).num_examples == trained
     assert task.train(model, TensorBatches(x, y, 16), epochs=1, lr=0.1).num_examples == 37
 
 

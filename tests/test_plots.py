@@ -20,6 +20,7 @@ from fedpara.plots import (  # noqa: E402
     plot_client_accuracies,
     plot_curves,
     round_to_reach,
+    rounds_within,
 )
 
 
@@ -56,6 +57,8 @@ def test_accuracy_within_a_budget():
     assert accuracy_within(DEAR, 3.0, window=2) == pytest.approx(0.7)  # mean of rounds 2-3
     assert math.isnan(accuracy_within(DEAR, 0.5))  # round 1 alone costs 1 GiB
     assert accuracy_within(CHEAP, 0.6) == pytest.approx(0.8)  # all six rounds (float sums)
+    assert [rounds_within(DEAR, b) for b in (0.5, 2.0, 2.5, 6.0)] == [0, 2, 2, 6]
+    assert rounds_within(CHEAP, 0.6) == 6
 
 
 def test_accuracy_within_rounds_that_never_scored_is_nan_without_a_warning():
