@@ -160,7 +160,9 @@ def projection(config: ExperimentConfig, throughput_file: Path, train: int, test
                              f"clients for {model} (a throughput run stopped before its cohort "
                              f"part has none): run throughput.py --cohort "
                              f"{config.clients_per_round} --cohort-models {model}")
-        images_per_second = cohort["images_per_second_together"]  # its round_images_per_second
+        rates = record.get("round_images_per_second", {})  # the cohort's rate, by model
+        images_per_second = (rates[model] if model in rates
+                             else cohort["images_per_second_together"])
         # the measurement's clients held equal shares, padded to whole batches: its rate per
         # padded slot (what the sampled rounds count) is the image rate times this
         share, batch = cohort["samples_per_client"], record["settings"]["batch"]
