@@ -155,7 +155,9 @@ def plot_factor_movement(movement: Mapping[str, Mapping[str, float]], *,
 def verdict(preset: str, histories: Mapping[str, History], window: int = FINAL_WINDOW) -> str:
     """One Markdown sentence group: the best pFedPara variant of a personalization preset
     against FedPer, local-only and FedAvg (final accuracy = the mean of the last `window`
-    rounds), with its traffic relative to FedAvg's. "" unless all of them have a history."""
+    rounds), with its traffic relative to FedAvg's. Each comparison follows
+    `fedpara.results.final_gap`: a difference within the larger of the two runs' jitters is
+    no finding. "" unless all of them have a history."""
     mine = [v for v in PFEDPARA_VARIANTS if v in histories]
     if "pfedpara" not in mine or not set(COMPETITORS) <= set(histories):
         return ""
@@ -165,18 +167,23 @@ def verdict(preset: str, histories: Mapping[str, History], window: int = FINAL_W
     best = max((v for v in mine if not math.isnan(acc[v])), key=lambda v: acc[v])
     traffic = (histories[best].cumulative_gib()[-1]
                / histories["fedavg"].cumulative_gib()[-1])
-    lost = [o for o in COMPETITORS if acc[best] < acc[o]]
+    side = {o: final_gap(histories[best], histories[o], window).ahead for o in COMPETITORS}
     text = (f"On `{preset}` the best pFedPara variant is `{best}` at {acc[best]:.1%} (the "
             f"paper's form, `pfedpara`: {acc['pfedpara']:.1%}), with {traffic:.2f} times "
             f"FedAvg's traffic; FedPer reaches {acc['fedper']:.1%}, FedAvg {acc['fedavg']:.1%} "
             f"and local-only {acc['local']:.1%}. ")
-    if not lost:
-        return text + f"`{best}` is at or above all three."
-    kept = [_NAMES[o] for o in COMPETITORS if o not in lost]
-    gap = 100 * (max(acc[o] for o in lost) - acc[best])
-    return text + (f"`{best}` is " + (f"at or above {' and '.join(kept)} but " if kept else "")
-                   + f"below {' and '.join(_NAMES[o] for o in lost)}, {gap:.1f} percentage "
-                   f"points behind the best of them.")
+    above, level, below = ([_NAMES[o] for o in COMPETITORS if side[o] == s] for s in (1, 0, -1))
+    if not level and not below:
+        return text + f"`{best}` is above all three."
+    parts = ([f"above {' and '.join(above)}"] if above else []) + (
+        [f"level with {' and '.join(level)} (within the larger jitter of the two runs)"]
+        if level else [])
+    if below:
+        gap = 100 * (max(acc[o] for o in COMPETITORS if side[o] < 0) - acc[best])
+        parts.append(f"below {' and '.join(below)}, {gap:.1f} percentage points behind the "
+                     f"best of them")
+    return text + f"`{best}` is " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") \
+        + parts[-1] + " (in this seed)."
 
 
 def control(preset: str, histories: Mapping[str, History], window: int = FINAL_WINDOW) -> str:

@@ -84,10 +84,17 @@ def test_verdict_names_the_best_variant_and_what_it_beats():
                       "fedavg": 0.75}, gib={"pfedpara": 0.25, "pfedpara-lr30": 0.25})
     text = verdict("p", runs)
     assert "`pfedpara-lr30` at 85.0%" in text and "0.25 times" in text
-    assert "at or above all three" in text
+    assert "is above all three" in text
     runs["fedper"] = histories({"fedper": 0.90}, {})["fedper"]
     text = verdict("p", runs)
-    assert "at or above local-only and FedAvg but below FedPer, 5.0 percentage points" in text
+    assert ("is above local-only and FedAvg and below FedPer, 5.0 percentage points behind the "
+            "best of them (in this seed)") in text
+    # a difference within the larger jitter of the two runs is no finding
+    runs["fedavg"] = histories({"fedavg": 0.853}, {})["fedavg"]
+    runs["fedavg"].records[0].accuracy = 0.84  # a jitter of about 0.6 points
+    text = verdict("p", runs)
+    assert ("is above local-only, level with FedAvg (within the larger jitter of the two runs) "
+            "and below FedPer") in text
     del runs["local"]
     assert verdict("p", runs) == ""  # a competitor without a run: no verdict
 
