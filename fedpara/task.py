@@ -450,9 +450,9 @@ def _check_lr_scale(lr_scale: Mapping[str, float], names: Iterable[str]) -> None
 
 
 def _param_groups(model: nn.Module, lr: float, lr_scale: Mapping[str, float]) -> list[dict]:
-    """SGD parameter groups: one at `lr`, one per distinct multiplier in `lr_scale`."""
+    """SGD parameter groups: one at `lr`, one per distinct multiplier in `lr_scale` (checked
+    by `train` with `_check_lr_scale` before anything else)."""
     named = dict(model.named_parameters())
-    _check_lr_scale(lr_scale, named)
     groups: dict[float, list[Tensor]] = {}
     for name, p in named.items():
         groups.setdefault(float(lr_scale.get(name, 1.0)), []).append(p)
