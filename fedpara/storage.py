@@ -21,8 +21,10 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     """Write `data` to `path` through a temporary file in the same folder, then `os.replace`.
 
     `data`: the bytes, or a function called with the open binary file (to stream large output).
-    The temporary file is flushed to disk before it replaces `path`; on any error it is removed
-    and `path` is left as it was. Missing parent folders are created; the file gets mode 0o644.
+    The temporary file is flushed to disk before it replaces `path`, and the folder after it (so
+    the new name survives a power cut, not only the contents); on any error the temporary file is
+    removed and `path` is left as it was. Missing parent folders are created; the file gets mode
+    0o644.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,3 +42,16 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows cannot open a folder this way
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

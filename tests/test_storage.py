@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -31,3 +32,17 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
         write_atomic(path, half_then_fail)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_the_file_and_then_its_folder_are_flushed_to_disk(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        mode = os.fstat(fd).st_mode
+        synced.append("folder" if stat.S_ISDIR(mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    write_atomic(tmp_path / "x.json", b"{}")
+    assert synced == ["file", "folder"]  # the contents first, then the new name
