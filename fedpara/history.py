@@ -42,10 +42,12 @@ class RoundRecord:
     train_loss: float = float("nan")  # mean local training loss, weighted by examples
     clients: list[int] = field(default_factory=list)  # partition ids that trained
     eval_examples: int = 0
-    eval_clients: int = 0  # clients scored (client evaluation)
+    # client evaluation: the clients asked to evaluate; those with held-out examples are
+    # `scored_clients` (a client with none is asked but not scored)
+    eval_clients: int = 0
     untrained_clients: int = 0  # never trained so far: not scored, reported apart
     eval_bytes_down: int = 0  # global arrays sent for client evaluation (not in cum_bytes)
-    scored_clients: list[int] = field(default_factory=list)  # client evaluation: partition ids
+    scored_clients: list[int] = field(default_factory=list)  # partition ids, held-out data > 0
     client_accuracy: list[float] = field(default_factory=list)  # their accuracies, same order
     # client evaluation: the round's trained clients (`clients` order) on their own held-out
     # data right after local training, before the server's average replaces the shared part
