@@ -191,9 +191,10 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
     the smaller FedPara model and how much from the choice of the personal part, read from the
     control run `fedper-fedpara` (FedPer on pFedPara's model). Only pFedPara variants trained
     at the control's learning rates are compared with it (`pfedpara-lr30` trains W2 at 30
-    times the rate: its gain would not be the split's). The two personal parts are compared
-    with `fedpara.results.final_gap`: a difference within the larger of the two runs' jitters
-    is no finding. "" without those runs."""
+    times the rate: its gain would not be the split's). Both readings (FedPer on the two
+    models, and the two personal parts on one model) follow `fedpara.results.final_gap`: a
+    difference within the larger of the two runs' jitters is no finding. "" without those
+    runs."""
     if not {"fedper", "fedper-fedpara"} <= set(histories):
         return ""
     acc = {v: h.mean_accuracy(window) for v, h in histories.items()}
@@ -203,7 +204,15 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
     if not mine or math.isnan(acc["fedper"]) or math.isnan(acc["fedper-fedpara"]):
         return ""
     best = max(mine, key=lambda v: acc[v])
-    capacity = 100 * (acc["fedper"] - acc["fedper-fedpara"])
+    dense = final_gap(histories["fedper"], histories["fedper-fedpara"], window)
+    if dense.ahead:
+        capacity = (f"the dense model's capacity is worth {100 * dense.difference:+.1f} points "
+                    f"to FedPer (beyond the larger jitter of the two runs, "
+                    f"{100 * dense.noise:.1f} points)")
+    else:
+        capacity = (f"FedPer's two models are {100 * abs(dense.difference):.1f} points apart, "
+                    f"within the larger jitter of the two runs ({100 * dense.noise:.1f} "
+                    "points): this seed does not show the dense model's capacity to matter")
     gap = final_gap(histories[best], histories["fedper-fedpara"], window)
     split, noise = 100 * gap.difference, 100 * gap.noise
     if gap.ahead:
@@ -220,5 +229,4 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
     return (f"On `{preset}`, FedPer reaches {acc['fedper']:.1%} with the dense model and "
             f"{acc['fedper-fedpara']:.1%} with pFedPara's FedPara model, against "
             f"{acc[best]:.1%} for `{best}`, the best pFedPara variant at the same learning "
-            f"rates: the dense model's capacity is worth {capacity:+.1f} points to "
-            f"FedPer, and {same_model}.")
+            f"rates: {capacity}; {same_model}.")

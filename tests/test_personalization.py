@@ -103,7 +103,7 @@ def test_control_splits_fedpers_lead_into_capacity_and_split():
     runs = histories({"pfedpara": 0.70, "pfedpara-product": 0.81, "pfedpara-lr30": 0.90,
                       "fedper": 0.84, "fedper-fedpara": 0.80}, gib={})
     text = control("p", runs)
-    assert "capacity is worth +4.0 points" in text
+    assert "capacity is worth +4.0 points to FedPer (beyond the larger jitter" in text
     # pfedpara-lr30 is best, but trains W2 at 30 times the rate: not the split's doing
     assert "81.0% for `pfedpara-product`, the best pFedPara variant at the same learning" in text
     assert "`pfedpara-product` is 1.0 points above FedPer" in text and "works better" in text
@@ -128,6 +128,13 @@ def test_control_calls_a_difference_within_the_jitter_no_finding():
     text = control("p", runs)
     assert "within the larger jitter of the two runs" in text
     assert "does not separate" in text and "better" not in text and "worse" not in text
+    # FedPer's two models: 2.0 points apart, beyond the 0.8-point jitter
+    assert "capacity is worth +2.0 points to FedPer" in text
+    # within the jitter, the capacity is not credited with anything either
+    runs["fedper"] = run([0.885] * 10)
+    text = control("p", runs)
+    assert "FedPer's two models are 0.5 points apart, within the larger jitter" in text
+    assert "capacity is worth" not in text
     # an exact tie is a tie, even with no jitter at all
     tie = {"fedper": run([0.9] * 4), "fedper-fedpara": run([0.8] * 4),
            "pfedpara": run([0.8] * 4)}
