@@ -168,7 +168,9 @@ def _train_cohort(msg: Message, config: ExperimentConfig, partitions: list[int],
                   server_round: int, lr: float, proximal_mu: float) -> Message:
     """engine="cohort": the round's partitions trained together from the same global arrays
     (cohort.train_cohort), each with the data and seed it would have alone; one reply holding
-    each partition's arrays and metrics under `cohort_key`."""
+    each partition's arrays and metrics under `cohort_key`. The partitions need not be this
+    node's own (it loads the whole dataset, and FedAvg's clients keep no state): the engine
+    emulates many clients on one machine, it does not keep data with separate owners."""
     device = task.resolve_device(config.device)
     sent = from_wire(msg.content.array_records[ARRAYS].to_torch_state_dict(), config.transport)
     models, before, data = [], [], []

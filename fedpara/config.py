@@ -45,7 +45,10 @@ PROFILES = ("full", "quick", "smoke")
 # How a round's clients train (fedpara/cohort.py): "client" = each node trains its own partition
 # (task.train, the reference); "cohort" = one node trains all the round's partitions together as
 # one vmap program (cohort.train_cohort): the same numbers to float tolerance for models without
-# dropout (dropout draws differ, their distribution does not), traffic still counted per client
+# dropout (dropout draws differ, their distribution does not), traffic still counted per client.
+# The one node (the first sampled partition's) trains partitions other nodes hold: every node
+# loads the whole dataset, and FedAvg's clients keep no state. It emulates many clients on one
+# machine (a simulation, or one GPU node holding the federation), not separate data owners.
 ENGINES = ("client", "cohort")
 EVALUATIONS = ("server", "clients")
 # personalized algorithms keep part of the model on the client, so only clients can score them
