@@ -162,9 +162,9 @@ def mlp(
     `mlp(hidden=(200, 256))`. Input (N, ...) is flattened to (N, in_features). With
     parameterization="fedpara", every layer including the head is a FedParaLinear (the baseline's
     pFedPara model at γ=0.5), so with personalized=True each layer has a local W2. A head with
-    few outputs then holds more numbers than a dense one: the smallest full-rank FedPara layer
-    still costs 2R(m + n) with R = ⌈√out⌉ (810 against 402 for 200 → 2); the model as a whole
-    stays smaller.
+    very few outputs then holds more numbers than a dense one: no rank fits the dense layer's
+    size (2R(m + n) > m·n for every R ≥ 1, e.g. 200 → 2), and `layers.rank_from_gamma` still
+    gives R ≥ 1; the model as a whole stays smaller.
     """
     _check(parameterization, gamma, personalized, nonlinear, plus_one)
     if not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden):

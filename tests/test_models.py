@@ -78,12 +78,13 @@ def test_fedpara_mlp_factorizes_every_layer_including_the_head():
     layers = [m for m in model.modules() if isinstance(m, FedParaLinear)]
     assert len(layers) == 3 and model.head is layers[-1]
     assert all(m.personalized for m in layers)
-    # with two classes the factorized head is larger than a dense one (R = 2 for 2 outputs),
-    # as the docstring says, while the model stays smaller
-    two = mlp(num_classes=2, parameterization="fedpara")
+    # with two classes no rank fits a dense head's 402 numbers: R = 1 at γ = 0.5 and R = 2 at
+    # γ = 0.1 (2R(200 + 2) + 2), as the docstring says, while the model stays smaller
     dense = mlp(num_classes=2)
-    assert (count_params(two.head), count_params(dense.head)) == (810, 402)
-    assert count_params(two) < count_params(dense)
+    for gamma, head in ((0.5, 406), (0.1, 810)):
+        two = mlp(num_classes=2, parameterization="fedpara", gamma=gamma)
+        assert (count_params(two.head), count_params(dense.head)) == (head, 402)
+        assert count_params(two) < count_params(dense)
 
 
 def test_cnn_is_small_and_factorized_in_its_convolutions():
