@@ -8,7 +8,9 @@
         # then: flwr run . --run-config run.toml  (the same experiment through `flwr run`)
 
 The history goes to results/<preset>/<variant>-<profile>.json (or --out); checkpoints to
-checkpoints/<preset>/<variant>-<profile>/ unless `--set checkpoint_dir=...`. A run with changed
+checkpoints/<preset>/<variant>-<profile>/ unless `--set checkpoint_dir=...`. Relative folders
+(these, data/ and --fake-data's) are the current directory's: run from the repository's root for
+the book to find the history; the last line prints its full path. A run with changed
 settings (`--set` of a field other than where and how it runs) is another experiment: its names
 get `+field=value` for each change, e.g. results/fmnist-noniid/fedpara-full+rounds=5.json, so
 it never overwrites the preset's own history or deletes its checkpoints. A bad config fails
@@ -293,7 +295,7 @@ def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
     last = history.records[-1]
     print(f"{config.preset}/{config.variant_name} ({config.profile}): {len(history)} rounds, "
           f"accuracy {last.accuracy:.4f}, {last.cum_bytes / 2**30:.4f} GiB, "
-          f"{history.wall_seconds:.0f} s of rounds -> {path}")
+          f"{history.wall_seconds:.0f} s of rounds -> {path.resolve()}")
     return 0
 
 

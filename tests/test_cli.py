@@ -38,7 +38,7 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
     assert len(history) == config.rounds
     assert history.config["model"] == "cnn" and history.config["parameterization"] == "fedpara"
     assert all(r.eval_examples == config.eval_samples and r.bytes_up > 0 for r in history.records)
-    assert str(path.relative_to(tmp_path)) in done.stdout  # says where the history went
+    assert f"-> {path.resolve()}" in done.stdout  # says where the history went, in full
     # checkpoints went to the default place, so --resume can pick them up
     assert list((tmp_path / "checkpoints" / "fmnist-noniid" / "fedpara-smoke").glob("round-*.pt"))
     assert "round" in done.stderr  # the progress bar (tqdm writes to stderr)
