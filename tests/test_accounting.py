@@ -1,5 +1,6 @@
 """Accounting: the paper's communication costs, and which state_dict keys each algorithm sends."""
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
@@ -58,6 +59,19 @@ def test_buffers_travel_with_the_parameters():
 def test_count_params_counts_a_shared_parameter_once():
     layer = nn.Linear(4, 4)
     assert count_params(nn.Sequential(layer, layer)) == 20
+    layer.bias.requires_grad_(False)  # trainable or not
+    assert count_params(layer) == 20
+
+
+def test_a_16_bit_wire_shrinks_floating_point_numpy_arrays_only():
+    arrays = {"w": np.zeros(3, np.float32), "mask": np.zeros(4, np.bool_),
+              "ids": np.zeros(2, np.uint8)}
+    assert payload_bytes(arrays, transport="float16") == 3 * 2 + 4 + 2
+
+
+def test_no_clients_or_no_rounds_cost_nothing():
+    model = mlp()
+    assert comm_cost_gib(model, 0, 10) == comm_cost_gib(model, 4, 0) == 0.0
 
 
 def test_each_algorithm_sends_its_own_keys():
@@ -120,6 +134,7 @@ def test_pfedpara_without_personalized_layers_is_an_error():
         (lambda m: payload_bytes([torch.zeros(3)]), "model_or_state_dict"),
         (lambda m: comm_cost_gib(m, -1, 10), "clients_per_round"),
         (lambda m: comm_cost_gib(m, 4, 2.5), "rounds"),
+        (lambda m: comm_cost_gib(m, True, 10), "clients_per_round"),
         (lambda m: global_state_keys(nn.Linear(2, 2), "fedper"), "head"),
     ],
 )

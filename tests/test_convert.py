@@ -65,6 +65,31 @@ def test_fedparafy_converts_torchvision_resnet18():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_fedparafy_carries_over_each_layers_settings():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(64, 64, 3, stride=2, padding=2, dilation=2, bias=False))
+    dense = dense.double().eval()
+    x = torch.randn(1, 64, 11, 11, dtype=torch.float64)
+    expected = dense(x).shape  # (1, 64, 6, 6): without the stride 11×11, without the dilation 7×7
+    model, _ = fedparafy(dense, gamma=0.1, nonlinear=True)
+    layer = model[0]
+    assert isinstance(layer, FedParaConv2d) and layer.nonlinear and not layer.training
+    assert layer.bias is None and layer.x1.dtype == torch.float64
+    assert model(x).shape == expected
+
+
+def test_fedparafy_converts_a_bare_layer_and_keeps_what_it_cannot_shrink_or_pad():
+    layer, changes = fedparafy(nn.Conv2d(64, 64, 3), gamma=0.1)
+    assert isinstance(layer, FedParaConv2d) and changes[0].name == "" and changes[0].replaced
+    model, changes = fedparafy(
+        nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular")), gamma=0.1)
+    assert type(model[0]) is nn.Conv2d and changes[0].reason == "padding_mode='circular'"
+    # Linear(8, 8) at γ = 1: R = 2 and 2R(8 + 8) = 64 = 8·8, no smaller: kept dense
+    kept, changes = fedparafy(nn.Linear(8, 8), gamma=1.0, linear=True)
+    assert type(kept) is nn.Linear
+    assert changes == [LayerChange("", "Linear", 64, 64, 2, False, "would not shrink")]
+
+
 def test_fedparafy_keeps_a_shared_layer_shared():
     shared = nn.Conv2d(64, 64, 3, padding=1)
     model, changes = fedparafy(nn.Sequential(shared, nn.ReLU(), shared), gamma=0.1)

@@ -1,8 +1,11 @@
 """Models: the paper's VGG16 sizes, the `head` convention, training."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fedpara.accounting import count_params
 from fedpara.layers import FactorizedLayer, FedParaConv2d, FedParaLinear, LowRankConv2d
@@ -87,6 +90,34 @@ def test_fedpara_mlp_factorizes_every_layer_including_the_head():
         assert count_params(two) < count_params(dense)
 
 
+def test_vgg16_and_cnn_have_their_documented_structure():
+    model = vgg16()
+    norms = [m for m in model.features if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 13 and all(n.num_groups == 2 for n in norms)
+    assert [type(m) for m in model.classifier] == [nn.Dropout, nn.Linear, nn.ReLU] * 2
+    small = cnn(in_channels=3)
+    x = torch.randn(2, 3, 28, 28)
+    assert small.features[:-1](x).shape == (2, 128, 4, 4)  # 28 -> 14 -> 7 -> 4, then pooled
+    assert small(x).shape == (2, 10)
+
+
+def test_dense_layers_start_at_kaiming_fan_in_with_a_zero_bias():
+    torch.manual_seed(0)
+    dense = [m for build in (vgg16, mlp, cnn) for m in build().features.modules()
+             if isinstance(m, nn.Conv2d)] + [m for m in mlp().modules() if isinstance(m, nn.Linear)]
+    for layer in dense:
+        fan_in = layer.weight[0].numel()
+        assert 0.9 <= layer.weight.std().item() / math.sqrt(2 / fan_in) <= 1.1
+        assert not layer.bias.any()
+
+
+@pytest.mark.parametrize("build", [vgg16, mlp, cnn])
+def test_variant_flags_reach_every_factorized_layer(build):
+    model = build(parameterization="fedpara", personalized=True, plus_one=False, nonlinear=True)
+    layers = [m for m in model.modules() if isinstance(m, FactorizedLayer)]
+    assert layers and all(m.personalized and not m.plus_one and m.nonlinear for m in layers)
+
+
 def test_cnn_is_small_and_factorized_in_its_convolutions():
     original, fedpara = cnn(), cnn(parameterization="fedpara", gamma=0.1)
     assert 100_000 <= count_params(original) <= 300_000
@@ -101,6 +132,7 @@ def test_cnn_is_small_and_factorized_in_its_convolutions():
         (lambda: vgg16(parameterization="dense"), "parameterization"),
         (lambda: mlp(parameterization="lowrank", personalized=True), "personalized"),
         (lambda: cnn(parameterization="original", nonlinear=True), "nonlinear"),
+        (lambda: mlp(parameterization="lowrank", plus_one=True), "plus_one"),
         (lambda: vgg16(parameterization="fedpara", gamma=0.0), "gamma"),
         (lambda: mlp(hidden=()), "hidden"),
         (lambda: vgg16(parameterization="fedpara", gamma=True), "gamma"),

@@ -48,6 +48,15 @@ def test_a_round_trip_rounds_to_the_format_and_keeps_integers(transport):
     assert int(back["steps"]) == 12345
 
 
+def test_float64_arrays_travel_in_the_wire_format_and_arrive_as_float32():
+    state = {"w": torch.tensor([1 / 3, 2.0], dtype=torch.float64)}
+    for transport in TRANSPORTS:
+        wire = encode(state, transport)
+        assert wire["w"].dtype == WIRE_DTYPE[transport]
+        assert decode(wire, transport)["w"].dtype == torch.float32
+    assert decode(state, "float32")["w"].dtype == torch.float32  # whatever the sender did
+
+
 def test_float16_flushes_tiny_numbers_that_bfloat16_keeps():
     tiny = {"w": torch.full((4,), 1e-9)}
     assert decode(encode(tiny, "float16"), "float16")["w"].abs().max() == 0
@@ -61,6 +70,8 @@ def test_float16_refuses_finite_numbers_it_would_turn_into_inf():
     for big in (65520.0, -1e6):
         with pytest.raises(ValueError, match=r"float16.*'w'.*beyond.*65504.*bfloat16"):
             to_wire({"b": torch.zeros(2), "w": torch.tensor([1.0, big])}, "float16")
+    with pytest.raises(ValueError, match=r"it holds 1e\+06, beyond"):  # the largest it holds
+        encode({"w": torch.tensor([7e4, -1e6, 8e4])}, "float16")
     # bfloat16 has float32's range, and a number that is already inf or NaN is sent as it is
     assert decode(encode({"w": torch.tensor([1e6])}, "bfloat16"), "bfloat16")["w"].item() > 9e5
     diverged = decode(encode({"w": torch.tensor([float("inf"), float("nan")])}, "float16"),
@@ -128,5 +139,7 @@ def test_an_unpacked_record_is_read_as_it_is_and_a_bad_layout_is_refused():
     (key, flat), = packed.items()
     with pytest.raises(ValueError, match="does not hold the 6 numbers its layout names"):
         unpack({key: flat[:5]})
+    with pytest.raises(ValueError, match="of shape \\(2, 3\\) does not hold"):  # not flat
+        unpack({key: flat.reshape(2, 3)})
     with pytest.raises(ValueError, match="mixes packed and plain arrays"):
         unpack({**packed, "plain": torch.ones(1)})
