@@ -19,6 +19,7 @@ from fedpara import config as config_module
 from fedpara.checkpoints import (
     ForeignCheckpoints,
     check_fresh_start,
+    check_resumable,
     checkpoint_path,
     clear_checkpoints,
     latest_checkpoint,
@@ -105,6 +106,7 @@ def test_execution_fields_never_make_another_experiment():
                            fast_batches=False)
     assert set(EXECUTION_FIELDS) <= set(CONFIG.to_dict())
     assert differing_fields(moved.to_dict(), CONFIG) == []
+    assert differing_fields(CONFIG.replace(engine="cohort").to_dict(), CONFIG) == []
     assert differing_fields(CONFIG.replace(lr=0.05, rounds=4).to_dict(), CONFIG) == ["lr", "rounds"]
     assert differing_fields(CONFIG.replace(lr=0.05, rounds=4).to_dict(), CONFIG,
                             also=("rounds",)) == ["lr"]
@@ -178,6 +180,10 @@ def test_resume_takes_more_rounds_and_other_machines_but_not_another_experiment(
         load_checkpoint(path, config.replace(lr=0.5, seed=1))
     with pytest.raises(ValueError, match="round 2 > rounds=1"):
         load_checkpoint(path, config.replace(rounds=1))
+    check_resumable(config, resume=True)
+    check_resumable(CONFIG, resume=False)
+    with pytest.raises(ValueError, match="resume=True needs config.checkpoint_dir"):
+        check_resumable(CONFIG, resume=True)
 
 
 def test_a_fresh_run_deletes_only_its_own_experiments_checkpoints(tmp_path):
@@ -236,6 +242,15 @@ def test_a_fresh_run_checks_every_checkpoint_not_only_the_latest(tmp_path):
     latest.unlink()
     checkpoint_path(tmp_path, 1).write_bytes(b"not a checkpoint")
     check_fresh_start(config)  # nothing readable: nobody's, they may go
+
+
+def test_a_newer_checkpoint_of_this_experiment_vouches_only_for_more_rounds(tmp_path):
+    """Older checkpoints may differ from a newer one of this experiment in `rounds` only."""
+    config = CONFIG.replace(checkpoint_dir=str(tmp_path))
+    write(config.replace(lr=0.5), 1, keep=5)
+    write(config, 2, keep=5)
+    with pytest.raises(ForeignCheckpoints, match="round-00001.pt: fields lr differ"):
+        check_fresh_start(config)
 
 
 def test_a_fresh_rerun_of_a_run_resumed_for_more_rounds_may_clear_its_folder(tmp_path):

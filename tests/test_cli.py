@@ -244,6 +244,7 @@ def test_changed_settings_never_overwrite_the_presets_run(tmp_path, monkeypatch)
     assert names[0] != names[1] and all(n.startswith("fedpara-full+8-changes-") for n in names)
     # a value with characters a file name should not hold
     assert plain.replace(data_dir="x", partition="iid").run_name == "fedpara-full+partition=iid"
+    assert plain.replace(nonlinear=True).run_name == "fedpara-full+nonlinear=true"  # as --set
 
 
 def test_fake_data_runs_apart_from_real_runs(tmp_path, monkeypatch):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
+import pickle
 import re
 import struct
+import urllib.request
 
 import numpy as np
 import pytest
@@ -194,6 +197,16 @@ def test_dataset_info_normalizes_every_channel(name):
     assert all(0 < m < 1 and 0 < sd < 1 for m, sd in zip(info.mean, info.std, strict=True))
 
 
+def test_normalization_constants_are_the_published_training_set_statistics():
+    """Only Fashion-MNIST's are measured here (the other datasets are not on this machine): the
+    others are pinned to the published values, so a swapped channel or a typo shows."""
+    assert (dataset_info("cifar10").mean, dataset_info("cifar10").std) == (
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    assert (dataset_info("cifar100").mean, dataset_info("cifar100").std) == (
+        (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    assert (dataset_info("mnist").mean, dataset_info("mnist").std) == ((0.1307,), (0.3081,))
+
+
 @pytest.mark.parametrize(
     "call", [lambda: dataset_info("svhn"), lambda: load_dataset("CIFAR10", data_dir="unused")]
 )
@@ -355,6 +368,46 @@ def test_truncated_cifar_batch_is_reported(tmp_path):
         load_dataset("cifar10", data_dir=tmp_path, download=True)
 
 
+def test_cifar_labels_outside_the_classes_are_reported(tmp_path):
+    write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    with open(batch, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry["labels"][0] = 10
+    with open(batch, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    with pytest.raises(DataUnavailableError, match=r"labels outside 0\.\.9"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+def serving(content: bytes):
+    """A stand-in for urllib.request.urlopen: every URL answers with `content`."""
+
+    def urlopen(request, *args, **kwargs):
+        response = io.BytesIO(content)
+        response.url, response.length = getattr(request, "full_url", request), len(content)
+        return response
+
+    return urlopen
+
+
+def test_a_cifar_download_appears_only_whole_and_with_its_md5(tmp_path, monkeypatch):
+    written = write_fake_cifar(tmp_path / "server", "cifar10", n_train=50, n_test=10,
+                               archive=True)
+    good = (tmp_path / "server" / tvd.CIFAR10.filename).read_bytes()
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", written["archive_md5"])
+    root = tmp_path / "data"
+    monkeypatch.setattr(urllib.request, "urlopen", serving(good[: len(good) // 2]))  # cut short
+    with pytest.raises(DataUnavailableError, match="the download failed"):
+        load_dataset("cifar10", data_dir=root, download=True)
+    assert list(root.iterdir()) == []  # neither the archive nor a partial file
+    monkeypatch.setattr(urllib.request, "urlopen", serving(good))
+    train, _ = load_dataset("cifar10", data_dir=root, download=True)
+    np.testing.assert_array_equal(train.data, written["train"][0])
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [tvd.CIFAR10.base_folder, tvd.CIFAR10.filename])
+
+
 def test_incomplete_cifar_folder_is_not_used_or_overwritten(tmp_path, offline):
     write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
     (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
@@ -393,6 +446,7 @@ def test_femnist_local_copy_is_split_per_writer(tmp_path):
     saved = write_fake_femnist(tmp_path, n_writers=9, per_writer=31, seed=2)
     train, test = load_dataset("femnist", data_dir=tmp_path, download=False)
     assert len(train) + len(test) == 9 * 31
+    assert train.train and not test.train
     assert train.data.shape[1:] == (28, 28, 1) and train.writer_ids.dtype.kind == "U"
     for writer in np.unique(saved["writer_id"]):
         n_train = (train.writer_ids == writer).sum()
@@ -417,6 +471,29 @@ def test_femnist_split_is_deterministic_and_cached(fake_femnist_dir):
     b_train, b_test = load_dataset("femnist", data_dir=fake_femnist_dir, download=False)
     np.testing.assert_array_equal(a_test.data, b_test.data)
     np.testing.assert_array_equal(a_train.writer_ids, b_train.writer_ids)
+
+
+def test_femnist_cache_of_an_earlier_saved_copy_is_not_used(tmp_path):
+    write_fake_femnist(tmp_path, n_writers=3, per_writer=10)
+    load_dataset("femnist", data_dir=tmp_path, download=False)  # cached: 30 samples
+    write_fake_femnist(tmp_path, n_writers=4, per_writer=10, seed=1)  # a new copy replaces it
+    train, test = load_dataset("femnist", data_dir=tmp_path, download=False)
+    assert len(train) + len(test) == 40
+
+
+def test_femnist_characters_as_plain_strings_get_leaf_class_numbers(tmp_path):
+    """A copy whose `character` column holds the characters themselves, not a ClassLabel."""
+    from fedpara.fakedata import FEMNIST_CLASSES
+
+    saved = write_fake_femnist(tmp_path / "classlabel", n_writers=3, per_writer=10)
+    letters = saved.remove_columns("character").add_column(
+        "character", [FEMNIST_CLASSES[c] for c in saved["character"]])
+    letters.save_to_disk(str(tmp_path / "letters" / "femnist"))
+    for a, b in zip(load_dataset("femnist", data_dir=tmp_path / "classlabel", download=False),
+                    load_dataset("femnist", data_dir=tmp_path / "letters", download=False),
+                    strict=True):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.writer_ids, b.writer_ids)
 
 
 def test_truncated_femnist_copy_is_named_as_corrupt(tmp_path):
@@ -473,6 +550,8 @@ def test_femnist_test_mask_takes_a_tenth_of_each_writer():
     assert not np.array_equal(mask, femnist_test_mask(writers, 0.1, seed=1))
     with pytest.raises(ValueError, match="test_fraction"):
         femnist_test_mask(writers, 1.0, seed=0)
+    assert femnist_test_mask(np.array(["e"] * 6), 0.1, seed=0).sum() == 1  # round(0.6), not 0
+    assert femnist_test_mask(np.array(["f", "f"]), 0.9, seed=0).sum() == 1  # one kept to train
 
 
 def test_femnist_offline_error_names_dataset_folder_files_and_remedy(
@@ -556,6 +635,8 @@ def test_tensor_batches_augment_gives_shifted_flipped_crops():
         found += [crop_flip_of(out, x[i]) for out, i in zip(xb, yb, strict=True)]
     assert None not in found
     offsets = {(dy, dx) for dy, dx, _ in found}
+    # every shift of 0..2·pad occurs, on both axes (the extremes show only padding on one side)
+    assert {dy for dy, _ in offsets} == {dx for _, dx in offsets} == set(range(9))
     flips = sum(f for _, _, f in found)
     assert len(offsets) > 10 and 10 < flips < 54  # offsets in 0..8, flip with probability 1/2
 
@@ -591,6 +672,15 @@ def test_make_loader_agrees_with_as_tensors(fmnist):
     assert torch.equal(torch.cat(ys), y)
     shuffled = torch.cat([yb for _, yb in make_loader(fmnist[1], idx, 16, shuffle=True, seed=1)])
     assert sorted(shuffled.tolist()) == sorted(y.tolist())
+
+
+def test_make_loader_shuffles_in_the_order_its_seed_gives():
+    samples = torch.utils.data.TensorDataset(torch.arange(64))
+
+    def order(seed):
+        return torch.cat([b for (b,) in make_loader(samples, None, 16, shuffle=True, seed=seed)])
+
+    assert torch.equal(order(1), order(1)) and not torch.equal(order(1), order(2))
 
 
 def test_image_dataset_rejects_bad_arrays():

@@ -55,6 +55,10 @@ def test_presets_follow_the_papers_protocol():
         "dirichlet", 0.5, 64, 0.1, 0.992)
     c100 = get_preset("cifar100-iid", variant="fedpara")
     assert (c100.num_clients, c100.clients_per_round, c100.rounds, c100.gamma) == (50, 8, 400, 0.4)
+    # E = 10 local epochs for the IID splits, E = 5 for the non-IID ones
+    assert (c100.local_epochs, c10.local_epochs) == (10, 5)
+    assert (get_preset("cifar10-iid").local_epochs, get_preset("cifar100-noniid").local_epochs) == (
+        10, 5)
     personal = get_preset("fmnist-personal", variant="pfedpara")
     assert (personal.algorithm, personal.partition, personal.shards_per_client) == (
         "pfedpara", "shard", 2)
@@ -76,6 +80,7 @@ def test_presets_follow_the_papers_protocol():
     (dict(device="gpu"), "device"),
     (dict(nonlinear=True, parameterization="lowrank"), "nonlinear"),
     (dict(rounds=0), "rounds"),
+    (dict(checkpoint_every=0), "checkpoint_every"),  # rounds % 0 would end the run mid-way
     (dict(color="red"), "color"),
     (dict(algorithm="pfedpara", evaluation="clients", personal_split="diagonal"),
      "personal_split"),
@@ -102,6 +107,10 @@ def test_bad_config_names_the_field(changes, field):
         ExperimentConfig(num_clients=4).replace(**changes)
 
 
+def test_every_client_may_train_each_round():
+    assert ExperimentConfig(num_clients=3, clients_per_round=3).clients_per_round == 3
+
+
 def test_bad_preset_names_list_the_allowed_ones():
     with pytest.raises(ValueError, match="fmnist-noniid"):
         get_preset("mnist-noniid")
@@ -124,6 +133,8 @@ def test_run_config_round_trip_uses_kebab_case():
 def test_command_line_overrides_are_typed():
     assert parse_overrides(["rounds=5", "lr=0.05", "fast-batches=false", "device=cpu"]) == {
         "rounds": 5, "lr": 0.05, "fast_batches": False, "device": "cpu"}
+    assert parse_overrides(["nonlinear=1", "fast-batches=0"]) == {
+        "nonlinear": True, "fast_batches": False}
     with pytest.raises(ValueError, match="rounds"):
         parse_overrides(["rounds=five"])
     with pytest.raises(ValueError, match="key=value"):
@@ -184,6 +195,7 @@ def test_history_saves_atomically_and_loads_back(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["lowrank-smoke.json"]  # no temp file left
     loaded = History.load(path)
     assert loaded.records == history.records and loaded.config == config.to_dict()
+    assert loaded.hardware == {"device": "cpu"} and loaded.created == history.created
     assert loaded.column("accuracy") == [0.6, 0.7]
     assert loaded.cumulative_gib() == [20 / 2**30, 40 / 2**30]
     with pytest.raises(ValueError, match="round"):
@@ -572,3 +584,25 @@ def test_a_simulation_refuses_a_gpu_index_its_clients_cannot_see(device):
     index = device.split(":")[1]
     with pytest.raises(ValueError, match=f"CUDA_VISIBLE_DEVICES={index} and device=cuda"):
         run_experiment(config)
+
+
+def test_a_run_that_cannot_start_is_refused_before_ray_starts(fmnist_dir, tmp_path, monkeypatch):
+    """A resume without a checkpoint folder, and a fresh run in a folder of another
+    experiment's checkpoints, fail with their own error before the simulation (inside it the
+    server would fail after Ray's ~12 s start, as "ended without a history")."""
+    import flwr.simulation
+
+    from fedpara.checkpoints import ForeignCheckpoints, save_checkpoint
+    from fedpara.experiment import run_experiment
+
+    def no_simulation(**kwargs):
+        raise AssertionError("the simulation was started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", no_simulation)
+    config = smoke_config(fmnist_dir, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="resume=True needs config.checkpoint_dir"):
+        run_experiment(config.replace(checkpoint_dir=""), resume=True, progress=False)
+    other = config.replace(lr=config.lr / 2)
+    save_checkpoint(other, 1, {}, {}, set(), History(config=other.to_dict()))
+    with pytest.raises(ForeignCheckpoints, match="fields lr differ"):
+        run_experiment(config, progress=False)

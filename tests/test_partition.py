@@ -70,6 +70,13 @@ def test_dirichlet_alpha_controls_label_skew():
 
 
 @pytest.mark.filterwarnings("ignore:The specified min_partition_size")
+def test_dirichlet_split_is_not_self_balanced():
+    """Self-balancing stops giving a client samples once it holds N / P (here 300), so no client
+    could end with more than 300 + 600 (one whole class); without it a skewed draw can."""
+    assert max(len(p) for p in split("dirichlet", alpha=0.1, seed=1)) > 900
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")
 def test_a_different_scheme_or_alpha_never_gives_the_same_split():
     """The baseline's defect 2: its IID runs reused the cached non-IID split."""
     iid, dir05, dir01 = split("iid"), split("dirichlet", alpha=0.5), split("dirichlet", alpha=0.1)
@@ -83,6 +90,8 @@ def test_shards_follow_the_mnist_personalization_setting():
     assert [len(p) for p in parts] == [600] * 10
     assert all(len(np.unique(LABELS[p])) <= 2 for p in parts)
     assert split("shard", num_partitions=5, shards_per_partition=4)[0].size == 1200
+    # P · S = N is allowed: shards of one sample each
+    assert [len(p) for p in partition(LABELS[:40], 20, "shard", shards_per_partition=2)] == [2] * 20
 
 
 def test_natural_split_gives_each_client_one_writer():
@@ -143,6 +152,15 @@ def test_a_stored_split_is_never_reused_for_other_arguments_or_labels(tmp_path, 
     split("dirichlet", alpha=0.5, seed=0, shards_per_partition=5)  # shards: not a dirichlet arg
     assert len(list(tmp_path.glob("split-*.npz"))) == 5
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_a_stored_natural_split_is_never_reused_for_other_writers(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPARA_SPLITS", str(tmp_path))
+    split("natural", num_partitions=40)
+    others = np.roll(WRITERS, 100)  # the same labels, each sample by another writer
+    parts = partition(LABELS, 40, "natural", ids=others)
+    assert len(list(tmp_path.glob("split-natural-40-*.npz"))) == 2
+    assert all(len(np.unique(others[p])) == 1 for p in parts)
 
 
 def test_a_stored_file_that_does_not_match_its_name_is_refused(tmp_path, monkeypatch):
@@ -282,6 +300,10 @@ def test_holdout_by_writer_takes_the_same_writers_test_samples():
     held = holdout_indices(LABELS, parts, test_labels, ids=WRITERS, test_ids=test_writers)
     assert held[1].tolist() == [0, 5] and held[2].tolist() == [1, 2]
     assert held[7].tolist() == [3] and held[39].tolist() == [4] and len(held[0]) == 0
+    # a client holding two writers' samples gets both writers' test samples
+    both = holdout_indices(LABELS, [np.concatenate([parts[1], parts[2]])], test_labels,
+                           ids=WRITERS, test_ids=test_writers)
+    assert both[0].tolist() == [0, 1, 2, 5]
 
 
 def test_femnist_clients_are_writers_with_their_own_test_samples(fake_femnist_dir):

@@ -20,29 +20,32 @@ def test_bytes_or_a_writer_replace_the_file_whole(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temporary file left
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])  # Ctrl-C too
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, error):
     path = tmp_path / "x.bin"
     path.write_bytes(b"old")
 
     def half_then_fail(f):
         f.write(b"half of the n")
-        raise OSError("disk full")
+        raise error
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(type(error)):
         write_atomic(path, half_then_fail)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
 
 
-def test_the_file_and_then_its_folder_are_flushed_to_disk(tmp_path, monkeypatch):
-    synced = []
-    real_fsync = os.fsync
+def test_the_file_is_on_disk_before_it_replaces_the_old_one_then_its_folder(tmp_path,
+                                                                           monkeypatch):
+    calls = []
+    fsync, replace = os.fsync, os.replace
 
-    def record(fd):
-        mode = os.fstat(fd).st_mode
-        synced.append("folder" if stat.S_ISDIR(mode) else "file")
-        real_fsync(fd)
+    def record_fsync(fd):
+        calls.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", record)
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), replace(a, b))[1])
     write_atomic(tmp_path / "x.json", b"{}")
-    assert synced == ["file", "folder"]  # the contents first, then the new name
+    # the contents reach the disk first, then the rename, then the folder's new entry
+    assert calls == ["fsync file", "replace", "fsync folder"]
