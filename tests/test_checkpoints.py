@@ -128,7 +128,7 @@ def write(config: ExperimentConfig, server_round: int, keep: int = 2):
                                    cum_bytes=2 * r, wall_seconds=0.1))
     arrays = {"w": torch.full((2, 3), float(server_round)), "n": torch.tensor([server_round])}
     local = {1: {"head.bias": torch.ones(2) * server_round}}
-    return save_checkpoint(config, server_round, arrays, local, {3, 1}, history, keep=keep)
+    return save_checkpoint(config, server_round, arrays, local, {9, 2}, history, keep=keep)
 
 
 def test_a_checkpoint_reads_back_and_only_the_latest_two_are_kept(tmp_path):
@@ -143,7 +143,8 @@ def test_a_checkpoint_reads_back_and_only_the_latest_two_are_kept(tmp_path):
                            "strategy", "history"]
     assert state["run_name"] == config.run_name
     assert state["strategy"] == {}  # FedAvg carries nothing between rounds
-    assert state["round"] == 3 and state["trained"] == [1, 3]
+    # sorted: the set {9, 2} iterates 9 first
+    assert state["round"] == 3 and state["trained"] == [2, 9]
     assert state["config"] == config.to_dict()
     assert torch.equal(state["global"]["w"], torch.full((2, 3), 3.0))
     assert state["global"]["n"].dtype == torch.int64
