@@ -220,3 +220,91 @@ def test_trainer_for_reads_proximal_names_given_as_an_iterator_once(monkeypatch)
     again = graphed.trainer_for(base, client[0][:16], client[1][:16], proximal_to=names,
                                 **settings)
     assert again is first  # the same names, so the same cached trainer
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_seed_fixes_dropout_in_every_engine():
+    """VGG's dropout: the same seed gives the same masks, in each engine (the eager graphed
+    step draws the ones task.train draws; a cohort draws its own, but reproducibly)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 32),
+                               torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)).double()
+    client = _clients()[1]
+    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu",
+                             speed=task.PLAIN, capture=False)
+
+    def apart(seed):
+        model = copy.deepcopy(base)
+        task.train(model, _batches(client, 0), epochs=1, lr=0.5, seed=seed)
+        return model
+
+    def together(seed):
+        model = copy.deepcopy(base)
+        train_cohort([model], [_batches(client, 0)], epochs=1, lr=0.5, seeds=[seed])
+        return model
+
+    def replayed(seed):
+        model = copy.deepcopy(base)
+        trainer.train(model, _batches(client, 0), epochs=1, lr=0.5, seed=seed)
+        return model
+
+    for engine in (apart, together, replayed):
+        assert _same(engine(5), engine(5)), engine.__name__
+        assert not _same(engine(5), engine(6)), engine.__name__
+    assert _same(replayed(5), apart(5))
+
+
+def test_a_cohort_takes_task_trains_lr_scale_and_proximal_names():
+    """lr_scale and proximal_to are task.train's in the cohort too: one parameter at 3 times
+    the rate and left out of FedProx's term, clients of unequal size."""
+    base, clients = _model("original"), _clients()
+    names = [n for n, _ in base.named_parameters()]
+    settings = dict(lr_scale={names[0]: 3.0}, proximal_mu=0.5, proximal_to=names[1:])
+    apart = [copy.deepcopy(base) for _ in SIZES]
+    for i, client in enumerate(clients):
+        task.train(apart[i], _batches(client, i), epochs=2, lr=0.1, seed=3, **settings)
+    together = [copy.deepcopy(base) for _ in SIZES]
+    train_cohort(together, [_batches(c, i) for i, c in enumerate(clients)], epochs=2, lr=0.1,
+                 seeds=[3] * 3, **settings)
+    for a, b in zip(together, apart, strict=True):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_a_graphed_trainer_anchors_fedprox_at_each_clients_own_start():
+    """One trainer serves round after round: FedProx pulls each client towards the weights it
+    started from (that round's global model), not towards the template's."""
+    base, client = _model("original"), _clients()[0]
+    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu",
+                             speed=task.PLAIN, proximal_mu=0.5, capture=False)
+    generator = torch.Generator().manual_seed(4)
+    for moved in (False, True):
+        start = copy.deepcopy(base)
+        if moved:  # a later round's global model
+            with torch.no_grad():
+                for p in start.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        reference, model = copy.deepcopy(start), copy.deepcopy(start)
+        task.train(reference, _batches(client, 0), epochs=1, lr=0.1, seed=1, proximal_mu=0.5)
+        trainer.train(model, _batches(client, 0), epochs=1, lr=0.1, seed=1)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_trainer_for_keeps_one_trainer_per_step_setting(monkeypatch):
+    monkeypatch.setattr(graphed, "_CACHE", {})
+    base, client = _model("original"), _clients()[0]
+    first = next(n for n, _ in base.named_parameters())
+
+    def trainer(**step):
+        return graphed.trainer_for(base, client[0][:16], client[1][:16],
+                                   device=torch.device("cpu"), speed=task.PLAIN, **step)
+
+    plain, scaled, pulled = trainer(), trainer(lr_scale={first: 3.0}), trainer(proximal_mu=0.1)
+    assert len({id(plain), id(scaled), id(pulled)}) == 3
+    assert sorted(scale for scale, _, _ in scaled.groups) == [1.0, 3.0]
+    assert pulled.proximal is not None and plain.proximal is None
+    assert trainer(lr_scale={first: 3.0}) is scaled

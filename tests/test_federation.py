@@ -281,10 +281,14 @@ def call_client(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
-    def call(config, message_type, arrays, *, partition_id=0, state=None, server_round=1):
+    def call(config, message_type, arrays, *, partition_id=0, state=None, server_round=1,
+             proximal_mu=None):
+        told = {"server-round": server_round, "lr": 0.05}
+        if proximal_mu is not None:  # what Flower's FedProx adds to the round's config
+            told["proximal-mu"] = proximal_mu
         records = {EXPERIMENT: ConfigRecord(config.to_run_config()),
                    ARRAYS: ArrayRecord(arrays),
-                   ROUND: ConfigRecord({"server-round": server_round, "lr": 0.05})}
+                   ROUND: ConfigRecord(told)}
         message = Message(content=RecordDict(records), dst_node_id=7, message_type=message_type)
         context = Context(run_id=1, node_id=7, state=state if state is not None else RecordDict(),
                           node_config={"partition-id": partition_id,
@@ -320,6 +324,30 @@ def test_personalized_client_sends_only_the_global_part(
     else:  # pFedPara keeps the second factor pair (W2) and the bias of every layer
         assert local_keys == [k for k in model.state_dict()
                               if k.rsplit(".", 1)[-1] in ("x2", "y2", "bias")]
+
+
+def test_a_client_trains_as_task_train_with_its_seed_lr_scale_and_proximal_keys(
+        fmnist_dir, call_client, one_thread):
+    """pFedPara under FedProx: the client's seed for (seed, round, partition), its W2 factors
+    at local_lr_scale times the rate, and FedProx pulling the global keys only (not the
+    personal part it keeps)."""
+    from fedpara.messages import LOCAL, cohort_key
+
+    config = smoke_config(fmnist_dir, algorithm="pfedpara", gamma=0.5, evaluation="clients",
+                          client_samples=200, local_lr_scale=3.0, strategy="fedprox",
+                          proximal_mu=1.0)
+    model = task.init_model(config)
+    global_keys, local_keys = task.split_keys(model, "pfedpara")
+    _, context = call_client(config, "train", task.get_arrays(model, global_keys),
+                             partition_id=1, server_round=2, proximal_mu=1.0)
+    seed = task.client_seed(config.seed, 2, 1)
+    task.train(model, task.client_data(config, 1, seed=seed).train, epochs=config.local_epochs,
+               lr=0.05, seed=seed, lr_scale=task.lr_scales(model, config), proximal_mu=1.0,
+               proximal_to=global_keys)
+    kept = context.state[cohort_key(LOCAL, 1)].to_torch_state_dict()
+    assert list(kept) == local_keys
+    for key in local_keys:
+        torch.testing.assert_close(kept[key], model.state_dict()[key], msg=key)
 
 
 def test_personal_state_persists_between_rounds(fmnist_dir, call_client):
@@ -419,7 +447,7 @@ def test_smoke_run_has_one_record_per_round(fedpara_run):
     assert [r.round for r in history.records] == [1, 2]
     assert all(len(r.clients) == config.clients_per_round for r in history.records)
     assert history.config == config.to_dict()
-    assert history.hardware["torch"] == torch.__version__.split("+")[0] or history.hardware["torch"]
+    assert history.hardware["torch"] == torch.__version__.split("+")[0]  # the package's version
     assert history.hardware["flwr"] == "1.42.0"
 
 

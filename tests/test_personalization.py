@@ -99,6 +99,21 @@ def test_verdict_names_the_best_variant_and_what_it_beats():
     assert verdict("p", runs) == ""  # a competitor without a run: no verdict
 
 
+def test_verdict_measures_the_gap_to_the_best_competitor_ahead_and_traffic_to_fedavgs():
+    runs = histories({"pfedpara": 0.70, "fedper": 0.80, "local": 0.60, "fedavg": 0.75},
+                     gib={"pfedpara": 0.5, "fedper": 0.25})
+    text = verdict("p", runs)
+    assert "0.50 times FedAvg's traffic" in text
+    assert ("is above local-only and below FedPer and FedAvg, 10.0 percentage points behind "
+            "the best of them (in this seed)") in text
+    # level with one, above the others, below none: not "above all three"
+    runs = histories({"pfedpara": 0.80, "fedper": 0.80, "local": 0.60, "fedavg": 0.75}, gib={})
+    text = verdict("p", runs)
+    assert ("`pfedpara` is above local-only and FedAvg and level with FedPer (within the "
+            "larger jitter of the two runs) (in this seed).") in text
+    assert "above all three" not in text
+
+
 def test_control_splits_fedpers_lead_into_capacity_and_split():
     runs = histories({"pfedpara": 0.70, "pfedpara-product": 0.81, "pfedpara-lr30": 0.90,
                       "fedper": 0.84, "fedper-fedpara": 0.80}, gib={})

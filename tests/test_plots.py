@@ -138,3 +138,26 @@ def test_plots_label_their_axes_with_units():
     ax = plot_client_accuracies({"a": [0.5, 0.7], "b": [0.9]})
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     assert "%" in ax.get_ylabel()
+
+
+def test_plots_draw_each_runs_data_in_percent():
+    fig = plot_curves({"cheap": CHEAP, "dear": DEAR}, targets=[0.7])
+    left, right = fig.axes
+    cheap = left.get_lines()[0]
+    assert list(cheap.get_xdata()) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # GiB
+    assert list(cheap.get_ydata()) == pytest.approx([20, 50, 60, 70, 75, 80])
+    assert list(right.get_lines()[0].get_xdata()) == [1, 2, 3, 4, 5, 6]  # rounds
+    for ax in (left, right):
+        targets = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert [list(line.get_ydata()) for line in targets] == [[70.0, 70.0]]
+    ax = plot_client_accuracies({"a": [0.5, 0.7], "b": [0.9]})
+    dots = [sorted(c.get_offsets()[:, 1]) for c in ax.collections]
+    assert dots == [pytest.approx([50.0, 70.0]), pytest.approx([90.0])]
+
+
+def test_a_run_that_sends_nothing_fits_any_budget():
+    local = make_history([0.4, 0.6], 0)  # local-only training: no traffic at all
+    assert rounds_within(local, 0.0) == 2
+    result = equal_traffic({"local": local, "dear": DEAR})
+    assert result["budget_gib"] == 0.0 and result["local"] == pytest.approx(0.6)
+    assert math.isnan(result["dear"])

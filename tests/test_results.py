@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedpara import task
-from fedpara.accounting import comm_cost_gib
+from fedpara.accounting import comm_cost_gib, payload_bytes
 from fedpara.config import get_preset
 from fedpara.history import History, RoundRecord
 from fedpara.results import (
@@ -66,9 +66,24 @@ def test_final_gap_counts_a_difference_only_beyond_the_larger_jitter():
     assert within.noise == pytest.approx(0.01) and within.ahead == 0 and within.within
     assert final_gap(curve([0.82] * 10), noisy).ahead == 1
     assert final_gap(noisy, curve([0.82] * 10)).ahead == -1
-    assert final_gap(steady, curve([0.80] * 10)).ahead == 0  # an exact tie is a tie
+    # a tie (the jitter of a constant 0.8 is a rounding error, 1e-16, not 0)
+    assert final_gap(steady, curve([0.80] * 10)).ahead == 0
+    assert Gap(0.0, 0.0).ahead == 0  # an exact tie is a tie, even without any jitter
     assert final_gap(steady, curve([0.801] * 10)).ahead == -1  # no jitter: any difference
     assert Gap(float("nan"), 0.0).ahead == 0  # nothing to compare: no finding
+
+
+def test_a_runs_summary_shows_its_final_accuracy_and_total_traffic():
+    from fedpara.results import run_summary
+
+    history = History(config=CONFIG.to_dict())
+    for r, accuracy in enumerate([0.1, 0.2, 0.6, 0.7, 0.8], start=1):  # half a GiB a round
+        history.append(RoundRecord(round=r, accuracy=accuracy, loss=1.0, bytes_up=2**28,
+                                   bytes_down=2**28, cum_bytes=r * 2**29, wall_seconds=6.0))
+    row = run_summary(CONFIG, history, "stored")
+    assert row["final accuracy"] == round((0.6 + 0.7 + 0.8) / 3, 4)  # the last FINAL_WINDOW
+    assert row["traffic (GiB)"] == 2.5 and row["MiB / round"] == 512.0
+    assert row["rounds run"] == 5 and row["training time (min)"] == 0.5
 
 
 def test_where_and_how_may_differ_but_not_what():
@@ -168,6 +183,10 @@ def test_score_clients_from_a_checkpoint(tmp_path, fmnist_dir):
                                    bytes_up=1, bytes_down=1, cum_bytes=2 * r, wall_seconds=0.1))
     assert load_client_scores(config, history, tmp_path / "results") == scores
     assert client_scores_path(config, tmp_path / "results").exists()
+    # stored scores of another round are not these, even with the same mean: recomputed
+    ClientScores(config=scores.config, round=config.rounds - 1, correct=scores.correct,
+                 examples=scores.examples).save(client_scores_path(config, tmp_path / "results"))
+    assert load_client_scores(config, history, tmp_path / "results") == scores
     history.records[-1].accuracy += 0.01
     assert load_client_scores(config, history, tmp_path / "results") is None
 
@@ -220,6 +239,8 @@ def test_open_chapter_without_runs_shows_the_plan(tmp_path):
     assert page.plan.loc[("fmnist-noniid", "fedpara"), "planned traffic (GiB)"] == pytest.approx(
         planned_traffic_gib(config), abs=1e-4)
     assert page.plan.loc[("fmnist-noniid", "fedpara"), "command"] == run_command(config)
+    assert page.plan.loc[("fmnist-noniid", "fedpara"), "MiB up per client and round"] == (
+        pytest.approx(payload_bytes(task.init_model(config)) / 2**20, abs=1e-3))
     assert "planned traffic (GiB)" in page.summary.columns
     assert not page.summary.isna().any().any()
     assert page.protocol.loc["rounds", ("fmnist-noniid", "fedpara")] == config.rounds

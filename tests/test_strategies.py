@@ -305,6 +305,23 @@ def test_the_server_average_refuses_missing_or_disagreeing_replies_and_rounds_in
         weighted_mean([state], [0])
 
 
+def test_client_evaluation_pools_correct_predictions_and_examples_over_clients(identity):
+    from fedpara.messages import CORRECT, LOSS
+    from fedpara.server_app import FedParaStrategy
+
+    server = FedParaStrategy(ExperimentConfig())
+    replies = [Message(content=RecordDict({METRICS: MetricRecord(
+        {NUM_EXAMPLES: n, CORRECT: k, LOSS: loss, PARTITION_ID: p})}), dst_node_id=p + 10,
+        message_type="evaluate")
+        for p, n, k, loss in ((2, 300, 270, 0.5), (0, 100, 50, 2.0), (1, 0, 0, 0.0))]
+    fields = server.aggregate_evaluate(1, replies)
+    assert fields["accuracy"] == pytest.approx(320 / 400)  # not the clients' mean, 0.7
+    assert fields["loss"] == pytest.approx((300 * 0.5 + 100 * 2.0) / 400)
+    assert fields["scored_clients"] == [0, 2]  # a client without held-out data is not scored
+    assert fields["client_accuracy"] == pytest.approx([0.5, 0.9])
+    assert (fields["eval_examples"], fields["eval_clients"]) == (400, 3)
+
+
 def test_exchange_refuses_a_push_the_superlink_did_not_take_whole(identity):
     from fedpara.messages import QUERY_PARTITION
     from fedpara.server_app import exchange

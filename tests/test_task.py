@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,3 +132,27 @@ def test_the_hardware_record_of_a_cuda_run_written_on_a_host_without_cuda():
 
     record = hardware_info("cuda")
     assert record["device"] == "cuda" and "this host has no CUDA device" in record["device_name"]
+
+
+def test_each_seed_round_and_client_trains_with_its_own_seed():
+    # the seed of a client's shuffling, augmentation and dropout: a client that drew the same
+    # seed every round would see its batches in the same order every round
+    seeds = [task.client_seed(s, r, p) for s in (0, 1) for r in (1, 2, 3) for p in (0, 1, 2)]
+    assert len(set(seeds)) == len(seeds) == 18
+    assert task.client_seed(0, 2, 1) == task.client_seed(0, 2, 1)
+
+
+def test_the_seed_of_train_fixes_dropout():
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 16), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(16, 3))
+    batches = [(torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2]))]
+
+    def trained(seed):
+        model = copy.deepcopy(base)
+        task.train(model, batches, epochs=2, lr=0.5, seed=seed)
+        return [p.detach() for p in model.parameters()]
+
+    first, again, other = trained(5), trained(5), trained(6)
+    assert all(torch.equal(p, q) for p, q in zip(first, again, strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(first, other, strict=True))
