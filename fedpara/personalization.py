@@ -183,7 +183,7 @@ def verdict(preset: str, histories: Mapping[str, History], window: int = FINAL_W
         parts.append(f"below {' and '.join(below)}, {gap:.1f} percentage points behind the "
                      f"best of them")
     return text + f"`{best}` is " + ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") \
-        + parts[-1] + " (in this seed)."
+        + parts[-1] + ", in this seed."
 
 
 def control(preset: str, histories: Mapping[str, History], window: int = FINAL_WINDOW) -> str:

@@ -88,7 +88,7 @@ def test_verdict_names_the_best_variant_and_what_it_beats():
     runs["fedper"] = histories({"fedper": 0.90}, {})["fedper"]
     text = verdict("p", runs)
     assert ("is above local-only and FedAvg and below FedPer, 5.0 percentage points behind the "
-            "best of them (in this seed)") in text
+            "best of them, in this seed") in text
     # a difference within the larger jitter of the two runs is no finding
     runs["fedavg"] = histories({"fedavg": 0.853}, {})["fedavg"]
     runs["fedavg"].records[0].accuracy = 0.84  # a jitter of about 0.6 points
@@ -105,12 +105,12 @@ def test_verdict_measures_the_gap_to_the_best_competitor_ahead_and_traffic_to_fe
     text = verdict("p", runs)
     assert "0.50 times FedAvg's traffic" in text
     assert ("is above local-only and below FedPer and FedAvg, 10.0 percentage points behind "
-            "the best of them (in this seed)") in text
+            "the best of them, in this seed") in text
     # level with one, above the others, below none: not "above all three"
     runs = histories({"pfedpara": 0.80, "fedper": 0.80, "local": 0.60, "fedavg": 0.75}, gib={})
     text = verdict("p", runs)
     assert ("`pfedpara` is above local-only and FedAvg and level with FedPer (within the "
-            "larger jitter of the two runs) (in this seed).") in text
+            "larger jitter of the two runs), in this seed.") in text
     assert "above all three" not in text
 
 
