@@ -308,3 +308,62 @@ def test_trainer_for_keeps_one_trainer_per_step_setting(monkeypatch):
     assert sorted(scale for scale, _, _ in scaled.groups) == [1.0, 3.0]
     assert pulled.proximal is not None and plain.proximal is None
     assert trainer(lr_scale={first: 3.0}) is scaled
+
+
+def test_trainer_for_evicts_the_least_recently_used_trainer(monkeypatch):
+    monkeypatch.setattr(graphed, "_CACHE", {})
+    monkeypatch.setattr(graphed, "_CACHE_SIZE", 2)
+    base, (x, y) = _model("original"), _clients()[0]
+
+    def trainer(batch):  # one trainer per batch shape
+        return graphed.trainer_for(base, x[:batch], y[:batch], device=torch.device("cpu"),
+                                   speed=task.PLAIN)
+
+    first, second = trainer(16), trainer(8)
+    assert trainer(16) is first  # used again: now the most recently used
+    third = trainer(4)  # the cache is full: the least recently used (second) goes
+    assert len(graphed._CACHE) == 2
+    assert trainer(16) is first and trainer(4) is third
+    assert trainer(8) is not second
+
+
+def test_the_graphed_step_carries_buffers_in_and_out():
+    """BatchNorm's running statistics are the client's: copied in, updated as task.train
+    updates them, copied back."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
+                               torch.nn.Flatten(), torch.nn.Linear(400, 10)).double()
+    client = _clients()[0]
+    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu",
+                             speed=task.PLAIN, capture=False)
+    start = copy.deepcopy(base)
+    start[1].running_mean.fill_(0.5)  # a later round's statistics, not the template's
+    reference, model = copy.deepcopy(start), copy.deepcopy(start)
+    task.train(reference, _batches(client, 0), epochs=1, lr=0.1, seed=1)
+    trainer.train(model, _batches(client, 0), epochs=1, lr=0.1, seed=1)
+    for (name, p), q in zip(model.state_dict().items(), reference.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_graphed_step_takes_task_trains_bf16_autocast():
+    """`speed.bf16` autocasts the trainer's step as it does task.train's (float32 weights)."""
+    base, client = _model("fedpara", torch.float32), _clients(torch.float32)[0]
+    bf16 = task.Speed(bf16=True)
+    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu", speed=bf16,
+                             capture=False)
+    reference, model, plain = (copy.deepcopy(base) for _ in range(3))
+    expected = task.train(reference, _batches(client, 0), epochs=1, lr=0.1, seed=1, speed=bf16)
+    fp32 = task.train(plain, _batches(client, 0), epochs=1, lr=0.1, seed=1)
+    loss, _ = trainer.train(model, _batches(client, 0), epochs=1, lr=0.1, seed=1)
+    # float32 steps that round an ulp apart from task.train's optimizer, which bf16 then
+    # amplifies: near task.train's bf16 run, far from its float32 one
+    assert abs(loss - expected.loss) < abs(fp32.loss - expected.loss) / 5
+    assert _gap(model, reference) < _gap(plain, reference) / 5
+
+
+def _gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """‖a − b‖ / ‖b‖ over all parameters."""
+    pairs = list(zip(a.parameters(), b.parameters(), strict=True))
+    return (sum(float((p - q).double().square().sum()) for p, q in pairs)
+            / sum(float(q.double().square().sum()) for _, q in pairs)) ** 0.5

@@ -6,6 +6,7 @@ Torch runs on one thread: the machine is shared, and two threads under load are 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -175,6 +176,11 @@ def test_projection_adds_training_and_overheads():
     per_client = 0.5 + 0.5 + c.local_epochs * 500 / 1000
     assert proj["seconds"] == pytest.approx(c.rounds * (c.clients_per_round * per_client + 1.0))
     assert proj["seconds_per_round"] == pytest.approx(proj["seconds"] / c.rounds)
+    assert proj["training_fraction"] == pytest.approx(
+        c.rounds * c.clients_per_round * c.local_epochs * 500 / 1000 / proj["seconds"])
+    # a client_samples above a client's share adds no images (the share is what it holds)
+    assert throughput.project_config(1000.0, over, get_preset(
+        "cifar10-iid", profile="full").replace(client_samples=5000)) == proj
     # a run of its own (the deployment check's): fewer rounds, epochs, images and test images
     run = c.replace(rounds=3, local_epochs=1, client_samples=100, eval_samples=2000)
     small = throughput.project_config(1000.0, over, run)
@@ -248,6 +254,9 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
         assert cohort["together_vs_apart"]["relative_difference"] < max(
             10 * cohort["noise_floor"]["relative_difference"], 1e-6)
         assert cohort["together_vs_apart"]["largest_tensor"]  # a parameter's name
+        # the round's images: every client's, over the time they trained together
+        assert record["round_images_per_second"][model] == pytest.approx(
+            cohort["clients"] * cohort["samples_per_client"] / cohort["seconds_together"])
     assert record["time_ratio_fedpara_to_original"]["fedpara-0.1"]["default"] > 0
     assert record["graph_captures_while_timed"] == 0
     # the median of two repeats' ratios lies in their [min, max] interval
@@ -280,6 +289,11 @@ def test_client_start_times_a_cold_clientapp_with_the_split_computed_and_stored(
     for how in ("computed", "stored"):
         assert len(record["samples"][how]) == 1
         assert all(v > 0 for v in record["median_seconds"][how].values())
+    # what reading the stored split saves: computing it takes longer by that much
+    medians = record["median_seconds"]
+    assert record["split_saved_seconds"] == pytest.approx(
+        medians["computed"]["split_and_batches_seconds"]
+        - medians["stored"]["split_and_batches_seconds"])
 
 
 def test_the_aggregation_benchmark_times_both_paths_and_checks_they_agree(tmp_path):
@@ -294,6 +308,12 @@ def test_the_aggregation_benchmark_times_both_paths_and_checks_they_agree(tmp_pa
         assert {p: len(t) for p, t in model["seconds"].items()} == {"flower_float64": 1,
                                                                      "weighted_mean": 1}
         assert model["speedup"] > 0 and model["model_bytes"] > 0
+        # one repeat: the speedup is the old path's time over the new one's, per client by 3
+        seconds = model["seconds"]
+        assert model["speedup"] == pytest.approx(
+            seconds["flower_float64"][0] / seconds["weighted_mean"][0])
+        assert model["median_seconds_per_client"] == pytest.approx(
+            {path: t[0] / 3 for path, t in seconds.items()})
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aggregation.py"),
                           "--clients", "0"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "--clients and --repeats must be >= 1" in bad.stderr
@@ -333,6 +353,10 @@ def test_the_before_after_benchmark_compares_a_revision_with_the_tree(tmp_path):
     for what in ("compose", "layer"):
         assert set(record[what]["median_seconds"]) == {"baseline", "current"}
         assert record[what]["ratio_paired_median"] > 0
+        # one repeat: the paired ratio is the current time over the baseline's
+        medians = record[what]["median_seconds"]
+        assert record[what]["ratio_paired_median"] == pytest.approx(
+            medians["current"] / medians["baseline"])
     ops = record["layer_ops"]
     assert ops["layer"] == "512→512 channels, forward + backward"
     for side in ("baseline", "current"):
@@ -699,3 +723,158 @@ def test_the_appendix_builds_after_a_gpu_check_rerun(tmp_path, monkeypatch):
     assert any(text.startswith("No GPU throughput file on record has the eager processes side "
                                "by side") for text in shown)
     assert glued["gpu_layer_settings"].startswith("the fast path's settings (float32,")
+
+
+def test_the_throughput_benchmark_computes_its_figures_from_the_timed_epochs(tmp_path,
+                                                                             monkeypatch):
+    """Epoch times given (the warm-up's far off, three skewed repeats): images/s are medians of
+    the repeats' images/s, ratios medians of the ratios within a repeat (slow over fast, FedPara
+    over the original: neither a mean, nor a ratio of medians, nor inverted), the default path is
+    the fast one, the intervals the sign test's, and the projections `project` of those images/s
+    with the overheads' medians, per client and per test image."""
+    throughput = _load_throughput()
+    times = {  # (model, path): the warm-up, then the three repeats
+        ("original", "baseline"): [99.0, 4.0, 4.0, 9.0],
+        ("original", "plain"): [99.0, 2.0, 3.0, 5.0],
+        ("original", "fast"): [99.0, 1.0, 1.0, 4.0],
+        ("fedpara-0.1", "baseline"): [99.0, 6.0, 8.0, 8.0],
+        ("fedpara-0.1", "plain"): [99.0, 3.0, 9.0, 4.0],
+        ("fedpara-0.1", "fast"): [99.0, 3.0, 2.0, 6.0],
+    }
+    left = {key: iter(t) for key, t in times.items()}
+    which, path_batches = {}, throughput.path_batches
+
+    def tagged(path, split, name, *args):
+        batches, speed = path_batches(path, split, name, *args)
+        which[id(batches)] = (name, path)
+        return batches, speed
+
+    data = iter([5.0, 1.0, 2.0] * 3)  # each data path's three passes
+    monkeypatch.setattr(throughput, "path_batches", tagged)
+    monkeypatch.setattr(throughput, "epoch_seconds", lambda m, b, s, d: next(left[which[id(b)]]))
+    monkeypatch.setattr(throughput, "data_seconds", lambda b, d: next(data))
+    # each overhead's three timings (its function run once)
+    monkeypatch.setattr(throughput, "timings",
+                        lambda fn, repeats, device: (fn(), [3.0, 1.0, 1.5])[1])
+    out = tmp_path / "throughput.json"
+    record = throughput.main(["--device", "cpu", "--paths", "baseline", "plain", "fast",
+                              "--workers", "0", "--gammas", "0.1", "--repeats", "3",
+                              "--samples", "6", "--batch", "4", "--eval-samples", "4",
+                              "--threads", "1", "--cohort", "0", "--out", str(out)])
+    assert json.loads(out.read_text()) == record
+    for (model, path), t in times.items():
+        assert record["epoch_seconds"][model][path] == t[1:]  # the warm-up left out
+    ips = record["images_per_second"]
+    assert ips["original"] == pytest.approx({"baseline": 1.5, "plain": 2.0, "fast": 6.0,
+                                             "default": 6.0})
+    assert ips["fedpara-0.1"] == pytest.approx({"baseline": 0.75, "plain": 1.5, "fast": 2.0,
+                                                "default": 2.0})
+    assert record["default_path"] == "fast"
+    assert record["data_seconds_per_epoch"] == {"baseline": 2.0, "plain": 2.0, "fast": 2.0}
+    assert record["ratio_fast_to_baseline"] == pytest.approx({"original": 4.0, "fedpara-0.1": 2.0})
+    assert record["ratio_fast_to_plain"] == pytest.approx({"original": 2.0, "fedpara-0.1": 1.0})
+    assert list(record["time_ratio_fedpara_to_original"]) == ["fedpara-0.1"]
+    assert record["time_ratio_fedpara_to_original"]["fedpara-0.1"] == pytest.approx(
+        {"baseline": 1.5, "plain": 1.5, "fast": 2.0, "default": 2.0})
+    assert record["ratio_fast_to_plain_interval"]["original"] == pytest.approx(
+        {"low": 1.25, "high": 3.0, "coverage": 0.75, "repeats": 3})
+    assert record["time_ratio_fedpara_to_original_interval"]["fedpara-0.1"] == pytest.approx(
+        {"low": 1.5, "high": 3.0, "coverage": 0.75, "repeats": 3})
+    assert record["graph_captures_while_timed"] == 0
+    # FLOPs: an epoch of 6 images at batch 4 is a step of 4 and a step of 2
+    for model in ("original", "fedpara-0.1"):
+        epoch = throughput.step_flops(model, 4) + throughput.step_flops(model, 2)
+        assert record["flops_per_epoch"][model] == epoch
+        assert record["flops_per_image"][model] == pytest.approx(epoch / 6)
+        assert record["achieved_flops_per_second"][model] == pytest.approx(
+            {p: epoch / 6 * ips[model][p] for p in ("baseline", "plain", "fast")})
+        over = record["overheads"][model]
+        assert {k: v for k, v in over.items() if k != "model_bytes"} == pytest.approx(
+            {"client_setup_seconds": 1.5, "trip_seconds": 1.5,
+             "average_seconds_per_client": 1.5 / 4, "eval_seconds_per_image": 1.5 / 4})
+    projected = record["projected_full_presets"]
+    assert {"cifar10-iid/original", "cifar10-noniid/fedpara"} <= set(projected)
+    for key, proj in projected.items():
+        preset, model = key.split("/")[0], proj["model"]
+        assert set(proj) == {"model", "baseline", "plain", "fast", "default"}
+        for path in ("baseline", "plain", "fast", "default"):
+            assert proj[path] == pytest.approx(throughput.project(
+                ips[model][path], record["overheads"][model], preset)), (key, path)
+
+
+def test_the_throughput_benchmark_counts_graphs_captured_inside_timed_epochs(tmp_path,
+                                                                            monkeypatch):
+    """With the cache left at its size, smaller than the (model, graph path) pairs: trainers
+    evicted are captured again inside timed epochs, and each of those is counted."""
+    from fedpara import graphed
+
+    throughput = _load_throughput()
+    monkeypatch.setattr(graphed, "_CACHE", {})
+    monkeypatch.setattr(graphed, "_CACHE_SIZE", 2)
+    monkeypatch.setattr(throughput, "graph_cache", lambda trainers: contextlib.nullcontext())
+    built = []
+
+    class Counting(graphed.GraphedTrainer):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(graphed, "GraphedTrainer", Counting)
+    epoch = throughput.epoch_seconds
+
+    def as_on_cuda(model, batches, speed, device):  # as in the test above
+        if speed.graph:
+            shape = (batches.batch_size, *batches.x.shape[1:])
+            graphed.trainer_for(model, batches.x.new_empty(shape),
+                                batches.y.new_empty(shape[:1]), device=device, speed=speed)
+        return epoch(model, batches, speed, device)
+
+    monkeypatch.setattr(throughput, "epoch_seconds", as_on_cuda)
+    record = throughput.main(["--device", "cpu", "--paths", "graph", "graph+bf16", "--gammas",
+                              "0.1", "--repeats", "2", "--samples", "4", "--batch", "4",
+                              "--eval-samples", "4", "--threads", "1", "--cohort", "0",
+                              "--out", str(tmp_path / "throughput.json")])
+    pairs = 2 * 2
+    assert len(built) > pairs  # some captured again
+    assert record["graph_captures_while_timed"] == len(built) - pairs  # all but the warm-ups'
+
+
+def test_the_layer_benchmarks_cpu_memory_counts_weights_gradients_and_saved_tensors():
+    """Two linear layers (10 -> 1000 -> 2, float32) on one image: the weights' 48,000 bytes
+    twice (gradients), and what backward keeps: the 40-byte input, the 4,000-byte hidden layer
+    and a few bytes of logits; the second weight, which backward also keeps, is a parameter
+    and not counted again."""
+    overhead = _load_benchmark("layer_overhead")
+    model = torch.nn.Sequential(torch.nn.Linear(10, 1000, bias=False),
+                                torch.nn.Linear(1000, 2, bias=False))
+    x, y = torch.randn(1, 10), torch.tensor([1])
+    memory = overhead.memory_bytes(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y,
+                                   False)
+    assert memory["parameter_bytes"] == 48_000
+    assert 4040 <= memory["saved_for_backward_bytes"] < 4200
+    assert memory["peak_bytes"] == 2 * 48_000 + memory["saved_for_backward_bytes"]
+
+
+def test_the_layer_benchmark_counts_a_steps_multiply_adds():
+    """A training step is about 3 forward convolutions; FedPara's composition 8 products of
+    out x R x in*taps (2 forward, 2 rebuilt in backward, 4 gradients)."""
+    overhead = _load_benchmark("layer_overhead")
+    fedpara = layers.FedParaConv2d(8, 16, 3, padding=1, gamma=0.5)
+    model = torch.nn.Sequential(fedpara, torch.nn.Conv2d(16, 4, 3))
+    counts = overhead.multiply_adds(model, torch.randn(2, 8, 6, 6))
+    conv = 3 * (2 * 6 * 6 * 16 * 8 * 9 + 2 * 4 * 4 * 4 * 16 * 9)
+    compose = 8 * 16 * 8 * 9 * fedpara.rank
+    assert counts == {"conv_step": conv, "compose_step": compose,
+                      "compose_fraction": compose / conv}
+
+
+def test_layer_overheads_json_replaces_a_file_without_writing_into_it(tmp_path):
+    """The benchmarks' records are written aside and renamed over the old file (a run stopped
+    mid-write leaves the previous record): another link to the old file keeps its contents."""
+    write_json = _load_benchmark("layer_overhead").write_json
+    out, old = tmp_path / "record.json", tmp_path / "old.json"
+    write_json(out, {"run": 1})
+    os.link(out, old)
+    write_json(out, {"run": 2})
+    assert json.loads(out.read_text()) == {"run": 2}
+    assert json.loads(old.read_text()) == {"run": 1}
