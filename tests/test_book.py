@@ -250,8 +250,13 @@ def test_a_failing_cell_keeps_the_partial_notebook_and_the_last_good_copy(tmp_pa
     with pytest.raises(driver.papermill.PapermillExecutionError, match="x=2"):
         driver.run_notebook(source, output, {"x": 2}, work_dir=work, cwd=tmp_path, log_output=False)
     assert output.read_text() == "last good copy"
-    errors, _ = _outputs(nbformat.read(work / "broken.ipynb", as_version=4))
+    partial = nbformat.read(work / "broken.ipynb", as_version=4)
+    errors, _ = _outputs(partial)
     assert errors == ["RuntimeError"]
+    # a plain notebook (no jupytext pairing) that names its source and the source's digest
+    assert "jupytext" not in partial.metadata
+    assert partial.metadata[driver.METADATA_KEY] == {
+        "source": "broken.md", "source_sha256": driver.source_digest(source)}
 
 
 def _outputs(notebook) -> tuple[list[str], str]:
@@ -440,3 +445,110 @@ def test_readme_and_install_cells_agree_with_the_repository_url():
         if sync_repository._runs_code(ROOT, page):
             link = f"{url.removeprefix('https://github.com/')}/blob/{branch}/{page}.ipynb"
             assert link in readme and (ROOT / f"{page}.ipynb").is_file(), page
+
+
+def test_driver_main_runs_each_chapter_with_its_parameters(monkeypatch, capsys):
+    """A training run: the profile, train=True, the chapter's fixed parameters, then the -p
+    overrides read as YAML (they win); the copy goes to book/generated/ with the chapter's
+    digest and title. A failing chapter does not stop the others, and the exit code is 1."""
+    calls = []
+
+    def run_notebook(source, output, parameters, **kwargs):
+        calls.append((source, output, parameters, kwargs))
+        if output.stem == "cifar10":
+            raise driver.papermill.PapermillExecutionError(3, 7, "x", "RuntimeError", "boom", [])
+
+    monkeypatch.setattr(driver, "run_notebook", run_notebook)
+    assert driver.main(["--profile", "smoke", "--chapter", "cifar10", "--chapter", "cifar100",
+                        "-p", "seed", "3", "-p", "presets", "cifar100-iid"]) == 1
+    assert [c[1] for c in calls] == [driver.GENERATED_DIR / "cifar10.ipynb",
+                                     driver.GENERATED_DIR / "cifar100.ipynb"]
+    source, _, parameters, kwargs = calls[1]
+    assert source == driver.SOURCES_DIR / "cifar.md"
+    assert parameters == {"profile": "smoke", "train": True, "chapter": "cifar100",
+                          "presets": "cifar100-iid", "seed": 3}
+    assert kwargs == {"digest": driver.chapter_digest("cifar100"),
+                      "title": driver.SHARED_SOURCES["cifar100"]["title"]}
+    err = capsys.readouterr().err
+    assert "cifar10 FAILED in cell 7: RuntimeError: boom" in err
+    assert "_build/papermill/cifar10.ipynb" in err
+    assert "book/generated/cifar10.ipynb left unchanged" in err
+    calls.clear()
+    monkeypatch.setattr(driver, "run_notebook", lambda s, o, p, **k: calls.append(p))
+    assert driver.main(["--chapter", "fashion_mnist"]) == 0
+    assert calls == [{"profile": "full", "train": True}]
+
+
+def test_driver_render_runs_only_stale_chapters(monkeypatch):
+    calls = []
+    monkeypatch.setattr(driver, "run_notebook",
+                        lambda source, output, parameters, **kwargs: calls.append((output.stem,
+                                                                                   parameters)))
+    monkeypatch.setattr(driver, "render_parameters",
+                        lambda name: None if name == "cifar10" else {"profile": "quick",
+                                                                     "train": False})
+    assert driver.main(["--render", "--chapter", "cifar10", "--chapter", "fashion_mnist",
+                        "-p", "device", "cpu"]) == 0
+    assert calls == [("fashion_mnist", {"profile": "quick", "train": False, "device": "cpu"})]
+
+
+def test_an_unreadable_executed_copy_counts_as_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(driver, "SOURCES_DIR", tmp_path)
+    monkeypatch.setattr(driver, "GENERATED_DIR", tmp_path)
+    (tmp_path / "demo.md").write_text("# demo\n")
+    (tmp_path / "demo.ipynb").write_text('{"cells": [')  # truncated
+    assert driver.stored_run(tmp_path / "demo.ipynb") == (None, {})
+    assert driver.render_parameters("demo") == {"train": False}
+
+
+def _sync_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import sync_repository
+    finally:
+        sys.path.pop(0)
+    return sync_repository
+
+
+def test_sync_writes_a_forks_url_and_branch(tmp_path):
+    """What `make colab` does for a fork: its url (a trailing slash dropped) and branch in the
+    install cells and in the README's badges; a text-only page gets no badge."""
+    sync = _sync_module()
+    (tmp_path / "_config.yml").write_text(
+        'repository:\n  url: "https://github.com/me/fork/"\n  branch: dev\n')
+    (tmp_path / "_toc.yml").write_text(
+        "root: book/intro\nparts:\n- chapters:\n  - file: book/code\n  - file: book/notes\n")
+    (tmp_path / "book").mkdir()
+    cell = 'FEDPARA_REPO = "https://github.com/your-org/fedpara"\nFEDPARA_BRANCH = "main"\n'
+    (tmp_path / "book" / "intro.md").write_text("# Intro\n\n```{code-cell}\n" + cell + "```\n")
+    (tmp_path / "book" / "code.md").write_text("# Code\n\n```{code-cell}\n" + cell + "```\n")
+    (tmp_path / "book" / "notes.md").write_text("# Notes\n\ntext only\n")
+    (tmp_path / "README.md").write_text(
+        "top\n<!-- chapters:start -->\nold\n<!-- chapters:end -->\nend\n")
+    readme, intro = tmp_path / "README.md", tmp_path / "book" / "intro.md"
+    assert sync.sync(tmp_path, check=True) == [tmp_path / "book" / "code.md", intro, readme]
+    assert "your-org" in intro.read_text(), "--check changes nothing"
+    assert sorted(sync.sync(tmp_path)) == sorted([intro, tmp_path / "book" / "code.md", readme])
+    assert sync.sync(tmp_path, check=True) == []
+    assert ('FEDPARA_REPO = "https://github.com/me/fork"\nFEDPARA_BRANCH = "dev"\n'
+            in intro.read_text())
+    text = readme.read_text()
+    assert text.startswith("top\n") and text.endswith("<!-- chapters:end -->\nend\n")
+    badge = "https://colab.research.google.com/github/me/fork/blob/dev/book/{}.ipynb"
+    assert "| Code | `book/code` | [![Open in Colab]" in text and badge.format("code") in text
+    assert "| Notes | `book/notes` | – |" in text and badge.format("notes") not in text
+    # no branch: main; not a GitHub url: refused
+    (tmp_path / "_config.yml").write_text('repository:\n  url: "https://github.com/me/fork"\n')
+    assert sync.repository(tmp_path) == ("https://github.com/me/fork", "main")
+    (tmp_path / "_config.yml").write_text('repository:\n  url: "https://gitlab.com/me/fork"\n')
+    with pytest.raises(ValueError, match="expected https://github.com/<owner>/<repo>"):
+        sync.repository(tmp_path)
+
+
+def test_sync_check_exits_1_and_names_what_disagrees(monkeypatch, capsys):
+    sync = _sync_module()
+    monkeypatch.setattr(sync, "sync", lambda check=False: [ROOT / "README.md"])
+    assert sync.main(["--check"]) == 1
+    assert capsys.readouterr().out == "README.md disagrees with _config.yml\n"
+    assert sync.main([]) == 0
+    assert capsys.readouterr().out == "README.md updated from _config.yml\n"

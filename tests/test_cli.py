@@ -342,3 +342,149 @@ def test_run_config_file_matches_the_preset(tmp_path, capsys):
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), "rb") as f:
         declared = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
     assert set(run_config) <= set(declared)
+
+
+# the run itself replaced by a stub (no simulation): what main hands it and does with its result
+
+def _stub_run(monkeypatch, calls):
+    import fedpara.experiment
+
+    def fake_run(config, **kwargs):
+        calls.append((config, kwargs))
+        history = History(config=config.to_dict())
+        history.append(RoundRecord(round=1, accuracy=0.1, loss=2.0, bytes_up=1, bytes_down=1,
+                                   cum_bytes=2, wall_seconds=0.1))
+        return history
+
+    monkeypatch.setattr(fedpara.experiment, "run_experiment", fake_run)
+
+
+def test_resume_out_and_no_progress_reach_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    _stub_run(monkeypatch, calls)
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke")
+    folder = tmp_path / "checkpoints" / "fmnist-noniid" / config.run_name
+    folder.mkdir(parents=True)
+    write_checkpoint(folder, config, server_round=1)
+    out = tmp_path / "mine" / "h.json"
+    out.parent.mkdir()
+    assert main(["--preset", "fmnist-noniid", *SMOKE, "--resume", "--out", str(out)]) == 0
+    [(ran, kwargs)] = calls
+    assert kwargs["resume"] is True and kwargs["progress"] is False
+    assert ran.checkpoint_dir == f"checkpoints/fmnist-noniid/{config.run_name}"
+    captured = capsys.readouterr()
+    assert f"resuming after round 1 of 2 from {checkpoint_path(folder, 1).relative_to(tmp_path)}" \
+        in captured.err
+    assert History.load(out).records[0].accuracy == 0.1 and f"-> {out}" in captured.out
+    assert not (tmp_path / "results").exists()  # --out replaces the default path
+    calls.clear()
+    assert main(["--preset", "fmnist-noniid", "--variant", "fedpara", "--profile", "smoke",
+                 "--set", "device=cpu"]) == 0  # the defaults: no resume, a progress bar
+    assert calls[0][1]["resume"] is False and calls[0][1]["progress"] is True
+    assert (tmp_path / "results" / "fmnist-noniid" / "fedpara-smoke.json").is_file()
+
+
+def test_resume_without_a_checkpoint_folder_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    _stub_run(monkeypatch, calls)
+    err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, "--resume",
+                  "--set", "checkpoint_dir=")
+    assert "--resume needs the folder of the checkpoints" in err
+    assert "--set checkpoint_dir=<folder>" in err and calls == []
+
+
+def test_resume_skips_a_folder_of_another_experiment(tmp_path, capsys, monkeypatch):
+    """The folders searched for a run to continue may hold another experiment's checkpoints
+    (here another seed's): not named, and --resume starts from round 1."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    _stub_run(monkeypatch, calls)
+    other = get_preset("fmnist-noniid", variant="fedpara", profile="smoke", rounds=1, seed=7)
+    folder = tmp_path / "checkpoints" / "fmnist-noniid" / "fedpara-smoke+rounds=1"
+    folder.mkdir(parents=True)
+    write_checkpoint(folder, other, server_round=1)
+    assert main(["--preset", "fmnist-noniid", *SMOKE, "--resume", "--set", "rounds=3"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoints/fmnist-noniid/fedpara-smoke+rounds=3: starting from round 1" in err
+    assert len(calls) == 1 and calls[0][1]["resume"] is True
+
+
+@pytest.mark.parametrize("args, messages", [
+    # --fake-data: the smoke profile only, and no data folder of its own
+    (["--preset", "cifar10-noniid", "--profile", "quick", "--fake-data"],
+     ["--fake-data", "got --profile quick on cifar10"]),
+    (["--preset", "cifar10-noniid", "--profile", "smoke", "--fake-data", "--set", "data_dir=d"],
+     ["leave out --set data_dir"]),
+])
+def test_fake_data_refusals(args, messages, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _stub_run(monkeypatch, [])  # were it not refused: no simulation
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and all(m in err for m in messages)
+    assert not (tmp_path / "_build").exists() and not (tmp_path / "d").exists()
+
+
+def test_fake_data_keeps_a_results_dir_given(tmp_path, monkeypatch):
+    from fedpara.run import _parser, build_config
+
+    monkeypatch.chdir(tmp_path)
+    config = build_config(_parser().parse_args(
+        ["--preset", "cifar10-noniid", "--profile", "smoke", "--fake-data",
+         "--set", "results_dir=mine"]))
+    assert (config.data_dir, config.results_dir) == ("_build/fake-data", "mine")
+
+
+def test_fake_data_run_config_writes_the_data_it_names(tmp_path, capsys, monkeypatch):
+    """`flwr run` of the file reads the fake files: --write-run-config writes them too, with
+    the run's seed, as the chapters do."""
+    from fedpara.results import write_fake_data
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "cifar10-noniid", "--profile", "smoke", "--fake-data",
+                 "--set", "seed=3", "--write-run-config", "run.toml"]) == 0
+    with open("run.toml", "rb") as f:
+        assert tomllib.load(f)["data-dir"] == "_build/fake-data"
+    write_fake_data(["cifar10"], tmp_path / "expected", 3)
+    batch = Path("cifar-10-batches-py") / "test_batch"
+    assert (tmp_path / "_build" / "fake-data" / batch).read_bytes() == (
+        tmp_path / "expected" / batch).read_bytes()
+
+
+def test_run_config_for_another_machine_names_a_device_this_one_lacks(tmp_path, capsys):
+    """The file may be meant for a machine with a GPU: its device is not checked here."""
+    device = f"cuda:{torch.cuda.device_count()}"
+    path = tmp_path / "run.toml"
+    assert main(["--preset", "fmnist-noniid", "--set", f"device={device}",
+                 "--write-run-config", str(path)]) == 0
+    with open(path, "rb") as f:
+        assert tomllib.load(f)["device"] == device
+    out = capsys.readouterr().out
+    config = get_preset("fmnist-noniid")
+    assert f"flwr run . --stream --run-config {path} --federation-config " in out
+    assert f'"num-supernodes={config.num_clients} client-resources-num-cpus=1"' in out
+
+
+def test_run_config_file_carries_any_string(tmp_path):
+    """In a file a string is a TOML basic string: both quotes, a control character and DEL
+    read back as they were (only key=value pairs cannot carry some of them)."""
+    from flwr.common.config import parse_config_args
+
+    from fedpara.run import run_config_pairs, write_run_config
+
+    config = get_preset("fmnist-noniid", data_dir='it\'s "x"\t\x7f\nend')
+    path = tmp_path / "run.toml"
+    write_run_config(config, path)
+    with open(path, "rb") as f:
+        assert ExperimentConfig.from_run_config(tomllib.load(f)).data_dir == config.data_dir
+    with pytest.raises(ValueError, match="must end in .toml"):
+        write_run_config(config, tmp_path / "run.cfg")
+    assert not (tmp_path / "run.cfg").exists()
+    # pairs: a double quote without a single one is a literal string; with a control
+    # character it is refused, like a value with both quotes
+    pairs = run_config_pairs(config.replace(data_dir='a "b"'))
+    assert ExperimentConfig.from_run_config(parse_config_args([pairs])).data_dir == 'a "b"'
+    with pytest.raises(ValueError, match="data-dir"):
+        run_config_pairs(config.replace(data_dir='a "b"\n'))

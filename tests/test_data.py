@@ -688,3 +688,48 @@ def test_image_dataset_rejects_bad_arrays():
         ImageDataset("mnist", np.zeros((3, 28, 28), np.uint8), np.zeros(3), train=True)
     with pytest.raises(ValueError, match="uint8"):
         ImageDataset("mnist", np.zeros((3, 28, 28, 1), np.float32), np.zeros(3), train=True)
+
+
+def test_fake_cifar_metadata_is_complete(tmp_path):
+    """The fields of the real batches and meta files beyond what the loaders read: CIFAR-100's
+    coarse labels and both lists of label names, CIFAR-10's label names."""
+    import pickle
+
+    write_fake_cifar(tmp_path, "cifar100", n_train=30, n_test=10)
+    write_fake_cifar(tmp_path, "cifar10", n_train=30, n_test=10)
+
+    def read(*path):
+        with open(tmp_path.joinpath(*path), "rb") as f:
+            return pickle.load(f, encoding="latin1")
+
+    for split, n in (("train", 30), ("test", 10)):
+        batch = read("cifar-100-python", split)
+        assert len(batch["coarse_labels"]) == len(batch["fine_labels"]) == n
+        assert set(batch["coarse_labels"]) <= set(range(20))
+    meta = read("cifar-100-python", "meta")
+    assert len(meta["fine_label_names"]) == 100 and len(meta["coarse_label_names"]) == 20
+    meta = read("cifar-10-batches-py", "batches.meta")
+    assert meta["label_names"] == [f"class{c}" for c in range(10)] and meta["num_vis"] == 3072
+
+
+def test_fake_femnist_has_the_hub_columns(tmp_path):
+    """flwrlabs/femnist's features (a ClassLabel of the 62 characters, 8-character writer ids,
+    hsf_id 0..7), rows grouped by writer, dark strokes on a white page."""
+    import datasets
+
+    from fedpara.fakedata import FEMNIST_CLASSES
+
+    write_fake_femnist(tmp_path, n_writers=3, per_writer=4)
+    saved = datasets.load_from_disk(str(tmp_path / "femnist"))
+    features = saved.features
+    assert isinstance(features["character"], datasets.ClassLabel)
+    assert features["character"].names == FEMNIST_CLASSES and len(FEMNIST_CLASSES) == 62
+    assert features["writer_id"] == datasets.Value("string")
+    assert features["hsf_id"] == datasets.Value("int64")
+    assert isinstance(features["image"], datasets.Image)
+    assert saved["writer_id"] == ["f0000_10"] * 4 + ["f0001_11"] * 4 + ["f0002_12"] * 4
+    assert set(saved["hsf_id"]) <= set(range(8))
+    image = saved[0]["image"]
+    assert image.mode == "L" and image.size == (28, 28)
+    pixels = np.stack([np.asarray(row["image"]) for row in saved])
+    assert set(np.unique(pixels)) == {0, 255} and (pixels == 255).mean() > 0.5  # white page
