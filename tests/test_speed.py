@@ -476,14 +476,12 @@ def test_the_graph_check_compares_graphed_and_eager_in_both_precisions():
     assert bf16["graph_loss"] != fp32["graph_loss"]
 
 
-def test_the_throughput_benchmark_captures_no_graph_inside_a_timed_epoch(tmp_path, monkeypatch):
-    """On CUDA `task.train` takes a graph path's captured step from fedpara.graphed's cache,
-    which holds fewer captures than a full run has (model, graph path) pairs: one evicted would
-    be captured again inside a timed epoch. Here the cache is driven as `task.train` drives it
-    on CUDA, with the trainer's eager step (capture=False) on the CPU."""
+def _graph_captures_as_on_cuda(throughput, monkeypatch) -> list:
+    """Drive fedpara.graphed's cache as `task.train` does on CUDA (a graph path takes the
+    cached trainer for its batch shape), with the trainer's eager step on the CPU; the list
+    returned gets an entry for every trainer built (every capture). The cache starts empty."""
     from fedpara import graphed
 
-    throughput = _load_throughput()
     monkeypatch.setattr(graphed, "_CACHE", {})
     built = []
 
@@ -503,6 +501,18 @@ def test_the_throughput_benchmark_captures_no_graph_inside_a_timed_epoch(tmp_pat
         return epoch(model, batches, speed, device)
 
     monkeypatch.setattr(throughput, "epoch_seconds", as_on_cuda)
+    return built
+
+
+def test_the_throughput_benchmark_captures_no_graph_inside_a_timed_epoch(tmp_path, monkeypatch):
+    """On CUDA `task.train` takes a graph path's captured step from fedpara.graphed's cache,
+    which holds fewer captures than a full run has (model, graph path) pairs: one evicted would
+    be captured again inside a timed epoch. Here the cache is driven as `task.train` drives it
+    on CUDA, with the trainer's eager step (capture=False) on the CPU."""
+    from fedpara import graphed
+
+    throughput = _load_throughput()
+    built = _graph_captures_as_on_cuda(throughput, monkeypatch)
     record = throughput.main(["--device", "cpu", "--paths", "graph", "graph+bf16", "--gammas",
                               "0.1", "0.4", "--repeats", "3", "--samples", "4", "--batch", "4",
                               "--eval-samples", "4", "--threads", "1", "--cohort", "0",
@@ -809,27 +819,9 @@ def test_the_throughput_benchmark_counts_graphs_captured_inside_timed_epochs(tmp
     from fedpara import graphed
 
     throughput = _load_throughput()
-    monkeypatch.setattr(graphed, "_CACHE", {})
+    built = _graph_captures_as_on_cuda(throughput, monkeypatch)
     monkeypatch.setattr(graphed, "_CACHE_SIZE", 2)
     monkeypatch.setattr(throughput, "graph_cache", lambda trainers: contextlib.nullcontext())
-    built = []
-
-    class Counting(graphed.GraphedTrainer):
-        def __init__(self, *args, **kwargs):
-            built.append(1)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(graphed, "GraphedTrainer", Counting)
-    epoch = throughput.epoch_seconds
-
-    def as_on_cuda(model, batches, speed, device):  # as in the test above
-        if speed.graph:
-            shape = (batches.batch_size, *batches.x.shape[1:])
-            graphed.trainer_for(model, batches.x.new_empty(shape),
-                                batches.y.new_empty(shape[:1]), device=device, speed=speed)
-        return epoch(model, batches, speed, device)
-
-    monkeypatch.setattr(throughput, "epoch_seconds", as_on_cuda)
     record = throughput.main(["--device", "cpu", "--paths", "graph", "graph+bf16", "--gammas",
                               "0.1", "--repeats", "2", "--samples", "4", "--batch", "4",
                               "--eval-samples", "4", "--threads", "1", "--cohort", "0",
