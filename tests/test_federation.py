@@ -331,23 +331,29 @@ def test_a_client_trains_as_task_train_with_its_seed_lr_scale_and_proximal_keys(
     """pFedPara under FedProx: the client's seed for (seed, round, partition), its W2 factors
     at local_lr_scale times the rate, and FedProx pulling the global keys only (not the
     personal part it keeps)."""
-    from fedpara.messages import LOCAL, cohort_key
+    from fedpara.messages import LOCAL, METRICS, OWN_CORRECT, OWN_EXAMPLES, cohort_key
 
     config = smoke_config(fmnist_dir, algorithm="pfedpara", gamma=0.5, evaluation="clients",
                           client_samples=200, local_lr_scale=3.0, strategy="fedprox",
                           proximal_mu=1.0)
     model = task.init_model(config)
     global_keys, local_keys = task.split_keys(model, "pfedpara")
-    _, context = call_client(config, "train", task.get_arrays(model, global_keys),
-                             partition_id=1, server_round=2, proximal_mu=1.0)
+    content, context = call_client(config, "train", task.get_arrays(model, global_keys),
+                                   partition_id=1, server_round=2, proximal_mu=1.0)
     seed = task.client_seed(config.seed, 2, 1)
-    task.train(model, task.client_data(config, 1, seed=seed).train, epochs=config.local_epochs,
+    data = task.client_data(config, 1, seed=seed)
+    task.train(model, data.train, epochs=config.local_epochs,
                lr=0.05, seed=seed, lr_scale=task.lr_scales(model, config), proximal_mu=1.0,
                proximal_to=global_keys)
     kept = context.state[cohort_key(LOCAL, 1)].to_torch_state_dict()
     assert list(kept) == local_keys
     for key in local_keys:
         torch.testing.assert_close(kept[key], model.state_dict()[key], msg=key)
+    # its own score right after training: on its held-out data, not on what it trained on
+    own = task.evaluate(model, data.holdout)
+    metrics = content[METRICS]
+    assert (metrics[OWN_CORRECT], metrics[OWN_EXAMPLES]) == (own.correct, data.num_holdout)
+    assert data.num_holdout != data.num_train
 
 
 def test_personal_state_persists_between_rounds(fmnist_dir, call_client):
@@ -556,8 +562,10 @@ def test_resumed_run_equals_the_uninterrupted_run(pfedpara_run, tmp_path):
     checkpoint_path(tmp_path, 3).unlink()
     assert checkpoint_path(tmp_path, 2).exists()
 
+    trained = []
     resumed = run_experiment(config.replace(checkpoint_dir=str(tmp_path)), resume=True,
-                             progress=False)
+                             progress=False, on_round=lambda r, _: trained.append(r.round))
+    assert trained == [3]  # a run from scratch would give the same rows: it must not be one
 
     def rows(history):
         return [{k: getattr(r, k) for k in ROUNDS_COMPARED} for r in history.records]
@@ -634,3 +642,19 @@ def test_a_run_that_cannot_start_is_refused_before_ray_starts(fmnist_dir, tmp_pa
     save_checkpoint(other, 1, {}, {}, set(), History(config=other.to_dict()))
     with pytest.raises(ForeignCheckpoints, match="fields lr differ"):
         run_experiment(config, progress=False)
+    mutated = smoke_config(fmnist_dir)
+    object.__setattr__(mutated, "rounds", 0)  # a frozen config changed by hand after its checks
+    with pytest.raises(ValueError, match="rounds"):
+        run_experiment(mutated, progress=False)
+
+
+def test_each_client_reserves_the_configured_cpus_and_gpus():
+    from fedpara.experiment import backend_config
+
+    config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke", device="cpu",
+                        client_num_cpus=2.0, client_num_gpus=0.5)
+    backend = backend_config(config)
+    assert backend["client_resources"] == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert backend_config(config.replace(client_num_gpus=0.0))["client_resources"] == {
+        "num_cpus": 2.0, "num_gpus": 0.0}  # a CPU run reserves no GPU
+    assert backend["init_args"]["logging_level"] == "ERROR"

@@ -238,7 +238,9 @@ def test_the_servers_mean_is_bit_for_bit_flowers_on_float64_replies(fmnist_dir, 
     shuffled order, two rounds (the server optimizers' state carries over)."""
     from fedpara.server_app import FedParaStrategy, flower_strategy
 
-    settings = {"fedprox": {"proximal_mu": 0.1}, "fedavgm": {"server_momentum": 0.9},
+    settings = {"fedprox": {"proximal_mu": 0.1},
+                # a rate below 1: the step depends on the arrays FedAvgM steps from
+                "fedavgm": {"server_momentum": 0.9, "server_lr": 0.5},
                 "fedadam": {"server_lr": 0.05}, "fedyogi": {"server_lr": 0.05}}.get(strategy, {})
     defaults = dict(proximal_mu=0.0, server_lr=1.0, server_momentum=0.0)
     config = strategy_config(fmnist_dir).replace(strategy=strategy,
@@ -303,6 +305,19 @@ def test_the_server_average_refuses_missing_or_disagreeing_replies_and_rounds_in
         weighted_mean([state, {**state, "w": torch.ones(1)}], [1, 1])
     with pytest.raises(ValueError, match=r"examples must sum to more than 0, got \[0\]"):
         weighted_mean([state], [0])
+
+
+def test_a_clients_training_error_fails_the_round_with_its_reason(identity):
+    from flwr.app import Error
+
+    from fedpara.server_app import FedParaStrategy
+
+    server = FedParaStrategy(ExperimentConfig())
+    [ok, asked] = _replies([{"w": torch.ones(2)}] * 2, [1, 1])
+    failed = Message(Error(code=0, reason="CUDA out of memory"), reply_to=asked)
+    with pytest.raises(RuntimeError, match="1 client.*failed during training in round 4: "
+                                           "node .*CUDA out of memory"):
+        server.aggregate_train(4, [ok, failed])
 
 
 def test_client_evaluation_pools_correct_predictions_and_examples_over_clients(identity):
@@ -440,12 +455,24 @@ def test_a_resumed_run_continues_the_servers_optimizer(fmnist_dir, identity, tmp
     assert state["strategy"]  # momentum or moments, by global key
     assert all(set(v) == set(state["global"]) for v in state["strategy"].values())
     checkpoint_path(tmp_path, 3).unlink()
-    resumed, _ = run_in_process(config, resume=True)
+    resumed, grid = run_in_process(config, resume=True)
+    assert {m.metadata.group_id for m in grid.sent if m.metadata.message_type == "train"} == {"3"}
     assert [r.accuracy for r in resumed.records] == [r.accuracy for r in uninterrupted.records]
     assert [r.train_loss for r in resumed.records] == [r.train_loss for r in uninterrupted.records]
+    assert [r.cum_bytes for r in resumed.records] == [r.cum_bytes for r in uninterrupted.records]
     final = torch.load(checkpoint_path(tmp_path, 3), weights_only=True)
     for key, value in state["global"].items():
         assert torch.equal(final["global"][key], value)
+
+
+def test_the_last_round_is_checkpointed_whatever_checkpoint_every(fmnist_dir, identity, tmp_path,
+                                                                 one_thread):
+    from fedpara.checkpoints import checkpoint_path
+
+    config = strategy_config(fmnist_dir, variant="fedpara-fedprox", rounds=3, checkpoint_every=2,
+                             checkpoint_dir=str(tmp_path), eval_samples=200, client_samples=100)
+    run_in_process(config)
+    assert [checkpoint_path(tmp_path, r).exists() for r in (1, 2, 3)] == [False, True, True]
 
 
 # the cohort engine -------------------------------------------------------------------------------
@@ -506,8 +533,9 @@ def test_one_node_holding_every_partition_runs_the_federation_of_one_node_each(
         for p, arrays in first_state["local"].items():  # pFedPara: each partition's own W2
             for key, value in arrays.items():
                 assert torch.equal(state["local"][p][key], value)
-    if config.personalized:
-        assert first_state["local"]
+    if config.personalized:  # the personal arrays of the clients that have trained, no others
+        assert first_state["local"] and set(first_state["local"]) == set(first_state["trained"])
+        assert len(first_state["trained"]) < config.num_clients
 
 
 def test_a_resumed_run_restores_each_partitions_state_on_a_shared_node(
@@ -560,6 +588,21 @@ def test_node_discovery_checks_that_the_nodes_hold_each_partition_once(fmnist_di
     grid.contexts[100].node_config["partitions-held"] = n + 1
     with pytest.raises(ValueError, match=f"partitions-held={n + 1}.*must lie in 0..{n - 1}"):
         FedParaStrategy(config).discover_nodes(grid, timeout=0.1)
+    # a node of a federation of another size: refused by the server when it reports it, and
+    # by the client when a message of this experiment reaches it
+    grid = InProcessGrid(n + 1)
+    with pytest.raises(ValueError, match=f"reports num-partitions={n + 1}.*num_clients={n}"):
+        FedParaStrategy(config).discover_nodes(grid, timeout=0.1)
+    from flwr.app import ConfigRecord
+
+    from fedpara.client_app import app
+    from fedpara.messages import ADDRESS, EXPERIMENT
+
+    content = RecordDict({EXPERIMENT: ConfigRecord(config.to_run_config()),
+                          ADDRESS: ConfigRecord({PARTITION_ID: 0}), ARRAYS: ArrayRecord()})
+    with pytest.raises(ValueError, match=f"this node has num-partitions={n + 1}"):
+        app(Message(content=content, dst_node_id=100, message_type="evaluate"),
+            grid.contexts[100])
 
 
 def test_exchange_waits_for_every_reply_however_they_are_pulled(fmnist_dir, identity,
@@ -603,3 +646,71 @@ def test_a_message_for_a_partition_the_node_does_not_hold_is_refused(fmnist_dir,
                                          "partitions 0..1"):
         app(Message(content=content, dst_node_id=100, message_type="evaluate"),
             grid.contexts[100])
+
+
+def test_the_sample_is_exact_sorted_and_a_function_of_seed_and_round():
+    """Without a simulation (test_federation's check of it needs Ray's smoke run): exactly
+    clients_per_round distinct partitions, sorted, the same for the same (seed, round), other
+    ones for another round or another seed."""
+    from fedpara.server_app import FedParaStrategy
+
+    config = ExperimentConfig(num_clients=100, clients_per_round=16, rounds=50, seed=3)
+    samples = [FedParaStrategy(config).sample(r) for r in range(1, 51)]
+    assert all(len(set(s)) == len(s) == 16 and s == sorted(s) for s in samples)
+    assert all(0 <= p < 100 for s in samples for p in s)
+    assert samples == [FedParaStrategy(config).sample(r) for r in range(1, 51)]
+    assert len({tuple(s) for s in samples}) > 40  # the round changes the sample
+    other = FedParaStrategy(config.replace(seed=4))
+    assert sum(other.sample(r) != s for r, s in enumerate(samples, start=1)) > 40  # the seed too
+
+
+def test_own_accuracy_after_training_pools_hits_over_the_trained_clients(identity):
+    """accuracy_after_training is hits over examples of every trained client (as evaluation's
+    accuracy), not the mean of the clients' accuracies; the per-client values in partition
+    order, NaN for a client without held-out data."""
+    from fedpara.messages import OWN_CORRECT, OWN_EXAMPLES
+    from fedpara.server_app import FedParaStrategy
+
+    server = FedParaStrategy(ExperimentConfig())
+    replies = _replies([{"w": torch.ones(2)}] * 3, [10, 10, 10])
+    for reply, (k, n) in zip(replies, ((90, 100), (10, 300), (0, 0)), strict=True):
+        reply.content[METRICS][OWN_CORRECT], reply.content[METRICS][OWN_EXAMPLES] = k, n
+    _, fields = server.aggregate_train(1, replies[::-1])
+    assert fields["accuracy_after_training"] == pytest.approx(100 / 400)  # not (0.9 + 1/30) / 2
+    per_client = fields["client_accuracy_after_training"]
+    assert per_client[:2] == pytest.approx([0.9, 10 / 300]) and np.isnan(per_client[2])
+    assert server.trained == {0, 1, 2}
+
+
+def test_a_personalized_runs_records_match_the_messages_it_sent(fmnist_dir, identity, one_thread):
+    """A pFedPara run through the real apps in-process (test_federation checks these fields in
+    Ray's simulation only): each round's clients are the (seed, round) sample and are told
+    that round's learning rate; traffic is counted per client each way, client evaluation's
+    downloads apart, and cumulated; the clients scored are those that have trained so far, the
+    others are counted as untrained."""
+    from fedpara.accounting import payload_bytes
+    from fedpara.messages import ADDRESS, LR
+    from fedpara.server_app import FedParaStrategy
+
+    config = get_preset("fmnist-personal", variant="pfedpara", profile="smoke", device="cpu",
+                        data_dir=str(fmnist_dir), rounds=3, client_samples=150, lr_decay=0.5)
+    history, grid = run_in_process(config)
+    payload = payload_bytes(task.init_model(config), "pfedpara")
+    sampler = FedParaStrategy(config)
+    trained, cum = set(), 0
+    for r in history.records:
+        sent = [m for m in grid.sent if m.metadata.group_id == str(r.round)]
+        training = [m for m in sent if m.metadata.message_type == "train"]
+        scoring = [m for m in sent if m.metadata.message_type == "evaluate"]
+        assert r.clients == sampler.sample(r.round) == [
+            int(m.content[ADDRESS][PARTITION_ID]) for m in training]
+        assert [m.content[ROUND][LR] for m in training] == [config.lr * 0.5 ** (r.round - 1)] * 2
+        trained.update(r.clients)
+        assert [int(m.content[ADDRESS][PARTITION_ID]) for m in scoring] == sorted(trained)
+        assert r.scored_clients == sorted(trained) and r.eval_clients == len(trained)
+        assert r.untrained_clients == config.num_clients - len(trained) > 0
+        assert r.bytes_up == r.bytes_down == len(r.clients) * payload
+        assert r.eval_bytes_down == len(trained) * payload
+        cum += r.bytes_up + r.bytes_down
+        assert r.cum_bytes == cum
+    assert len(trained) > len(history.records[0].clients)  # later rounds scored more clients
