@@ -36,6 +36,21 @@ def _batches(client, i):
     return TensorBatches(*client, 16, shuffle=True, generator=torch.Generator().manual_seed(i))
 
 
+def _eager_trainer(base, client, speed=task.PLAIN, **settings) -> GraphedTrainer:
+    """A graphed trainer for `base` on a client's batch shape, its step run eagerly (CPU)."""
+    return GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu", speed=speed,
+                          capture=False, **settings)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def _assert_same_parameters(model, reference, rtol=1e-10, atol=1e-12):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=name)
+
+
 @pytest.mark.parametrize("parameterization", ["fedpara", "original"])
 @pytest.mark.parametrize("proximal_mu", [0.0, 0.1])
 def test_clients_trained_together_equal_clients_trained_apart(parameterization, proximal_mu):
@@ -50,9 +65,7 @@ def test_clients_trained_together_equal_clients_trained_apart(parameterization, 
     for i in range(len(SIZES)):
         assert got[i].num_examples == expected[i].num_examples == SIZES[i]
         assert got[i].loss == pytest.approx(expected[i].loss, rel=1e-6)
-        for (name, p), q in zip(together[i].named_parameters(), apart[i].parameters(),
-                                strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+        _assert_same_parameters(together[i], apart[i], rtol=1e-12)
     # and the clients really trained, each its own way
     assert not torch.equal(next(together[0].parameters()), next(together[1].parameters()))
 
@@ -89,8 +102,7 @@ def test_both_engines_refuse_an_lr_scale_task_train_refuses(lr_scale, message):
         train_cohort([copy.deepcopy(base)], [_batches(client, 0)], epochs=1, lr=0.1,
                      lr_scale=lr_scale)
     with pytest.raises(ValueError, match=message):
-        GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu", speed=task.PLAIN,
-                       lr_scale=lr_scale, capture=False)
+        _eager_trainer(base, client, lr_scale=lr_scale)
 
 
 def test_every_engine_refuses_proximal_names_the_model_lacks():
@@ -105,8 +117,7 @@ def test_every_engine_refuses_proximal_names_the_model_lacks():
         train_cohort([copy.deepcopy(base)], [_batches(client, 0)], epochs=1, lr=0.1,
                      proximal_mu=0.1, proximal_to=wrong)
     with pytest.raises(ValueError, match=message):
-        GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu", speed=task.PLAIN,
-                       proximal_mu=0.1, proximal_to=wrong, capture=False)
+        _eager_trainer(base, client, proximal_mu=0.1, proximal_to=wrong)
 
 
 def test_a_refused_setting_leaves_the_model_and_the_generator_as_they_were():
@@ -134,8 +145,7 @@ def test_a_name_given_twice_in_proximal_to_is_one_term():
             next(model.parameters()).add_(0.5)
         task.train(model, _batches(client, 0), epochs=1, lr=0.1, seed=3, proximal_mu=0.5,
                    proximal_to=anchored)
-    for p, q in zip(once.parameters(), twice.parameters(), strict=True):
-        assert torch.equal(p, q)
+    assert _same(once, twice)
 
 
 def test_a_cohort_refuses_models_it_would_train_differently():
@@ -187,8 +197,7 @@ def test_the_graphed_step_run_eagerly_is_task_train(parameterization):
         loss, seen = trainer.train(model, _batches(client, i), epochs=2, lr=0.1, seed=i)
         assert seen == 2 * SIZES[i]
         assert loss == pytest.approx(expected.loss, rel=1e-6)
-        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+        _assert_same_parameters(model, reference)
     with pytest.raises(ValueError, match="CUDA"):
         GraphedTrainer(base, x0, y0, device="cpu", speed=task.PLAIN, capture=True)
 
@@ -201,8 +210,7 @@ def test_a_graphed_trainer_refuses_a_model_of_other_settings_or_dtype():
                            gamma=0.1, nonlinear=nonlinear).to(dtype)
 
     client = _clients()[0]
-    trainer = GraphedTrainer(fedpara(False), client[0][:16], client[1][:16], device="cpu",
-                             speed=task.PLAIN, capture=False)
+    trainer = _eager_trainer(fedpara(False), client)
     for model in (fedpara(True), fedpara(False, torch.float32)):
         with pytest.raises(ValueError, match="not of the architecture this trainer captured"):
             trainer.train(model, _batches(client, 0), epochs=1, lr=0.1)
@@ -222,10 +230,6 @@ def test_trainer_for_reads_proximal_names_given_as_an_iterator_once(monkeypatch)
     assert again is first  # the same names, so the same cached trainer
 
 
-def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-
-
 def test_a_seed_fixes_dropout_in_every_engine():
     """VGG's dropout: the same seed gives the same masks, in each engine (the eager graphed
     step draws the ones task.train draws; a cohort draws its own, but reproducibly)."""
@@ -233,8 +237,7 @@ def test_a_seed_fixes_dropout_in_every_engine():
     base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 32),
                                torch.nn.Dropout(0.5), torch.nn.Linear(32, 10)).double()
     client = _clients()[1]
-    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu",
-                             speed=task.PLAIN, capture=False)
+    trainer = _eager_trainer(base, client)
 
     def apart(seed):
         model = copy.deepcopy(base)
@@ -270,16 +273,14 @@ def test_a_cohort_takes_task_trains_lr_scale_and_proximal_names():
     train_cohort(together, [_batches(c, i) for i, c in enumerate(clients)], epochs=2, lr=0.1,
                  seeds=[3] * 3, **settings)
     for a, b in zip(together, apart, strict=True):
-        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+        _assert_same_parameters(a, b, rtol=1e-12)
 
 
 def test_a_graphed_trainer_anchors_fedprox_at_each_clients_own_start():
     """One trainer serves round after round: FedProx pulls each client towards the weights it
     started from (that round's global model), not towards the template's."""
     base, client = _model("original"), _clients()[0]
-    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu",
-                             speed=task.PLAIN, proximal_mu=0.5, capture=False)
+    trainer = _eager_trainer(base, client, proximal_mu=0.5)
     generator = torch.Generator().manual_seed(4)
     for moved in (False, True):
         start = copy.deepcopy(base)
@@ -290,8 +291,7 @@ def test_a_graphed_trainer_anchors_fedprox_at_each_clients_own_start():
         reference, model = copy.deepcopy(start), copy.deepcopy(start)
         task.train(reference, _batches(client, 0), epochs=1, lr=0.1, seed=1, proximal_mu=0.5)
         trainer.train(model, _batches(client, 0), epochs=1, lr=0.1, seed=1)
-        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+        _assert_same_parameters(model, reference)
 
 
 def test_trainer_for_keeps_one_trainer_per_step_setting(monkeypatch):
@@ -334,8 +334,7 @@ def test_the_graphed_step_carries_buffers_in_and_out():
     base = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4),
                                torch.nn.Flatten(), torch.nn.Linear(400, 10)).double()
     client = _clients()[0]
-    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu",
-                             speed=task.PLAIN, capture=False)
+    trainer = _eager_trainer(base, client)
     start = copy.deepcopy(base)
     start[1].running_mean.fill_(0.5)  # a later round's statistics, not the template's
     reference, model = copy.deepcopy(start), copy.deepcopy(start)
@@ -350,8 +349,7 @@ def test_the_graphed_step_takes_task_trains_bf16_autocast():
     """`speed.bf16` autocasts the trainer's step as it does task.train's (float32 weights)."""
     base, client = _model("fedpara", torch.float32), _clients(torch.float32)[0]
     bf16 = task.Speed(bf16=True)
-    trainer = GraphedTrainer(base, client[0][:16], client[1][:16], device="cpu", speed=bf16,
-                             capture=False)
+    trainer = _eager_trainer(base, client, speed=bf16)
     reference, model, plain = (copy.deepcopy(base) for _ in range(3))
     expected = task.train(reference, _batches(client, 0), epochs=1, lr=0.1, seed=1, speed=bf16)
     fp32 = task.train(plain, _batches(client, 0), epochs=1, lr=0.1, seed=1)
