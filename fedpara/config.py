@@ -85,7 +85,7 @@ _ALLOWED = {
 # fields describe the same experiment (a stored history counts, a checkpoint resumes).
 EXECUTION_FIELDS = frozenset({
     "data_dir", "device", "results_dir", "checkpoint_dir", "checkpoint_every",
-    "client_num_cpus", "client_num_gpus", "fast_batches", "engine",
+    "client_num_cpus", "client_num_gpus", "fast_batches", "engine", "round_timeout",
 })
 
 
@@ -146,6 +146,11 @@ class ExperimentConfig:
     # 0 with device cuda: one client on the GPU at a time, back to back in one Ray worker (the
     # default; book/performance.md); a fraction f runs up to 1/f clients side by side on it
     client_num_gpus: float = 0.0
+    # seconds a client has to answer each message of a round (training, then client evaluation)
+    # before the run stops with its error; it is each message's time to live in Flower, so a
+    # ClientApp that hangs under a live SuperNode cannot hold a round for long. 0 = Flower's
+    # default time to live (12 hours). A resumed run may set another value.
+    round_timeout: float = 0.0
     checkpoint_dir: str = ""  # "" = no checkpoints
     checkpoint_every: int = 10  # rounds between checkpoints
     results_dir: str = "results"  # where a `flwr run` ServerApp saves its history
@@ -241,6 +246,9 @@ class ExperimentConfig:
             raise ValueError(f"client_num_cpus={self.client_num_cpus} must be a finite number > 0")
         if not (math.isfinite(self.client_num_gpus) and self.client_num_gpus >= 0):
             raise ValueError(f"client_num_gpus={self.client_num_gpus} must be a finite number >= 0")
+        if not (math.isfinite(self.round_timeout) and self.round_timeout >= 0):
+            raise ValueError(f"round_timeout={self.round_timeout} must be a finite number of "
+                             f"seconds >= 0 (0 = Flower's default time to live, 12 hours)")
         if self.profile not in PROFILES:
             raise ValueError(f"profile={self.profile!r}; allowed: {', '.join(PROFILES)}")
 

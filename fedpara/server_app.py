@@ -55,6 +55,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as flower
 from torch import Tensor
@@ -165,11 +166,37 @@ def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
 
 
-def _raise_errors(replies: list[Message], what: str) -> None:
+def _raise_errors(replies: list[Message], what: str, round_timeout: float = 0.0) -> None:
+    """Stop the run if any reply is an error, naming each node and Flower's reason; a message
+    that found no reply within its time to live (`round_timeout`, else Flower's 12 hours) says
+    so."""
     failed = [m for m in replies if m.has_error()]
     if failed:
-        reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+        # the same reason once, with its senders (an expired message's error reply comes from
+        # the SuperLink itself, one per message that went unanswered)
+        senders: dict[str, list[str]] = {}
+        for m in failed:
+            node = m.metadata.src_node_id
+            sender = "the SuperLink" if node == SUPERLINK_NODE_ID else f"node {node}"
+            senders.setdefault(m.error.reason + _expired_hint(m, round_timeout), []).append(sender)
+        reasons = "; ".join(f"{_count(names)}: {reason}" for reason, names in senders.items())
         raise RuntimeError(f"{len(failed)} client(s) failed during {what}: {reasons}")
+
+
+def _count(names: list[str]) -> str:
+    """'node 3, node 5' or '4 × the SuperLink'."""
+    if len(set(names)) == 1 and len(names) > 1:
+        return f"{len(names)} × {names[0]}"
+    return ", ".join(names)
+
+
+def _expired_hint(reply: Message, round_timeout: float) -> str:
+    if reply.error.code != ErrorCode.MESSAGE_UNAVAILABLE:
+        return ""
+    limit = (f"round-timeout={round_timeout:g} s" if round_timeout
+             else "Flower's default time to live, 12 hours (round-timeout=0)")
+    return (f" [no reply within {limit}; with checkpoint-dir set, resume=true continues from "
+            f"the last checkpoint]")
 
 
 def flower_strategy(config: ExperimentConfig) -> flower.FedAvg:
@@ -248,7 +275,8 @@ class FedParaStrategy:
         content = RecordDict({EXPERIMENT: ConfigRecord(self.config.to_run_config()),
                               ADDRESS: ConfigRecord({PARTITION_ID: partition_id}), **records})
         return Message(content=content, dst_node_id=self.nodes[partition_id],
-                       message_type=message_type, group_id=str(server_round))
+                       message_type=message_type, group_id=str(server_round),
+                       ttl=self.config.round_timeout or None)
 
     def sample(self, server_round: int) -> list[int]:
         """The partitions that train in `server_round`: a function of (seed, round) only."""
@@ -298,7 +326,8 @@ class FedParaStrategy:
         replies = list(replies)
         if not replies:
             raise RuntimeError(f"no client replied to the training of round {server_round}")
-        _raise_errors(replies, f"training in round {server_round}")
+        _raise_errors(replies, f"training in round {server_round}",
+                      self.config.round_timeout)
         replies.sort(key=lambda m: int(m.content[METRICS][PARTITION_ID]))
         contents = [m.content for m in replies]
         examples = [float(c[METRICS][NUM_EXAMPLES]) for c in contents]
@@ -366,7 +395,8 @@ class FedParaStrategy:
     def split_cohort(self, replies: list[Message], server_round: int) -> list[Message]:
         """A cohort's one reply as the per-client replies it stands for (what the strategy
         aggregates and the traffic counts)."""
-        _raise_errors(replies, f"cohort training in round {server_round}")
+        _raise_errors(replies, f"cohort training in round {server_round}",
+                      self.config.round_timeout)
         content = replies[0].content
         return [
             Message(content=RecordDict({ARRAYS: content[cohort_key(ARRAYS, p)],
@@ -390,7 +420,8 @@ class FedParaStrategy:
         """Held-out accuracy and loss over clients, weighted by their examples, and the
         per-client accuracies: the round's `RoundRecord` fields."""
         replies = list(replies)
-        _raise_errors(replies, f"evaluation in round {server_round}")
+        _raise_errors(replies, f"evaluation in round {server_round}",
+                      self.config.round_timeout)
         metrics = sorted((m.content[METRICS] for m in replies), key=lambda m: m[PARTITION_ID])
         examples = sum(int(m[NUM_EXAMPLES]) for m in metrics)
         scored = [m for m in metrics if int(m[NUM_EXAMPLES]) > 0]
@@ -504,7 +535,7 @@ class FedParaStrategy:
             return {}
         queries = [self._message(p, QUERY_GET_LOCAL, {}, 0) for p in sorted(self.trained)]
         replies = exchange(grid, queries)
-        _raise_errors(replies, "checkpointing")
+        _raise_errors(replies, "checkpointing", self.config.round_timeout)
         return {int(r.content[METRICS][PARTITION_ID]): r.content[LOCAL].to_torch_state_dict()
                 for r in replies}
 
@@ -513,7 +544,8 @@ class FedParaStrategy:
         queries = [self._message(p, QUERY_SET_LOCAL, {LOCAL: ArrayRecord(dict(arrays))}, 0)
                    for p, arrays in sorted(local.items())]
         if queries:
-            _raise_errors(exchange(grid, queries), "restoring client state")
+            _raise_errors(exchange(grid, queries), "restoring client state",
+                          self.config.round_timeout)
 
 
 # the run -----------------------------------------------------------------------------------

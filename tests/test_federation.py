@@ -98,6 +98,8 @@ def test_presets_follow_the_papers_protocol():
     (dict(client_num_cpus=float("nan")), "client_num_cpus"),
     (dict(client_num_gpus=float("inf")), "client_num_gpus"),
     (dict(seed=2**63), "seed"),  # a Flower run config holds signed 64-bit integers
+    (dict(round_timeout=-1.0), "round_timeout=-1.0 must be a finite number of seconds >= 0"),
+    (dict(round_timeout=float("inf")), "round_timeout"),  # a TTL Flower could not store
     (dict(partition="natural"), "partition='natural'.*iid, dirichlet, shard"),  # no writers
     (dict(dataset="cifar10", model="mlp", partition="natural"), "partition"),
     (dict(dataset="mnist", model="vgg16"), "model='vgg16' needs 32×32.*cifar10, cifar100"),
@@ -608,6 +610,19 @@ def test_mean_accuracy_skips_unscored_rounds_and_short_histories(tmp_path):
     history.records[-1].train_loss = float("-inf")
     again = History.load(history.save(tmp_path / "h.json")).records[-1]
     assert math.isnan(again.parameter_change["head.x1"]) and math.isnan(again.train_loss)
+
+
+def test_a_round_that_outlasts_round_timeout_stops_the_run_with_flowers_error(fmnist_dir):
+    """round_timeout is each message's time to live in Flower: a client that has not answered
+    by then gets Flower's own error reply from the SuperLink, and the run stops with it (not
+    after Flower's 12 hours). A Ray client cannot even start in 0.2 s, so round 1 times out."""
+    from fedpara.experiment import run_experiment
+
+    config = smoke_config(fmnist_dir, rounds=1, round_timeout=0.2)
+    with pytest.raises(RuntimeError, match=r"2 client\(s\) failed during "
+                       r"training in round 1: 2 × the SuperLink: Error: Message Unavailable.*"
+                       r"\[no reply within round-timeout=0.2 s"):
+        run_experiment(config, progress=False)
 
 
 @pytest.mark.parametrize("device", ["cuda:1", "cuda:3"])

@@ -316,8 +316,37 @@ def test_a_clients_training_error_fails_the_round_with_its_reason(identity):
     [ok, asked] = _replies([{"w": torch.ones(2)}] * 2, [1, 1])
     failed = Message(Error(code=0, reason="CUDA out of memory"), reply_to=asked)
     with pytest.raises(RuntimeError, match="1 client.*failed during training in round 4: "
-                                           "node .*CUDA out of memory"):
+                                           "node 11: CUDA out of memory$"):
         server.aggregate_train(4, [ok, failed])
+
+
+def test_errors_are_grouped_by_reason_and_an_expired_message_names_round_timeout(identity):
+    """The SuperLink answers each message that outlived its time to live with Flower's
+    MESSAGE_UNAVAILABLE error, itself as the sender: one line for all of them, naming the
+    limit; other errors keep their nodes."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    from fedpara.server_app import _raise_errors
+
+    def error(node, code, reason):
+        asked = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+        return Message(Error(code=code, reason=reason), reply_to=asked)
+
+    unavailable = "Error: Message Unavailable"
+    replies = [error(7, 2, "CUDA out of memory"), error(8, 2, "CUDA out of memory"),
+               error(SUPERLINK_NODE_ID, ErrorCode.MESSAGE_UNAVAILABLE, unavailable),
+               error(SUPERLINK_NODE_ID, ErrorCode.MESSAGE_UNAVAILABLE, unavailable)]
+    expected = ("4 client(s) failed during training in round 2: node 7, node 8: CUDA out of "
+                "memory; 2 × the SuperLink: Error: Message Unavailable [no reply within "
+                "round-timeout=45 s; with checkpoint-dir set, resume=true continues from the "
+                "last checkpoint]")
+    with pytest.raises(RuntimeError) as raised:
+        _raise_errors(replies, "training in round 2", 45.0)
+    assert str(raised.value) == expected
+    with pytest.raises(RuntimeError, match=r"within Flower's default time to live, 12 hours "
+                                           r"\(round-timeout=0\)"):
+        _raise_errors(replies[2:], "evaluation in round 1")
 
 
 def test_client_evaluation_pools_correct_predictions_and_examples_over_clients(identity):
@@ -548,8 +577,20 @@ def test_a_resumed_run_restores_each_partitions_state_on_a_shared_node(
     blocks = [config.num_clients]
     uninterrupted, _ = run_in_process(config, blocks)
     checkpoint_path(tmp_path, 3).unlink()
-    resumed, grid = run_in_process(config, blocks, resume=True)  # a fresh node: no state
+    # a fresh node (no state), and a round_timeout the first run did not have (where and how
+    # a run executes may change on resume)
+    resumed, grid = run_in_process(config.replace(round_timeout=45.0), blocks, resume=True)
     same_rounds(uninterrupted, resumed)
+    # round_timeout is the time to live of every message of a round, whatever it asks
+    from flwr.app.constants import DEFAULT_TTL
+
+    from fedpara.messages import QUERY_PARTITION
+
+    ttl = {m.metadata.message_type: m.metadata.ttl for m in grid.sent}
+    assert ttl == {QUERY_PARTITION: DEFAULT_TTL, "query.set_local": 45.0, "train": 45.0,
+                   "evaluate": 45.0, "query.get_local": 45.0}
+    _, first = run_in_process(config.replace(rounds=1, checkpoint_dir=""))  # 0: the default
+    assert {m.metadata.ttl for m in first.sent} == {DEFAULT_TTL}
 
 
 def test_a_run_that_cannot_start_is_refused_before_any_node_is_asked(fmnist_dir, identity,
