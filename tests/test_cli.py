@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -41,7 +42,11 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
     assert f"-> {path.resolve()}" in done.stdout  # says where the history went, in full
     # checkpoints went to the default place, so --resume can pick them up
     assert list((tmp_path / "checkpoints" / "fmnist-noniid" / "fedpara-smoke").glob("round-*.pt"))
-    assert "round" in done.stderr  # the progress bar (tqdm writes to stderr)
+    # the progress bar (tqdm writes to stderr): the run's name, every round, the last accuracy
+    bar = (rf"fmnist-noniid/fedpara: 100%\|.*\| {config.rounds}/{config.rounds} \[.*round, "
+           rf"GiB={history.records[-1].cum_bytes / 2**30:.4f}, ")
+    final = f"acc={history.final_accuracy:.4f}"
+    assert re.search(bar + re.escape(final), done.stderr), done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args, messages", [
@@ -73,6 +78,12 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
 ])
 def test_bad_config_exits_with_status_2_before_loading_data(args, messages, tmp_path, capsys,
                                                             monkeypatch):
+    import fedpara.experiment
+
+    def no_run(*args, **kwargs):  # a bad config let through fails here, not minutes later
+        raise AssertionError("the run was started")
+
+    monkeypatch.setattr(fedpara.experiment, "run_experiment", no_run)
     monkeypatch.chdir(tmp_path)
     assert main(["--preset", "fmnist-noniid", *args]) == 2
     err = capsys.readouterr().err
