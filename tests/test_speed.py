@@ -860,6 +860,48 @@ def test_the_layer_benchmark_counts_a_steps_multiply_adds():
                       "compose_fraction": compose / conv}
 
 
+def test_the_layer_benchmark_divides_by_steps_and_pairs_its_ratios_by_repeat(tmp_path,
+                                                                            monkeypatch):
+    """A fake clock that each training step advances by its variant's cost in that repeat: the
+    record's per-step seconds are the costs (the repeat's time / --steps), and the three ratios
+    are the ratio of medians, the median of the per-repeat ratios and the ratio of minima."""
+    import types
+
+    overhead = _load_benchmark("layer_overhead")
+    costs = {"original": [1.0, 2.0, 4.0], "fedpara": [1.2, 3.0, 5.0]}  # seconds per step
+    clock, calls = [0.0], {v: 0 for v in costs}
+
+    def step(model, opt, x, y, bf16):
+        calls[model.variant] += 1  # call 1 is the warm-up; then --steps calls per repeat
+        if calls[model.variant] > 1:
+            clock[0] += costs[model.variant][(calls[model.variant] - 2) // 2]
+
+    def build(variant, gamma, device, channels_last):
+        model = torch.nn.Linear(1, 1)
+        model.variant = variant
+        return model, None
+
+    monkeypatch.setattr(overhead, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(overhead, "step", step)
+    monkeypatch.setattr(overhead, "build", build)
+    monkeypatch.setattr(overhead, "memory_alone",
+                        lambda v, args, x, y: {"peak_bytes": {"original": 100, "fedpara": 80}[v]})
+    monkeypatch.setattr(overhead, "multiply_adds", lambda model, x: {})
+    monkeypatch.setattr(overhead, "arithmetic_rates", lambda model, x, device: {})
+    monkeypatch.setattr(overhead, "compose_seconds", lambda layers, how, device: 0.0)
+    record = overhead.main(["--repeats", "3", "--steps", "2", "--batch", "2", "--device", "cpu",
+                            "--variants", "original", "fedpara", "--out", str(tmp_path / "o.json")])
+    assert calls == {"original": 7, "fedpara": 7}
+    for v, cost in costs.items():
+        assert record["step_seconds"][v] == pytest.approx(cost)
+    assert record["median_step_seconds"] == pytest.approx({"original": 2.0, "fedpara": 3.0})
+    assert record["time_ratio"] == {"fedpara": pytest.approx(3.0 / 2.0)}
+    assert record["time_ratio_paired_median"] == {"fedpara": pytest.approx(1.25)}  # 1.2, 1.5, 1.25
+    assert record["time_ratio_of_minima"] == {"fedpara": pytest.approx(1.2)}
+    assert record["memory_ratio"] == {"fedpara": pytest.approx(0.8)}
+    assert json.loads((tmp_path / "o.json").read_text())["step_seconds"] == record["step_seconds"]
+
+
 def test_layer_overheads_json_replaces_a_file_without_writing_into_it(tmp_path):
     """The benchmarks' records are written aside and renamed over the old file (a run stopped
     mid-write leaves the previous record): another link to the old file keeps its contents."""
