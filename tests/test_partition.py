@@ -252,6 +252,25 @@ def test_too_small_dirichlet_alpha_says_to_raise_it():
     assert "raise alpha" in msg and "too many clients" not in msg
 
 
+@pytest.mark.parametrize("min_size, advice", [
+    (8, "raise alpha"), (9, "raise alpha"), (10, "too many clients")])
+def test_dirichlet_advice_turns_at_the_smallest_equal_share(min_size, advice):
+    """3 classes of 7 over 2 clients: flwr-datasets' rounded-down equal shares give each class
+    3 and 4, so the smaller client holds 9. A client may hold exactly the minimum, so for a
+    minimum of 9 more even shares (a larger alpha) can still succeed; for 10 they cannot."""
+    from fedpara.partition import _dirichlet_failed
+
+    labels = np.repeat(np.arange(3), 7)
+    message = str(_dirichlet_failed(labels, 2, 0.01, min_size))
+    assert f"at least {min_size} of the 21 samples with alpha=0.01" in message
+    assert advice in message
+    if advice == "raise alpha":
+        assert "too many clients" not in message
+    else:
+        assert "equal shares of each class leave a client 9), so raising alpha does not help" \
+            in message
+
+
 @pytest.mark.parametrize("labels", [[], [[0, 1], [1, 0]], [0.5, 1.5], ["a", "b"]])
 def test_bad_labels(labels):
     with pytest.raises(ValueError, match="labels must be a non-empty 1-D array of integer"):
