@@ -474,15 +474,12 @@ def test_accuracy_after_two_rounds_is_clearly_above_chance(fedpara_run):
     assert history.records[-1].loss < history.records[0].loss + 0.5
 
 
-def test_sampling_is_exact_and_reproducible(fedpara_run):
+def test_the_simulation_trains_the_strategys_sample(fedpara_run):
+    """The partitions each round of the Ray simulation trained are `FedParaStrategy.sample`'s
+    (test_strategies checks the sample itself without a simulation)."""
     from fedpara.server_app import FedParaStrategy
 
     config, history = fedpara_run
-    strategy = FedParaStrategy(config.replace(num_clients=100, clients_per_round=16, rounds=50))
-    samples = [strategy.sample(r) for r in range(1, 51)]
-    assert all(len(set(s)) == 16 for s in samples)
-    assert samples == [strategy.sample(r) for r in range(1, 51)]
-    assert len({tuple(s) for s in samples}) > 40
     assert [r.clients for r in history.records] == [FedParaStrategy(config).sample(r)
                                                     for r in (1, 2)]
 

@@ -713,7 +713,7 @@ def test_a_message_for_a_partition_the_node_does_not_hold_is_refused(fmnist_dir,
 
 
 def test_the_sample_is_exact_sorted_and_a_function_of_seed_and_round():
-    """Without a simulation (test_federation's check of it needs Ray's smoke run): exactly
+    """Without a simulation (test_federation checks that Ray's smoke run trains it): exactly
     clients_per_round distinct partitions, sorted, the same for the same (seed, round), other
     ones for another round or another seed."""
     from fedpara.server_app import FedParaStrategy
