@@ -106,10 +106,7 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
 
     def round_done(record: RoundRecord, history: History) -> None:
         if bar is not None:
-            if bar.n == 0 and record.round > 1:  # resumed: jump to where the checkpoint was
-                bar.update(record.round - 1)
-            bar.set_postfix(acc=f"{record.accuracy:.4f}", GiB=f"{record.cum_bytes / GIB:.4f}")
-            bar.update(1)
+            _show_round(bar, record)
         if on_round is not None:
             on_round(record, history)
 
@@ -131,6 +128,14 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
         raise RuntimeError("the simulation ended without a history (see the log above; "
                            "rerun with verbose=True for Flower's and Ray's logs)")
     return finished[0]
+
+
+def _show_round(bar, record: RoundRecord) -> None:
+    """Move the progress bar to the end of `record`'s round, with its accuracy and traffic."""
+    if bar.n == 0 and record.round > 1:  # resumed: jump to where the checkpoint was
+        bar.update(record.round - 1)
+    bar.set_postfix(acc=f"{record.accuracy:.4f}", GiB=f"{record.cum_bytes / GIB:.4f}")
+    bar.update(1)
 
 
 def _progress_bar(config: ExperimentConfig, enabled: bool):

@@ -187,6 +187,22 @@ def _record(r: int, cum: int) -> RoundRecord:
                        parameter_change={"head.x1": 0.01, "head.x2": 0.002})
 
 
+def test_the_progress_bar_counts_rounds_and_a_resumed_run_starts_at_its_checkpoint():
+    import io
+
+    from tqdm import tqdm
+
+    from fedpara.experiment import _show_round
+
+    fresh, resumed = (tqdm(total=5, file=io.StringIO()) for _ in range(2))
+    _show_round(fresh, _record(1, 20))
+    _show_round(fresh, _record(2, 3 * 2**30))
+    assert fresh.n == 2 and fresh.postfix == "GiB=3.0000, acc=0.7000"  # tqdm sorts keys
+    _show_round(resumed, _record(4, 20))  # the checkpoint held rounds 1-3
+    _show_round(resumed, _record(5, 40))
+    assert resumed.n == 5
+
+
 def test_history_saves_atomically_and_loads_back(tmp_path):
     config = get_preset("fmnist-noniid", variant="lowrank", profile="smoke")
     history = History(config=config.to_dict(), hardware={"device": "cpu"})
