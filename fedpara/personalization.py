@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fedpara.history import FINAL_WINDOW, History
-from fedpara.results import final_gap
+from fedpara.results import final_by_seed, final_gap
 
 __all__ = [
     "PFEDPARA_VARIANTS",
@@ -33,6 +33,7 @@ __all__ = [
     "plot_refresh_gap",
     "control",
     "refresh_gap",
+    "seed_verdict",
     "verdict",
 ]
 
@@ -230,3 +231,43 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
             f"{acc['fedper-fedpara']:.1%} with pFedPara's FedPara model, against "
             f"{acc[best]:.1%} for `{best}`, the best pFedPara variant at the same learning "
             f"rates: {capacity}; {same_model}.")
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def seed_verdict(preset: str, by_seed: Mapping[int, Mapping[str, History]],
+                 window: int = FINAL_WINDOW) -> str:
+    """`verdict` over several seeds: the pFedPara variant with the best mean final accuracy
+    against FedPer, local-only and FedAvg, each method's mean and range over the seeds, and in
+    how many seeds the variant is above, level with or below each of them (`final_gap`'s rule
+    within each seed). "" unless at least two seeds hold `pfedpara` and the three others."""
+    finals = final_by_seed(by_seed, window) if by_seed else {}
+    seeds = sorted(by_seed)
+    if len(seeds) < 2 or "pfedpara" not in finals or not set(COMPETITORS) <= set(finals):
+        return ""
+    if any(math.isnan(a) for v in ("pfedpara", *COMPETITORS) for a in finals[v].values()):
+        return ""
+    mean = {v: float(np.mean(list(a.values()))) for v, a in finals.items()}
+    best = max((v for v in PFEDPARA_VARIANTS if v in finals and not math.isnan(mean[v])),
+               key=lambda v: mean[v])
+
+    def spread(v: str) -> str:
+        values = finals[v].values()
+        return f"{mean[v]:.1%} ({min(values):.1%} to {max(values):.1%})"
+
+    phrases = []
+    for o in COMPETITORS:
+        sides = [final_gap(by_seed[s][best], by_seed[s][o], window).ahead for s in seeds]
+        said = [(word, sides.count(side)) for side, word in
+                ((1, "above"), (0, "level with"), (-1, "below")) if sides.count(side)]
+        (word, count), rest = said[0], said[1:]
+        phrases.append(f"{word} {_NAMES[o]} in {count}"
+                       + "".join(f", {w} it in {c}" for w, c in rest))
+    return (f"Over seeds {_listed([str(s) for s in seeds])} of `{preset}` (mean final accuracy, "
+            f"and the lowest to the highest seed): the best pFedPara variant on average is "
+            f"`{best}` at {spread(best)}; FedPer {spread('fedper')}, FedAvg {spread('fedavg')}, "
+            f"local-only {spread('local')}. Seed by seed, by the rule of a single seed (a gap "
+            f"within the larger jitter of the two runs is level), `{best}` is "
+            + "; ".join(phrases) + f" (of {len(seeds)} seeds).")

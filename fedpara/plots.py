@@ -196,3 +196,32 @@ def plot_client_accuracies(accuracies: Mapping[str, Sequence[float]], *, ax: Axe
     if title:
         ax.set_title(title)
     return ax
+
+
+def plot_seed_spread(finals: Mapping[str, Mapping[int, float]], *, ax: Axes | None = None,
+                     title: str | None = None) -> Axes:
+    """Each run's final accuracy in every seed (`results.final_by_seed`; fractions, shown in
+    %): one marker per seed, a bar at the mean over seeds."""
+    if not finals:
+        raise ValueError("finals is empty")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.2 * len(finals) + 2.5, 3.4))
+    names = list(finals)
+    seeds = sorted({s for values in finals.values() for s in values})
+    markers = "os^Dvx*"
+    for k, seed in enumerate(seeds):
+        x = [i + 0.08 * (k - (len(seeds) - 1) / 2) for i, n in enumerate(names)
+             if seed in finals[n]]
+        y = [100 * finals[n][seed] for n in names if seed in finals[n]]
+        ax.scatter(x, y, marker=markers[k % len(markers)], s=22, label=f"seed {seed}",
+                   color=f"C{k}", zorder=3)
+    for i, n in enumerate(names):
+        ax.hlines(100 * np.nanmean(list(finals[n].values())), i - 0.3, i + 0.3, color="0.3",
+                  lw=1.5, label="mean over seeds" if i == 0 else None)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="final accuracy (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax

@@ -26,7 +26,8 @@ chapter shows (`summary`, `protocol`, `plan`) and the Markdown notice above its 
 
 Two single-seed runs are compared with one rule, `final_gap`: the difference of their final
 accuracies counts only when it is larger than the larger of their jitters (`jitter`: the
-standard deviation of a run's accuracy over its last `JITTER_WINDOW` rounds).
+standard deviation of a run's accuracy over its last `JITTER_WINDOW` rounds). Where the same
+runs exist for several seeds, `final_by_seed` collects their final accuracies.
 """
 
 from __future__ import annotations
@@ -187,6 +188,22 @@ def final_gap(first: History, second: History, window: int = FINAL_WINDOW,
     rounds; the difference counts (`Gap.ahead`) only when it is larger than that jitter."""
     return Gap(difference=first.mean_accuracy(window) - second.mean_accuracy(window),
                noise=max(jitter(first, last), jitter(second, last)))
+
+
+# several seeds of the same runs -------------------------------------------------------------
+
+
+def final_by_seed(by_seed: Mapping[int, Mapping[str, History]], window: int = FINAL_WINDOW
+                  ) -> dict[str, dict[int, float]]:
+    """Each run's final accuracy (the mean of its last `window` rounds) in every seed:
+    name -> {seed: accuracy}, for the names stored in every seed given, in the order of the
+    lowest seed's runs. A rerun with another seed draws another partition, initialization and
+    client schedule, so the spread of these numbers is what one seed's result can be off by."""
+    if not by_seed:
+        raise ValueError("by_seed is empty: give {seed: {name: History}} for at least one seed")
+    seeds = sorted(by_seed)
+    common = [name for name in by_seed[seeds[0]] if all(name in by_seed[s] for s in seeds)]
+    return {name: {s: by_seed[s][name].mean_accuracy(window) for s in seeds} for name in common}
 
 
 # per-client scores ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from fedpara.personalization import (
     plot_factor_movement,
     plot_refresh_gap,
     refresh_gap,
+    seed_verdict,
     verdict,
 )
 
@@ -169,3 +170,34 @@ def test_an_unscored_run_gives_no_sentence():
     assert "for `pfedpara`," in control("p", runs)
     runs["fedper"] = histories({"fedper": float("nan")}, {})["fedper"]
     assert verdict("p", runs) == "" and control("p", runs) == ""
+
+
+def test_seed_verdict_gives_each_methods_mean_and_range_and_counts_seeds_by_side():
+    runs = {0: histories({"pfedpara": 0.70, "pfedpara-lr30": 0.86, "fedper": 0.80,
+                          "local": 0.60, "fedavg": 0.75}, gib={}),
+            1: histories({"pfedpara": 0.72, "pfedpara-lr30": 0.78, "fedper": 0.82,
+                          "local": 0.62, "fedavg": 0.80}, gib={}),
+            4: histories({"pfedpara": 0.74, "pfedpara-lr30": 0.84, "fedper": 0.81,
+                          "local": 0.58, "fedavg": 0.84}, gib={})}
+    text = seed_verdict("p", runs)
+    # the best on average (82.7%), though not in seed 1
+    assert text.startswith("Over seeds 0, 1 and 4 of `p` (mean final accuracy, and the lowest "
+                           "to the highest seed): the best pFedPara variant on average is "
+                           "`pfedpara-lr30` at 82.7% (78.0% to 86.0%); FedPer 81.0% (80.0% to "
+                           "82.0%), FedAvg 79.7% (75.0% to 84.0%), local-only 60.0% (58.0% to "
+                           "62.0%).")
+    # constant runs have no jitter: every gap counts, and an exact tie (seed 4) is level
+    assert text.endswith("`pfedpara-lr30` is above FedPer in 2, below it in 1; above "
+                         "local-only in 3; above FedAvg in 1, level with it in 1, below it in 1 "
+                         "(of 3 seeds).")
+
+
+def test_seed_verdict_needs_two_seeds_with_every_method_scored():
+    one = histories({"pfedpara": 0.70, "fedper": 0.80, "local": 0.60, "fedavg": 0.75}, gib={})
+    assert seed_verdict("p", {0: one}) == "" and seed_verdict("p", {}) == ""
+    two = {0: one, 1: dict(one)}
+    assert "`pfedpara` is below FedPer in 2" in seed_verdict("p", two)
+    del two[1]["local"]  # a method missing in one seed is left out, so no verdict
+    assert seed_verdict("p", two) == ""
+    two[1] = {**one, "fedavg": histories({"fedavg": float("nan")}, {})["fedavg"]}
+    assert seed_verdict("p", two) == ""

@@ -19,6 +19,7 @@ from fedpara.plots import (  # noqa: E402
     gib_to_reach,
     plot_client_accuracies,
     plot_curves,
+    plot_seed_spread,
     round_to_reach,
     rounds_within,
 )
@@ -138,6 +139,20 @@ def test_plots_label_their_axes_with_units():
     ax = plot_client_accuracies({"a": [0.5, 0.7], "b": [0.9]})
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
     assert "%" in ax.get_ylabel()
+
+
+def test_the_seed_spread_draws_each_seed_and_the_mean_in_percent():
+    ax = plot_seed_spread({"a": {0: 0.5, 1: 0.7}, "b": {0: 0.9, 1: 0.8}}, title="t")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    seeds = [c for c in ax.collections if c.get_label().startswith("seed")]
+    assert [c.get_label() for c in seeds] == ["seed 0", "seed 1"]
+    assert [list(c.get_offsets()[:, 1]) for c in seeds] == [[50, 90], [70, 80]]
+    means = [c for c in ax.collections if c not in seeds]
+    assert [segment[0][1] for c in means for segment in c.get_segments()] == pytest.approx(
+        [60, 85])
+    assert "%" in ax.get_ylabel() and ax.get_title() == "t"
+    with pytest.raises(ValueError, match="finals is empty"):
+        plot_seed_spread({})
 
 
 def test_plots_draw_each_runs_data_in_percent():

@@ -73,6 +73,20 @@ def test_final_gap_counts_a_difference_only_beyond_the_larger_jitter():
     assert Gap(float("nan"), 0.0).ahead == 0  # nothing to compare: no finding
 
 
+def test_final_by_seed_keeps_the_runs_every_seed_has_in_the_first_seeds_order():
+    from fedpara.results import final_by_seed
+
+    by_seed = {2: {"b": curve([0.1, 0.5, 0.6, 0.7]), "a": curve([0.4] * 4)},
+               0: {"b": curve([0.2] * 4), "a": curve([0.3] * 4), "c": curve([0.9] * 4)}}
+    assert final_by_seed(by_seed) == {"b": {0: pytest.approx(0.2), 2: pytest.approx(0.6)},
+                                      "a": {0: pytest.approx(0.3), 2: pytest.approx(0.4)}}
+    assert list(final_by_seed(by_seed)) == ["b", "a"]  # seed 0's order; "c" is in one seed
+    assert list(final_by_seed(by_seed)["b"]) == [0, 2]
+    assert final_by_seed(by_seed, window=1)["b"][2] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="by_seed is empty"):
+        final_by_seed({})
+
+
 def test_a_runs_summary_shows_its_final_accuracy_and_total_traffic():
     from fedpara.results import run_summary
 
