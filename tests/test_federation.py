@@ -628,10 +628,12 @@ def test_mean_accuracy_skips_unscored_rounds_and_short_histories(tmp_path):
 def test_a_round_that_outlasts_round_timeout_stops_the_run_with_flowers_error(fmnist_dir):
     """round_timeout is each message's time to live in Flower: a client that has not answered
     by then gets Flower's own error reply from the SuperLink, and the run stops with it (not
-    after Flower's 12 hours). A Ray client cannot even start in 0.2 s, so round 1 times out."""
+    after Flower's 12 hours). Each of round 1's two clients trains 3 epochs of its 15,000
+    images, far more than 0.2 s of work on any CPU (node discovery keeps Flower's default)."""
     from fedpara.experiment import run_experiment
 
-    config = smoke_config(fmnist_dir, rounds=1, round_timeout=0.2)
+    config = smoke_config(fmnist_dir, rounds=1, round_timeout=0.2, client_samples=0,
+                          local_epochs=3)
     with pytest.raises(RuntimeError, match=r"2 client\(s\) failed during "
                        r"training in round 1: 2 × the SuperLink: Error: Message Unavailable.*"
                        r"\[no reply within round-timeout=0.2 s"):
