@@ -243,9 +243,10 @@ def seed_verdict(preset: str, by_seed: Mapping[int, Mapping[str, History]],
     against FedPer, local-only and FedAvg, each method's mean and range over the seeds, and in
     how many seeds the variant is above, level with or below each of them (`final_gap`'s rule
     within each seed). "" unless at least two seeds hold `pfedpara` and the three others."""
-    finals = final_by_seed(by_seed, window) if by_seed else {}
-    seeds = sorted(by_seed)
-    if len(seeds) < 2 or "pfedpara" not in finals or not set(COMPETITORS) <= set(finals):
+    if len(by_seed) < 2:
+        return ""
+    finals, seeds = final_by_seed(by_seed, window), sorted(by_seed)
+    if "pfedpara" not in finals or not set(COMPETITORS) <= set(finals):
         return ""
     if any(math.isnan(a) for v in ("pfedpara", *COMPETITORS) for a in finals[v].values()):
         return ""

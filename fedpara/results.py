@@ -439,6 +439,18 @@ def _names(value: str | Sequence[str]) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def parse_seeds(seeds: int | str | Sequence[int | str]) -> list[int]:
+    """A chapter's `seeds` parameter, "1,2", [1, 2] or 1 (what `papermill -p seeds 1` passes),
+    as sorted distinct seeds ("" = none)."""
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    items = _names(seeds if isinstance(seeds, str) else [str(s) for s in seeds])
+    if not all(item.isdigit() for item in items):
+        raise ValueError(f"seeds={seeds!r}: allowed: comma-separated integers >= 0, e.g. "
+                         f"'1,2', or '' for none")
+    return sorted({int(item) for item in items})
+
+
 @dataclass
 class Chapter:
     """What an experiment chapter works with: its configs, their runs, and tables about them.

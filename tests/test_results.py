@@ -87,6 +87,16 @@ def test_final_by_seed_keeps_the_runs_every_seed_has_in_the_first_seeds_order():
         final_by_seed({})
 
 
+def test_a_chapters_seeds_parameter_is_read_as_distinct_integers_or_refused_by_name():
+    from fedpara.results import parse_seeds
+
+    assert parse_seeds("2, 1,,2 ") == [1, 2] and parse_seeds([3, "0"]) == [0, 3]
+    assert parse_seeds("") == [] and parse_seeds(3) == [3]
+    for bad in ("1;2", "-1", "1.5", "one", -2):
+        with pytest.raises(ValueError, match=r"seeds=.*allowed: comma-separated integers >= 0"):
+            parse_seeds(bad)
+
+
 def test_a_runs_summary_shows_its_final_accuracy_and_total_traffic():
     from fedpara.results import run_summary
 
