@@ -101,6 +101,7 @@ from fedpara.transport import from_wire, to_wire
 log = logging.getLogger("fedpara")
 RoundCallback = Callable[[RoundRecord, History], None]
 _NODE_WAIT_SECONDS = 600.0
+_QUERY_MIN_TTL = 30.0  # a node that connects late still gets this long to answer discovery
 _POLL_SECONDS = 1.0  # between pulls for replies, on a grid without its own pull_interval
 POLL_ENV = "FEDPARA_POLL_SECONDS"  # overrides it, on every grid
 
@@ -166,19 +167,22 @@ def _cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype) if dtype.is_floating_point else value.round().to(dtype)
 
 
-def _raise_errors(replies: list[Message], what: str, round_timeout: float = 0.0) -> None:
+def _raise_errors(replies: list[Message], what: str, round_timeout: float = 0.0, *,
+                  limit: str = "") -> None:
     """Stop the run if any reply is an error, naming each node and Flower's reason; a message
-    that found no reply within its time to live (`round_timeout`, else Flower's 12 hours) says
-    so."""
+    that found no reply within its time to live says so, naming that limit (`limit`, else
+    `round_timeout`, else Flower's 12 hours)."""
     failed = [m for m in replies if m.has_error()]
     if failed:
+        limit = limit or (f"round-timeout={round_timeout:g} s" if round_timeout else
+                          "Flower's default time to live, 12 hours (round-timeout=0)")
         # the same reason once, with its senders (an expired message's error reply comes from
         # the SuperLink itself, one per message that went unanswered)
         senders: dict[str, list[str]] = {}
         for m in failed:
             node = m.metadata.src_node_id
             sender = "the SuperLink" if node == SUPERLINK_NODE_ID else f"node {node}"
-            senders.setdefault(m.error.reason + _expired_hint(m, round_timeout), []).append(sender)
+            senders.setdefault(m.error.reason + _expired_hint(m, limit), []).append(sender)
         reasons = "; ".join(f"{_count(names)}: {reason}" for reason, names in senders.items())
         raise RuntimeError(f"{len(failed)} client(s) failed during {what}: {reasons}")
 
@@ -190,11 +194,9 @@ def _count(names: list[str]) -> str:
     return ", ".join(names)
 
 
-def _expired_hint(reply: Message, round_timeout: float) -> str:
+def _expired_hint(reply: Message, limit: str) -> str:
     if reply.error.code != ErrorCode.MESSAGE_UNAVAILABLE:
         return ""
-    limit = (f"round-timeout={round_timeout:g} s" if round_timeout
-             else "Flower's default time to live, 12 hours (round-timeout=0)")
     return (f" [no reply within {limit}; with checkpoint-dir set, resume=true continues from "
             f"the last checkpoint]")
 
@@ -497,10 +499,16 @@ class FedParaStrategy:
         while True:
             new = sorted(set(grid.get_node_ids()) - asked)
             if new:
+                # each query lives until the wait's deadline (at least _QUERY_MIN_TTL s), so
+                # a ClientApp that hangs cannot hold discovery past it; not round-timeout,
+                # since a ClientApp's first start (imports, data) can outlast a round's limit
+                ttl = max(deadline - time.monotonic(), _QUERY_MIN_TTL)
                 queries = [Message(content=RecordDict(), dst_node_id=node,
-                                   message_type=QUERY_PARTITION) for node in new]
+                                   message_type=QUERY_PARTITION, ttl=ttl) for node in new]
                 replies = exchange(grid, queries)
-                _raise_errors(replies, "node discovery")
+                _raise_errors(replies, "node discovery",
+                              limit=f"node discovery's wait ({timeout:g} s from its start, "
+                                    f"at least {_QUERY_MIN_TTL:g} s per query)")
                 asked.update(new)
                 for reply in replies:
                     self._add_node(nodes, reply.content[METRICS], reply.metadata.src_node_id)

@@ -610,10 +610,13 @@ def test_a_resumed_run_restores_each_partitions_state_on_a_shared_node(
     from fedpara.messages import QUERY_PARTITION
 
     ttl = {m.metadata.message_type: m.metadata.ttl for m in grid.sent}
-    assert ttl == {QUERY_PARTITION: DEFAULT_TTL, "query.set_local": 45.0, "train": 45.0,
-                   "evaluate": 45.0, "query.get_local": 45.0}
+    discovery = ttl.pop(QUERY_PARTITION)  # lives until the discovery's deadline, see below
+    assert 500 < discovery <= 600
+    assert ttl == {"query.set_local": 45.0, "train": 45.0, "evaluate": 45.0,
+                   "query.get_local": 45.0}
     _, first = run_in_process(config.replace(rounds=1, checkpoint_dir=""))  # 0: the default
-    assert {m.metadata.ttl for m in first.sent} == {DEFAULT_TTL}
+    assert {m.metadata.ttl for m in first.sent if m.metadata.message_type != QUERY_PARTITION
+            } == {DEFAULT_TTL}
 
 
 def test_a_run_that_cannot_start_is_refused_before_any_node_is_asked(fmnist_dir, identity,
@@ -635,6 +638,55 @@ def test_a_run_that_cannot_start_is_refused_before_any_node_is_asked(fmnist_dir,
         with pytest.raises(error, match=message):
             run_server(grid, run, resume=resume)
         assert grid.sent == []
+
+
+def test_node_discoverys_queries_live_until_its_deadline_and_say_so_when_unanswered(
+        fmnist_dir, identity):
+    """A ClientApp that hangs on the partition query cannot hold discovery past its wait:
+    each query's time to live is what is left of the wait (at least 30 s), and the SuperLink's
+    MESSAGE_UNAVAILABLE reply is reported with that wait, not with round-timeout."""
+    from flwr.app import Error
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    from fedpara.server_app import FedParaStrategy
+
+    config = strategy_config(fmnist_dir, variant="fedpara-fedprox", round_timeout=5.0)
+    n = config.num_clients
+    grid = InProcessGrid(n, [n])
+    FedParaStrategy(config).discover_nodes(grid, timeout=200)
+    (query,) = grid.sent
+    assert 190 < query.metadata.ttl <= 200
+    grid = InProcessGrid(n, [n])
+    FedParaStrategy(config).discover_nodes(grid, timeout=0.1)
+    assert [m.metadata.ttl for m in grid.sent] == [30.0]  # a late node still gets 30 s
+
+    class Expiring(InProcessGrid):
+        """ClientApps that never answer: the SuperLink replies for them once a query's time
+        to live has run out, itself as the sender."""
+
+        def push_messages(self, messages) -> list[str]:
+            for m in messages:
+                m.metadata.__dict__["_message_id"] = str(uuid4())
+                self.sent.append(m)
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, message_ids) -> list[Message]:
+            replies = []
+            for m in self.sent:
+                if m.metadata.message_id in message_ids:
+                    asked = Message(content=RecordDict(), dst_node_id=SUPERLINK_NODE_ID,
+                                    message_type=m.metadata.message_type)
+                    asked.metadata.__dict__["_message_id"] = m.metadata.message_id
+                    replies.append(Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
+                                                 reason="Unavailable"), reply_to=asked))
+            return replies
+
+    grid = Expiring(n, [n])
+    with pytest.raises(RuntimeError, match=r"1 client\(s\) failed during node discovery: the "
+                                           r"SuperLink: Unavailable \[no reply within node "
+                                           r"discovery's wait \(200 s from its start, at least "
+                                           r"30 s per query\)"):
+        FedParaStrategy(config).discover_nodes(grid, timeout=200)
 
 
 def test_node_discovery_checks_that_the_nodes_hold_each_partition_once(fmnist_dir, identity):
