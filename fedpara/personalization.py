@@ -24,7 +24,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fedpara.history import FINAL_WINDOW, History
-from fedpara.results import final_by_seed, final_gap
+from fedpara.results import final_by_seed, final_gap, seed_spread, sides_over_seeds
 
 __all__ = [
     "PFEDPARA_VARIANTS",
@@ -254,21 +254,11 @@ def seed_verdict(preset: str, by_seed: Mapping[int, Mapping[str, History]],
     best = max((v for v in PFEDPARA_VARIANTS if v in finals and not math.isnan(mean[v])),
                key=lambda v: mean[v])
 
-    def spread(v: str) -> str:
-        values = finals[v].values()
-        return f"{mean[v]:.1%} ({min(values):.1%} to {max(values):.1%})"
-
-    phrases = []
-    for o in COMPETITORS:
-        sides = [final_gap(by_seed[s][best], by_seed[s][o], window).ahead for s in seeds]
-        said = [(word, sides.count(side)) for side, word in
-                ((1, "above"), (0, "level with"), (-1, "below")) if sides.count(side)]
-        (word, count), rest = said[0], said[1:]
-        phrases.append(f"{word} {_NAMES[o]} in {count}"
-                       + "".join(f", {w} it in {c}" for w, c in rest))
+    phrases = [sides_over_seeds(by_seed, best, o, window, called=_NAMES[o]) for o in COMPETITORS]
     return (f"Over seeds {_listed([str(s) for s in seeds])} of `{preset}` (mean final accuracy, "
             f"and the lowest to the highest seed): the best pFedPara variant on average is "
-            f"`{best}` at {spread(best)}; FedPer {spread('fedper')}, FedAvg {spread('fedavg')}, "
-            f"local-only {spread('local')}. Seed by seed, by the rule of a single seed (a gap "
+            f"`{best}` at {seed_spread(finals[best])}; FedPer {seed_spread(finals['fedper'])}, "
+            f"FedAvg {seed_spread(finals['fedavg'])}, local-only {seed_spread(finals['local'])}. "
+            f"Seed by seed, by the rule of a single seed (a gap "
             f"within the larger jitter of the two runs is level), `{best}` is "
             + "; ".join(phrases) + f" (of {len(seeds)} seeds).")

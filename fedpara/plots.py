@@ -29,8 +29,10 @@ __all__ = [
     "equal_traffic",
     "final_accuracy",
     "gib_to_reach",
+    "placeholder",
     "plot_client_accuracies",
     "plot_curves",
+    "plot_seed_spread",
     "round_to_reach",
     "rounds_within",
 ]
@@ -225,3 +227,13 @@ def plot_seed_spread(finals: Mapping[str, Mapping[int, float]], *, ax: Axes | No
     if title:
         ax.set_title(title)
     return ax
+
+
+def placeholder(text: str, width: float = 7.5) -> Figure:
+    """A figure that only says `text`: what a chapter shows (and glues, so that every glued
+    figure exists) where the runs a plot needs are not stored yet."""
+    fig, ax = plt.subplots(figsize=(width, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return fig
+

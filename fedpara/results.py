@@ -36,7 +36,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,6 +204,60 @@ def final_by_seed(by_seed: Mapping[int, Mapping[str, History]], window: int = FI
     seeds = sorted(by_seed)
     common = [name for name in by_seed[seeds[0]] if all(name in by_seed[s] for s in seeds)]
     return {name: {s: by_seed[s][name].mean_accuracy(window) for s in seeds} for name in common}
+
+
+def histories_by_seed(pages: Iterable[Chapter]) -> dict[str, dict[int, dict[str, History]]]:
+    """preset -> seed -> variant -> History, from the same chapter opened with several seeds
+    (`Chapter.with_seed`); a seed that holds no run of a preset is left out of it."""
+    by_seed: dict[str, dict[int, dict[str, History]]] = {}
+    for page in pages:
+        for preset in page.presets:
+            by_seed.setdefault(preset, {})
+            if runs := page.histories_of(preset):
+                if page.seed in by_seed[preset]:
+                    raise ValueError(f"seed {page.seed} is given twice")
+                by_seed[preset][page.seed] = runs
+    return by_seed
+
+
+def seed_table(finals: Mapping[str, Mapping[str, Mapping[int, float]]]) -> pd.DataFrame:
+    """One row per (preset, name) of `finals` (preset -> `final_by_seed`'s result): the final
+    accuracy in each seed, their mean, the lowest and the highest."""
+    import pandas as pd
+
+    rows = [{"preset": preset, "variant": name, **{f"seed {s}": a for s, a in accuracy.items()},
+             "mean": math.fsum(accuracy.values()) / len(accuracy),
+             "lowest": min(accuracy.values()),
+             "highest": max(accuracy.values())}
+            for preset, by_name in finals.items() for name, accuracy in by_name.items()]
+    if not rows:
+        raise ValueError("finals holds no run: give {preset: {name: {seed: accuracy}}}")
+    return pd.DataFrame(rows).set_index(["preset", "variant"])
+
+
+def seed_spread(accuracy: Mapping[int, float]) -> str:
+    """One run's final accuracy over seeds (a row of `final_by_seed`) as "82.1% (81.8% to
+    82.8%)": the mean, then the lowest and the highest seed."""
+    if not accuracy:
+        raise ValueError("accuracy is empty: give {seed: final accuracy}")
+    values = list(accuracy.values())
+    return f"{math.fsum(values) / len(values):.1%} ({min(values):.1%} to {max(values):.1%})"
+
+
+def sides_over_seeds(by_seed: Mapping[int, Mapping[str, History]], first: str, second: str,
+                     window: int = FINAL_WINDOW, *, called: str = "") -> str:
+    """In how many seeds run `first` is above, level with and below run `second` by
+    `final_gap`'s rule within each seed, over the seeds that hold both: e.g. "above FedPer in
+    2, level with it in 1" (`called`: how to name `second`; default `second` in backticks)."""
+    sides = [final_gap(runs[first], runs[second], window).ahead
+             for runs in by_seed.values() if first in runs and second in runs]
+    if not sides:
+        raise ValueError(f"no seed holds both {first!r} and {second!r}")
+    said = [f"{word} {{}} in {sides.count(side)}"
+            for side, word in ((1, "above"), (0, "level with"), (-1, "below"))
+            if sides.count(side)]
+    return ", ".join([said[0].format(called or f"`{second}`"),
+                      *(phrase.format("it") for phrase in said[1:])])
 
 
 # per-client scores ---------------------------------------------------------------------------
@@ -468,6 +522,20 @@ class Chapter:
     fake_data: bool
     configs: dict[tuple[str, str], ExperimentConfig]
     runs: dict[tuple[str, str], tuple[History | None, str]]
+    options: dict[str, Any] = field(default_factory=dict, repr=False)  # open_chapter's arguments
+
+    @property
+    def seed(self) -> int:
+        return next(iter(self.configs.values())).seed
+
+    def with_seed(self, seed: int) -> Chapter:
+        """This chapter opened again with another `seed`: the same presets, variants, profile,
+        folders and settings (and it trains its missing runs only if this one was opened with
+        train=True). With `histories_by_seed`, the runs of several seeds side by side."""
+        if not self.options:
+            raise ValueError("this Chapter was not made by open_chapter: open the other seed "
+                             "with open_chapter(..., seed=seed)")
+        return open_chapter(**{**self.options, "seed": seed})
 
     @property
     def presets(self) -> list[str]:
@@ -631,6 +699,10 @@ def open_chapter(
     - `overrides`: further config fields for every run (e.g. `rounds=3`); a run made with them
       is another experiment, so only a history made with them too counts.
     """
+    options = dict(presets=presets, chapter=chapter, profile=profile, variants=variants,
+                   data_dir=data_dir, device=device, train=train, retrain=retrain,
+                   results_dir=results_dir, fake_data=fake_data, checkpoints=checkpoints,
+                   progress=progress, root=root, **overrides)
     root = find_root(root)
     preset_names = _names(presets)
     unknown = [name for name in preset_names if name not in PRESETS]
@@ -665,4 +737,5 @@ def open_chapter(
                                progress=progress)
             for key, config in configs.items()}
     return Chapter(name=chapter, profile=profile, root=root, results_dir=results,
-                   data_dir=data_dir, fake_data=bool(fake_data), configs=configs, runs=runs)
+                   data_dir=data_dir, fake_data=bool(fake_data), configs=configs, runs=runs,
+                   options=options)

@@ -176,3 +176,16 @@ def test_a_run_that_sends_nothing_fits_any_budget():
     result = equal_traffic({"local": local, "dear": DEAR})
     assert result["budget_gib"] == 0.0 and result["local"] == pytest.approx(0.6)
     assert math.isnan(result["dear"])
+
+
+def test_a_placeholder_figure_only_says_its_text():
+    import matplotlib.pyplot as plt
+
+    from fedpara.plots import placeholder
+
+    fig = placeholder("No stored runs.", width=5)
+    (ax,) = fig.axes
+    assert not ax.axison and [t.get_text() for t in ax.texts] == ["No stored runs."]
+    assert fig.get_size_inches()[0] == 5
+    plt.close(fig)
+

@@ -87,6 +87,46 @@ def test_final_by_seed_keeps_the_runs_every_seed_has_in_the_first_seeds_order():
         final_by_seed({})
 
 
+def test_seed_table_gives_each_runs_seeds_mean_and_range():
+    from fedpara.results import seed_table
+
+    table = seed_table({"p": {"a": {0: 0.5, 2: 0.8}, "b": {0: 0.7, 2: 0.6}}, "q": {}})
+    assert list(table.index) == [("p", "a"), ("p", "b")]
+    assert list(table.columns) == ["seed 0", "seed 2", "mean", "lowest", "highest"]
+    assert list(table.loc[("p", "a")]) == pytest.approx([0.5, 0.8, 0.65, 0.5, 0.8])
+    assert list(table.loc[("p", "b")]) == pytest.approx([0.7, 0.6, 0.65, 0.6, 0.7])
+    with pytest.raises(ValueError, match="finals holds no run"):
+        seed_table({"q": {}})
+
+
+def test_seed_spread_is_the_mean_then_the_lowest_and_highest_seed():
+    from fedpara.results import seed_spread
+
+    assert seed_spread({0: 0.821, 1: 0.818, 2: 0.828}) == "82.2% (81.8% to 82.8%)"
+    assert seed_spread({5: 0.5}) == "50.0% (50.0% to 50.0%)"
+    with pytest.raises(ValueError, match="accuracy is empty"):
+        seed_spread({})
+
+
+def test_sides_over_seeds_counts_each_seed_by_the_single_seed_rule():
+    from fedpara.results import sides_over_seeds
+
+    steady, noisy = curve([0.80] * 10), curve([0.79, 0.81] * 5)  # jitter 0 and 1 point
+    by_seed = {0: {"a": curve([0.85] * 10), "b": steady},  # above
+               1: {"a": curve([0.805] * 10), "b": noisy},  # within the jitter: level
+               2: {"a": curve([0.70] * 10), "b": steady},  # below
+               3: {"a": curve([0.90] * 10), "b": steady},  # above
+               4: {"a": curve([0.10] * 10)}}  # no "b": left out
+    assert sides_over_seeds(by_seed, "a", "b") == (
+        "above `b` in 2, level with it in 1, below it in 1")
+    assert sides_over_seeds(by_seed, "b", "a", called="A") == (
+        "above A in 1, level with it in 1, below it in 2")
+    only_below = {s: by_seed[s] for s in (2,)}
+    assert sides_over_seeds(only_below, "a", "b", called="B") == "below B in 1"
+    with pytest.raises(ValueError, match="no seed holds both 'a' and 'c'"):
+        sides_over_seeds(by_seed, "a", "c")
+
+
 def test_a_chapters_seeds_parameter_is_read_as_distinct_integers_or_refused_by_name():
     from fedpara.results import parse_seeds
 
@@ -299,6 +339,45 @@ def test_open_chapter_shows_a_stored_run_and_the_runs_still_missing(tmp_path):
     assert "No runs yet" not in notice and "a test of the machinery, not a result" in notice
     assert "--variant original --profile smoke" in notice
     assert "--variant fedpara" not in notice
+
+
+def test_a_chapter_reopened_with_another_seed_reads_that_seeds_runs(tmp_path):
+    from fedpara.results import Chapter, histories_by_seed, open_chapter
+
+    root = _repository(tmp_path)
+    results = root / "elsewhere"
+    stored(CONFIG, results)
+    other = CONFIG.replace(seed=3)
+    made = stored(other, results)
+    lowrank = stored(get_preset("fmnist-noniid", variant="lowrank", profile="smoke", seed=3),
+                     results)
+    page = open_chapter("fmnist-noniid", chapter="fashion_mnist", profile="smoke",
+                        variants="fedpara,lowrank", root=root, results_dir=results,
+                        checkpoints=False, rounds=1)
+    assert page.seed == 0 and list(page.histories_of("fmnist-noniid")) == []  # rounds=1 differs
+    page = open_chapter("fmnist-noniid", chapter="fashion_mnist", profile="smoke",
+                        variants="fedpara,lowrank", root=root, results_dir=results,
+                        checkpoints=False)
+    again = page.with_seed(3)
+    assert again.seed == 3 and list(again.configs) == list(page.configs)
+    assert again.results_dir == results and again.options["checkpoints"] is False
+    assert again.histories_of("fmnist-noniid")["fedpara"].created == made.created
+    assert again.histories_of("fmnist-noniid")["lowrank"].created == lowrank.created
+    assert again.missing == [] and [c.variant for c in page.missing] == ["lowrank"]
+    # open_chapter's overrides are kept: the seed-3 runs were made without rounds=1
+    nothing = open_chapter("fmnist-noniid", chapter="fashion_mnist", profile="smoke",
+                           variants="fedpara", root=root, results_dir=results,
+                           checkpoints=False, rounds=1).with_seed(3)
+    assert nothing.seed == 3 and nothing.histories == {} and nothing.options["rounds"] == 1
+    by_seed = histories_by_seed([page, again, nothing.with_seed(5)])
+    assert {p: {s: list(r) for s, r in runs.items()} for p, runs in by_seed.items()} == {
+        "fmnist-noniid": {0: ["fedpara"], 3: ["fedpara", "lowrank"]}}  # seed 5: no run
+    with pytest.raises(ValueError, match="seed 3 is given twice"):
+        histories_by_seed([again, again])
+    bare = Chapter(name="x", profile="smoke", root=root, results_dir=results, data_dir="",
+                   fake_data=False, configs=page.configs, runs=page.runs)
+    with pytest.raises(ValueError, match="not made by open_chapter"):
+        bare.with_seed(1)
 
 
 def test_open_chapter_uses_fake_data_for_a_smoke_run(tmp_path):
