@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from importlib import metadata
@@ -58,8 +59,30 @@ class RoundRecord:
     parameter_change: dict[str, float] = field(default_factory=dict)
 
 
+def source_commit(package: str | Path | None = None) -> str | None:
+    """The git commit of the fedpara source that is running (or of the package folder
+    `package`), with "+modified" when its files differ from that commit; None when the package
+    is not a tracked part of a git checkout (an installed wheel, a copy without .git) or git is
+    not there."""
+    package = Path(package or Path(__file__).parent).resolve()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+
+    try:
+        if not git("ls-files", "--", "__init__.py"):  # e.g. a copy inside an ignored .venv
+            return None
+        head, changed = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain",
+                                                                    "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+modified" if changed else "")
+
+
 def hardware_info(device: str | None = None) -> dict[str, Any]:
-    """Device name, core count and library versions, for the record."""
+    """Device name, core count, library versions and the source's git commit, for the
+    record."""
 
     def version(package: str) -> str | None:
         try:
@@ -89,6 +112,7 @@ def hardware_info(device: str | None = None) -> dict[str, Any]:
         "torch": version("torch"),
         "flwr": version("flwr"),
         "fedpara": version("fedpara"),
+        "commit": source_commit(),
     }
 
 

@@ -392,7 +392,7 @@ def run_summary(config: ExperimentConfig, history: History | None, status: str) 
         "device": hardware.get("device_name"),
         "cores": hardware.get("cpu_count"),
         "torch": hardware.get("torch"), "flwr": hardware.get("flwr"),
-        "fedpara": hardware.get("fedpara"),
+        "fedpara": hardware.get("fedpara"), "commit": hardware.get("commit"),
         "date": history.created[:10],
     })
     return row

@@ -473,6 +473,9 @@ def test_smoke_run_has_one_record_per_round(fedpara_run):
     assert history.config == config.to_dict()
     assert history.hardware["torch"] == torch.__version__.split("+")[0]  # the package's version
     assert history.hardware["flwr"] == "1.42.0"
+    from fedpara.history import source_commit
+
+    assert history.hardware["commit"] == source_commit()  # None outside a git checkout
 
 
 def test_measured_traffic_equals_the_accounting(fedpara_run):

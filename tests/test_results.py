@@ -140,7 +140,7 @@ def test_a_chapters_seeds_parameter_is_read_as_distinct_integers_or_refused_by_n
 def test_a_runs_summary_shows_its_final_accuracy_and_total_traffic():
     from fedpara.results import run_summary
 
-    history = History(config=CONFIG.to_dict())
+    history = History(config=CONFIG.to_dict(), hardware={"commit": "0123456789ab+modified"})
     for r, accuracy in enumerate([0.1, 0.2, 0.6, 0.7, 0.8], start=1):  # half a GiB a round
         history.append(RoundRecord(round=r, accuracy=accuracy, loss=1.0, bytes_up=2**28,
                                    bytes_down=2**28, cum_bytes=r * 2**29, wall_seconds=6.0))
@@ -148,6 +148,7 @@ def test_a_runs_summary_shows_its_final_accuracy_and_total_traffic():
     assert row["final accuracy"] == round((0.6 + 0.7 + 0.8) / 3, 4)  # the last FINAL_WINDOW
     assert row["traffic (GiB)"] == 2.5 and row["MiB / round"] == 512.0
     assert row["rounds run"] == 5 and row["training time (min)"] == 0.5
+    assert row["commit"] == "0123456789ab+modified"
 
 
 def test_where_and_how_may_differ_but_not_what():

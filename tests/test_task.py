@@ -134,6 +134,39 @@ def test_the_hardware_record_of_a_cuda_run_written_on_a_host_without_cuda():
     assert record["device"] == "cuda" and "this host has no CUDA device" in record["device_name"]
 
 
+def test_a_run_records_the_git_commit_of_its_source(tmp_path):
+    """The commit, "+modified" when the package's files differ from it; None for a package
+    git does not track (an installed copy, even inside a checkout's ignored .venv)."""
+    import subprocess
+
+    from fedpara.history import hardware_info, source_commit
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t",
+                               "-c", "user.email=t@example.org", *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    package = tmp_path / "fedpara"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    assert source_commit(package) is None  # no repository
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv/\n")
+    installed = tmp_path / ".venv" / "site-packages" / "fedpara"
+    installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "--short=12", "HEAD")
+    assert source_commit(package) == head
+    assert source_commit(installed) is None  # ignored: not the checkout's source
+    (tmp_path / "README").write_text("outside the package")
+    assert source_commit(package) == head
+    (package / "layers.py").write_text("x = 1\n")
+    assert source_commit(package) == head + "+modified"
+    assert hardware_info("cpu")["commit"] == source_commit()  # this repository's own source
+
+
 def test_each_seed_round_and_client_trains_with_its_own_seed():
     # the seed of a client's shuffling, augmentation and dropout: a client that drew the same
     # seed every round would see its batches in the same order every round
