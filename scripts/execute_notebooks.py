@@ -19,7 +19,11 @@ Papermill first writes into `_build/papermill/<name>.ipynb`. The copy in `book/g
 replaced (atomically) only when every cell succeeded; after a failing cell the partial notebook
 stays in `_build/papermill/` for inspection, the last good copy is kept, and the exit code is 1.
 
-`--render` is what `make book` runs: for each experiment whose executed copy is missing, or was
+`--render` is what `make book` runs. First it drops Jupyter Book's cached execution of each
+explanatory page that reads stored files (`READS_STORED`: the intro's results summary, the run
+table, the benchmark figures) when a file in the folders it reads is newer than that execution:
+the cache keys on a page's code, so a run stored by `make execute` would otherwise not show on
+those pages until their code changed. Then, for each experiment whose executed copy is missing, or was
 made from an older version of its source or of its fixed parameters and title (`chapter_digest`),
 it runs the notebook with `train=False` -- the notebook then shows the stored history of its
 preset and profile if there is one, else the command that produces it and its communication
@@ -34,6 +38,7 @@ import hashlib
 import json
 import os
 import sys
+from datetime import timezone
 from pathlib import Path
 
 import jupytext
@@ -49,6 +54,14 @@ PROFILES = ("full", "quick", "smoke")
 METADATA_KEY = (
     "fedpara_book"  # notebook metadata: which source (and which version of it) made a copy
 )
+# explanatory pages that read stored files when they execute -> the folders they read
+READS_STORED: dict[str, tuple[str, ...]] = {
+    "intro.md": ("results",),
+    "run_it_yourself.md": ("results",),
+    "hadamard_layers.md": ("benchmarks/results",),
+    "performance.md": ("benchmarks/results",),
+}
+CACHE_DIR = ROOT / "_build" / ".jupyter_cache"  # Jupyter Book's default execution cache
 # chapters made from a shared source: name -> source stem in SOURCES_DIR, fixed parameters, title
 SHARED_SOURCES: dict[str, dict] = {
     "cifar10": {
@@ -211,6 +224,32 @@ def render_parameters(name: str) -> dict | None:
     return {**parameters, **fixed, "train": False}
 
 
+def forget_stale_pages(cache_dir: Path | None = None, root: Path | None = None) -> list[str]:
+    """Drop the cached execution of each page of `READS_STORED` that is older than the newest
+    file in the folders the page reads, so that the book build executes it again; returns
+    the pages dropped. Nothing to do without a cache."""
+    cache_dir, root = cache_dir or CACHE_DIR, root or ROOT
+    if not (cache_dir / "global.db").is_file():
+        return []
+    from jupyter_cache import get_cache
+
+    cache = get_cache(str(cache_dir))
+    dropped = []
+    for record in cache.list_cache_records():
+        page = Path(record.uri)
+        if page.parent != root / "book" or page.name not in READS_STORED:
+            continue
+        newest = max((f.stat().st_mtime for folder in READS_STORED[page.name]
+                      for f in (root / folder).rglob("*") if f.is_file()), default=0.0)
+        created = record.created  # jupyter-cache stores UTC, read back without a zone
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=timezone.utc)
+        if created.timestamp() < newest:
+            cache.remove_cache(record.pk)
+            dropped.append(page.name)
+    return dropped
+
+
 # command line
 
 
@@ -256,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.chapter or experiment_names()
     overrides = {key: yaml.safe_load(value) for key, value in args.parameter}
     failed = []
+    if args.render:
+        for page in forget_stale_pages():
+            print(f"[execute] book/{page}: its stored files changed since its cached execution;"
+                  f" the book build executes it again", flush=True)
     for name in names:
         if args.render:
             parameters = render_parameters(name)

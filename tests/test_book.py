@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
+import time
 from pathlib import Path, PurePosixPath
 
 import jupytext
@@ -487,9 +489,42 @@ def test_driver_render_runs_only_stale_chapters(monkeypatch):
     monkeypatch.setattr(driver, "render_parameters",
                         lambda name: None if name == "cifar10" else {"profile": "quick",
                                                                      "train": False})
+    forgotten = []
+    monkeypatch.setattr(driver, "forget_stale_pages", lambda: forgotten.append(1) or [])
     assert driver.main(["--render", "--chapter", "cifar10", "--chapter", "fashion_mnist",
                         "-p", "device", "cpu"]) == 0
     assert calls == [("fashion_mnist", {"profile": "quick", "train": False, "device": "cpu"})]
+    assert forgotten == [1], "make book's render first drops stale cached pages"
+
+
+def test_a_cached_page_that_reads_stored_files_is_dropped_when_they_change(tmp_path):
+    """Jupyter Book's cache keys on a page's code: the intro's results summary would keep
+    showing the runs stored when it was cached, so make book drops that execution once a
+    file of results/ is newer; pages that read nothing stored keep theirs."""
+    from jupyter_cache import get_cache
+
+    root, cache_dir = tmp_path / "repo", tmp_path / "repo" / "_build" / ".jupyter_cache"
+    (root / "book").mkdir(parents=True)
+    (root / "results" / "p").mkdir(parents=True)
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    stored = root / "results" / "p" / "run-full.json"
+    stored.write_text("{}")
+    (root / "benchmarks" / "results" / "old.json").write_text("{}")
+    cache = get_cache(str(cache_dir))
+    for n, page in enumerate(("intro.md", "rank_bound.md", "performance.md")):
+        notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"x = {n}")])
+        path = tmp_path / f"{page}.ipynb"
+        nbformat.write(notebook, path)
+        cache.cache_notebook_file(str(path), uri=str(root / "book" / page),
+                                  check_validity=False)
+    assert driver.forget_stale_pages(cache_dir, root) == []  # nothing newer than the cache
+    later = time.time() + 60
+    os.utime(stored, (later, later))  # a run stored after the pages were cached
+    assert driver.forget_stale_pages(cache_dir, root) == ["intro.md"]
+    assert sorted(Path(r.uri).name for r in get_cache(str(cache_dir)).list_cache_records()) == [
+        "performance.md", "rank_bound.md"]
+    assert driver.forget_stale_pages(cache_dir, root) == []
+    assert driver.forget_stale_pages(tmp_path / "no-cache", root) == []
 
 
 def test_an_unreadable_executed_copy_counts_as_missing(tmp_path, monkeypatch):
