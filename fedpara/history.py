@@ -59,6 +59,12 @@ class RoundRecord:
     parameter_change: dict[str, float] = field(default_factory=dict)
 
 
+def check_window(value: int, name: str = "window") -> None:
+    """A count of last rounds (averaged, or whose jitter is measured): an integer >= 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1 (rounds averaged)")
+
+
 def source_commit(package: str | Path | None = None) -> str | None:
     """The git commit of the fedpara source that is running (or of the package folder
     `package`), with "+modified" when its files differ from that commit; None when the package
@@ -157,8 +163,7 @@ class History:
     def mean_accuracy(self, last: int = FINAL_WINDOW) -> float:
         """Mean accuracy of the last `last` rounds, skipping rounds that scored nothing (NaN
         when none did): the book's "final accuracy" with the default window."""
-        if not isinstance(last, int) or isinstance(last, bool) or last < 1:
-            raise ValueError(f"last={last!r} must be an integer >= 1 (rounds averaged)")
+        check_window(last, "last")
         scored = [r.accuracy for r in self.records[-last:] if not math.isnan(r.accuracy)]
         return sum(scored) / len(scored) if scored else float("nan")
 

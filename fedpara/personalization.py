@@ -23,8 +23,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fedpara.history import FINAL_WINDOW, History
-from fedpara.results import final_by_seed, final_gap, seed_spread, sides_over_seeds
+from fedpara.history import FINAL_WINDOW, History, check_window
+from fedpara.results import final_by_seed, final_gap, listed, seed_spread, sides_over_seeds
 
 __all__ = [
     "PFEDPARA_VARIANTS",
@@ -101,8 +101,7 @@ def plot_refresh_gap(histories: Mapping[str, History], *, smooth: int = 5,
     """What the refresh takes from a client, one line per run against rounds: own held-out
     accuracy right after local training minus after the refresh (percentage points; below 0
     the refresh helped), as a `smooth`-round moving mean."""
-    if not isinstance(smooth, int) or smooth < 1:
-        raise ValueError(f"smooth={smooth!r} must be an integer >= 1 (rounds averaged)")
+    check_window(smooth, "smooth")
     if ax is None:
         fig, ax = plt.subplots(figsize=(7.5, 3.8), layout="constrained")
     else:
@@ -233,10 +232,6 @@ def control(preset: str, histories: Mapping[str, History], window: int = FINAL_W
             f"rates: {capacity}; {same_model}.")
 
 
-def _listed(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
 def seed_verdict(preset: str, by_seed: Mapping[int, Mapping[str, History]],
                  window: int = FINAL_WINDOW) -> str:
     """`verdict` over several seeds: the pFedPara variant with the best mean final accuracy
@@ -255,7 +250,7 @@ def seed_verdict(preset: str, by_seed: Mapping[int, Mapping[str, History]],
                key=lambda v: mean[v])
 
     phrases = [sides_over_seeds(by_seed, best, o, window, called=_NAMES[o]) for o in COMPETITORS]
-    return (f"Over seeds {_listed([str(s) for s in seeds])} of `{preset}` (mean final accuracy, "
+    return (f"Over seeds {listed(seeds)} of `{preset}` (mean final accuracy, "
             f"and the lowest to the highest seed): the best pFedPara variant on average is "
             f"`{best}` at {seed_spread(finals[best])}; FedPer {seed_spread(finals['fedper'])}, "
             f"FedAvg {seed_spread(finals['fedavg'])}, local-only {seed_spread(finals['local'])}. "

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedpara.history import History
+from fedpara.history import History, check_window
 
 __all__ = [
     "accuracy_within",
@@ -36,11 +36,6 @@ __all__ = [
     "round_to_reach",
     "rounds_within",
 ]
-
-
-def _check_window(window: int) -> None:
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise ValueError(f"window={window!r} must be an integer >= 1 (rounds averaged)")
 
 
 def _check_nonempty(history: History, name: str = "history") -> None:
@@ -77,7 +72,7 @@ def final_accuracy(history: History, window: int = 1) -> float:
     """Mean accuracy of the last `window` rounds (non-IID curves are noisy: use a few; the book
     uses `fedpara.history.FINAL_WINDOW`), as `History.mean_accuracy` computes it."""
     _check_nonempty(history)
-    _check_window(window)
+    check_window(window)
     return history.mean_accuracy(window)
 
 
@@ -96,7 +91,7 @@ def accuracy_within(history: History, budget_gib: float, window: int = 1) -> flo
 
     What the run had reached when it had spent that budget; NaN if even round 1 costs more.
     """
-    _check_window(window)
+    check_window(window)
     spent = rounds_within(history, budget_gib)
     if spent == 0:
         return math.nan
@@ -128,7 +123,7 @@ def equal_accuracy(histories: Mapping[str, History], target: float | None = None
     attain, or nearly so). Returns {"target": ..., name: GiB or NaN if never reached, ...}."""
     if not histories:
         raise ValueError("histories is empty")
-    _check_window(window)
+    check_window(window)
     for name, history in histories.items():
         _check_nonempty(history, f"histories[{name!r}]")
     if target is None:
@@ -236,4 +231,3 @@ def placeholder(text: str, width: float = 7.5) -> Figure:
     ax.axis("off")
     ax.text(0.5, 0.5, text, ha="center", va="center")
     return fig
-

@@ -49,7 +49,7 @@ from fedpara.config import (
     differing_fields,
     get_preset,
 )
-from fedpara.history import FINAL_WINDOW, History
+from fedpara.history import FINAL_WINDOW, History, check_window
 from fedpara.storage import write_atomic
 
 if TYPE_CHECKING:
@@ -152,8 +152,7 @@ def jitter(history: History, last: int = JITTER_WINDOW) -> float:
     It is one run's noise around its own curve, not the spread a rerun with another seed
     (another partition, initialization or client schedule) would show.
     """
-    if not isinstance(last, int) or isinstance(last, bool) or last < 1:
-        raise ValueError(f"last={last!r} must be an integer >= 1 (rounds)")
+    check_window(last, "last")
     scored = [r.accuracy for r in history.records[-last:] if not math.isnan(r.accuracy)]
     if not scored:
         return math.nan
@@ -198,38 +197,72 @@ def final_by_seed(by_seed: Mapping[int, Mapping[str, History]], window: int = FI
     """Each run's final accuracy (the mean of its last `window` rounds) in every seed:
     name -> {seed: accuracy}, for the names stored in every seed given, in the order of the
     lowest seed's runs. A rerun with another seed draws another partition, initialization and
-    client schedule, so the spread of these numbers is what one seed's result can be off by."""
+    client schedule, so the spread of these numbers is what one seed's result can be off by.
+    (`complete_seeds` first leaves out a seed that lacks some of the lowest seed's runs.)"""
     if not by_seed:
         raise ValueError("by_seed is empty: give {seed: {name: History}} for at least one seed")
+    check_window(window)
     seeds = sorted(by_seed)
     common = [name for name in by_seed[seeds[0]] if all(name in by_seed[s] for s in seeds)]
     return {name: {s: by_seed[s][name].mean_accuracy(window) for s in seeds} for name in common}
 
 
+def complete_seeds(by_seed: Mapping[int, Mapping[str, History]], reference: int | None = None
+                   ) -> dict[int, Mapping[str, History]]:
+    """The seeds of `by_seed` that hold every run seed `reference` holds (default: the lowest
+    seed; a chapter's own seed), in order: a seed whose runs are only partly made is left out
+    whole, so that every comparison over seeds is over the same seeds, rather than dropping
+    runs from all of them. {} when the reference seed holds no run."""
+    if not by_seed:
+        return {}
+    reference = min(by_seed) if reference is None else reference
+    if reference not in by_seed:
+        raise ValueError(f"reference={reference!r} is not a seed of by_seed; allowed: "
+                         f"{', '.join(map(str, sorted(by_seed)))}")
+    needed = set(by_seed[reference])
+    if not needed:
+        return {}
+    return {s: runs for s, runs in sorted(by_seed.items()) if needed <= set(runs)}
+
+
 def histories_by_seed(pages: Iterable[Chapter]) -> dict[str, dict[int, dict[str, History]]]:
     """preset -> seed -> variant -> History, from the same chapter opened with several seeds
-    (`Chapter.with_seed`); a seed that holds no run of a preset is left out of it."""
-    by_seed: dict[str, dict[int, dict[str, History]]] = {}
+    (`Chapter.with_seed`), in seed order. A seed is left out of a preset when it lacks some of
+    the first page's runs of it (`complete_seeds`); a preset the first page holds no run of
+    maps to {}."""
+    found: dict[str, dict[int, dict[str, History]]] = {}
     for page in pages:
         for preset in page.presets:
-            by_seed.setdefault(preset, {})
-            if runs := page.histories_of(preset):
-                if page.seed in by_seed[preset]:
-                    raise ValueError(f"seed {page.seed} is given twice")
-                by_seed[preset][page.seed] = runs
-    return by_seed
+            found.setdefault(preset, {})
+            if page.seed in found[preset]:
+                raise ValueError(f"pages: seed {page.seed} is given twice; open each page with "
+                                 f"another seed (Chapter.with_seed)")
+            found[preset][page.seed] = page.histories_of(preset)
+    return {preset: complete_seeds(runs, reference=next(iter(runs)))
+            for preset, runs in found.items()}
+
+
+def _scored(accuracy: Mapping[int, float]) -> list[float]:
+    return [a for a in accuracy.values() if not math.isnan(a)]
 
 
 def seed_table(finals: Mapping[str, Mapping[str, Mapping[int, float]]]) -> pd.DataFrame:
     """One row per (preset, name) of `finals` (preset -> `final_by_seed`'s result): the final
-    accuracy in each seed, their mean, the lowest and the highest."""
+    accuracy in each seed, then the mean, the lowest and the highest of those that scored
+    (NaN when none did)."""
     import pandas as pd
 
-    rows = [{"preset": preset, "variant": name, **{f"seed {s}": a for s, a in accuracy.items()},
-             "mean": math.fsum(accuracy.values()) / len(accuracy),
-             "lowest": min(accuracy.values()),
-             "highest": max(accuracy.values())}
-            for preset, by_name in finals.items() for name, accuracy in by_name.items()]
+    rows = []
+    for preset, by_name in finals.items():
+        for name, accuracy in by_name.items():
+            if not accuracy:
+                raise ValueError(f"finals[{preset!r}][{name!r}] is empty: give {{seed: "
+                                 f"accuracy}} for at least one seed")
+            scored = _scored(accuracy) or [math.nan]
+            rows.append({"preset": preset, "variant": name,
+                         **{f"seed {s}": a for s, a in accuracy.items()},
+                         "mean": math.fsum(scored) / len(scored), "lowest": min(scored),
+                         "highest": max(scored)})
     if not rows:
         raise ValueError("finals holds no run: give {preset: {name: {seed: accuracy}}}")
     return pd.DataFrame(rows).set_index(["preset", "variant"])
@@ -237,11 +270,29 @@ def seed_table(finals: Mapping[str, Mapping[str, Mapping[int, float]]]) -> pd.Da
 
 def seed_spread(accuracy: Mapping[int, float]) -> str:
     """One run's final accuracy over seeds (a row of `final_by_seed`) as "82.1% (81.8% to
-    82.8%)": the mean, then the lowest and the highest seed."""
+    82.8%)": the mean, then the lowest and the highest seed; a seed that scored nothing (NaN)
+    is named, not averaged."""
     if not accuracy:
         raise ValueError("accuracy is empty: give {seed: final accuracy}")
-    values = list(accuracy.values())
-    return f"{math.fsum(values) / len(values):.1%} ({min(values):.1%} to {max(values):.1%})"
+    scored = _scored(accuracy)
+    unscored = [str(s) for s, a in accuracy.items() if math.isnan(a)]
+    text = (f"{math.fsum(scored) / len(scored):.1%} ({min(scored):.1%} to {max(scored):.1%})"
+            if scored else "not scored")
+    if scored and unscored:
+        text += f", not scored in seed {listed(unscored)}"
+    return text
+
+
+def sides_by_seed(by_seed: Mapping[int, Mapping[str, History]], first: str, second: str,
+                  window: int = FINAL_WINDOW) -> dict[int, int]:
+    """Seed -> `final_gap(first, second).ahead` in that seed (1: `first` ahead by more than
+    the larger jitter, -1: `second` is, 0: level), over the seeds that hold both runs."""
+    check_window(window)
+    sides = {s: final_gap(runs[first], runs[second], window).ahead
+             for s, runs in sorted(by_seed.items()) if first in runs and second in runs}
+    if not sides:
+        raise ValueError(f"no seed holds both {first!r} and {second!r}")
+    return sides
 
 
 def sides_over_seeds(by_seed: Mapping[int, Mapping[str, History]], first: str, second: str,
@@ -249,15 +300,36 @@ def sides_over_seeds(by_seed: Mapping[int, Mapping[str, History]], first: str, s
     """In how many seeds run `first` is above, level with and below run `second` by
     `final_gap`'s rule within each seed, over the seeds that hold both: e.g. "above FedPer in
     2, level with it in 1" (`called`: how to name `second`; default `second` in backticks)."""
-    sides = [final_gap(runs[first], runs[second], window).ahead
-             for runs in by_seed.values() if first in runs and second in runs]
-    if not sides:
-        raise ValueError(f"no seed holds both {first!r} and {second!r}")
+    sides = list(sides_by_seed(by_seed, first, second, window).values())
     said = [f"{word} {{}} in {sides.count(side)}"
             for side, word in ((1, "above"), (0, "level with"), (-1, "below"))
             if sides.count(side)]
     return ", ".join([said[0].format(called or f"`{second}`"),
                       *(phrase.format("it") for phrase in said[1:])])
+
+
+def seed_agreement(sides: Iterable[int]) -> str:
+    """What a comparison's outcomes over seeds (`sides_by_seed`'s values) say, in words:
+    "level in every seed", "the same side in every seed", "ahead in some seeds and level in
+    the others", or "a different side in different seeds"."""
+    outcomes = set(sides)
+    if not outcomes or not outcomes <= {-1, 0, 1}:
+        raise ValueError(f"sides={sorted(outcomes)}: expected outcomes in -1, 0, 1")
+    if outcomes == {0}:
+        return "level in every seed"
+    if len(outcomes) == 1:
+        return "the same side in every seed"
+    if {-1, 1} <= outcomes:
+        return "a different side in different seeds"
+    return "ahead in some seeds and level in the others"
+
+
+def listed(items: Sequence[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    items = [str(item) for item in items]
+    if not items:
+        raise ValueError("items is empty")
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 # per-client scores ---------------------------------------------------------------------------

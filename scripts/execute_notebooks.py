@@ -23,9 +23,9 @@ stays in `_build/papermill/` for inspection, the last good copy is kept, and the
 explanatory page that reads stored files (`READS_STORED`: the intro's results summary, the run
 table, the benchmark figures) when a file in the folders it reads is newer than that execution:
 the cache keys on a page's code, so a run stored by `make execute` would otherwise not show on
-those pages until their code changed. Then, for each experiment whose executed copy is missing, or was
-made from an older version of its source or of its fixed parameters and title (`chapter_digest`),
-it runs the notebook with `train=False` -- the notebook then shows the stored history of its
+those pages until their code changed. Then, for each experiment whose executed copy is
+missing, or was made from an older version of its source or of its fixed parameters and title
+(`chapter_digest`), it runs the notebook with `train=False` -- the notebook then shows the stored history of its
 preset and profile if there is one, else the command that produces it and its communication
 cost. It never trains, so `-p train ...` with `--render` is refused.
 """
@@ -57,7 +57,7 @@ METADATA_KEY = (
 # explanatory pages that read stored files when they execute -> the folders they read
 READS_STORED: dict[str, tuple[str, ...]] = {
     "intro.md": ("results",),
-    "run_it_yourself.md": ("results",),
+    "run_it_yourself.md": ("results", "benchmarks/results"),
     "hadamard_layers.md": ("benchmarks/results",),
     "performance.md": ("benchmarks/results",),
 }

@@ -97,6 +97,12 @@ def test_seed_table_gives_each_runs_seeds_mean_and_range():
     assert list(table.loc[("p", "b")]) == pytest.approx([0.7, 0.6, 0.65, 0.6, 0.7])
     with pytest.raises(ValueError, match="finals holds no run"):
         seed_table({"q": {}})
+    with pytest.raises(ValueError, match=r"finals\['p'\]\['a'\] is empty"):
+        seed_table({"p": {"a": {}}})
+    nan = float("nan")  # the summary columns are over the seeds that scored
+    row = seed_table({"p": {"a": {0: nan, 1: 0.6, 2: 0.8}}}).loc[("p", "a")]
+    assert math.isnan(row["seed 0"]) and list(row[1:]) == pytest.approx([0.6, 0.8, 0.7, 0.6,
+                                                                          0.8])
 
 
 def test_seed_spread_is_the_mean_then_the_lowest_and_highest_seed():
@@ -104,8 +110,46 @@ def test_seed_spread_is_the_mean_then_the_lowest_and_highest_seed():
 
     assert seed_spread({0: 0.821, 1: 0.818, 2: 0.828}) == "82.2% (81.8% to 82.8%)"
     assert seed_spread({5: 0.5}) == "50.0% (50.0% to 50.0%)"
+    nan = float("nan")  # a seed that scored nothing is named, not averaged (in any position)
+    assert seed_spread({0: nan, 1: 0.8, 2: 0.7}) == (
+        "75.0% (70.0% to 80.0%), not scored in seed 0")
+    assert seed_spread({0: 0.8, 1: nan, 2: nan}) == (
+        "80.0% (80.0% to 80.0%), not scored in seed 1 and 2")
+    assert seed_spread({0: nan}) == "not scored"
     with pytest.raises(ValueError, match="accuracy is empty"):
         seed_spread({})
+
+
+def test_a_seed_with_only_some_of_the_runs_is_left_out_whole():
+    from fedpara.results import complete_seeds
+
+    run = curve([0.5])
+    by_seed = {2: {"a": run, "b": run}, 0: {"a": run, "b": run, "c": run}, 1: {"a": run},
+               3: {"b": run, "a": run, "c": run}}
+    assert {s: sorted(r) for s, r in complete_seeds(by_seed).items()} == {
+        0: ["a", "b", "c"], 3: ["a", "b", "c"]}  # the lowest seed's runs, in seed order
+    assert list(complete_seeds(by_seed, reference=2)) == [0, 2, 3]
+    assert complete_seeds({}) == {} and complete_seeds({4: {}, 5: {"a": run}}) == {}
+    with pytest.raises(ValueError, match=r"reference=7 is not a seed of by_seed; allowed: 0, 1"):
+        complete_seeds({0: {}, 1: {}}, reference=7)
+
+
+def test_seed_agreement_says_what_the_outcomes_over_seeds_have_in_common():
+    from fedpara.results import listed, seed_agreement
+
+    assert seed_agreement([0, 0]) == "level in every seed"
+    assert seed_agreement([1, 1, 1]) == seed_agreement([-1]) == "the same side in every seed"
+    assert seed_agreement([1, 0, 1]) == seed_agreement([0, -1]) == (
+        "ahead in some seeds and level in the others")
+    assert seed_agreement([1, -1]) == seed_agreement([-1, 0, 1]) == (
+        "a different side in different seeds")
+    for bad in ([], [2]):
+        with pytest.raises(ValueError, match="sides=.*expected outcomes in -1, 0, 1"):
+            seed_agreement(bad)
+    assert listed([1]) == "1" and listed(["a", "b"]) == "a and b"
+    assert listed(["a", "b", "c"]) == "a, b and c"
+    with pytest.raises(ValueError, match="items is empty"):
+        listed([])
 
 
 def test_sides_over_seeds_counts_each_seed_by_the_single_seed_rule():
@@ -125,6 +169,12 @@ def test_sides_over_seeds_counts_each_seed_by_the_single_seed_rule():
     assert sides_over_seeds(only_below, "a", "b", called="B") == "below B in 1"
     with pytest.raises(ValueError, match="no seed holds both 'a' and 'c'"):
         sides_over_seeds(by_seed, "a", "c")
+    from fedpara.results import sides_by_seed
+
+    assert sides_by_seed(by_seed, "a", "b") == {0: 1, 1: 0, 2: -1, 3: 1}
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=r"window=.* must be an integer >= 1"):
+            sides_by_seed(by_seed, "a", "b", window=bad)
 
 
 def test_a_chapters_seeds_parameter_is_read_as_distinct_integers_or_refused_by_name():
@@ -373,7 +423,12 @@ def test_a_chapter_reopened_with_another_seed_reads_that_seeds_runs(tmp_path):
     by_seed = histories_by_seed([page, again, nothing.with_seed(5)])
     assert {p: {s: list(r) for s, r in runs.items()} for p, runs in by_seed.items()} == {
         "fmnist-noniid": {0: ["fedpara"], 3: ["fedpara", "lowrank"]}}  # seed 5: no run
-    with pytest.raises(ValueError, match="seed 3 is given twice"):
+    # the first page's runs are what every seed must hold: none there, no seed to compare
+    assert histories_by_seed([nothing.with_seed(5), page]) == {"fmnist-noniid": {}}
+    by_seed = histories_by_seed([again, page])  # seed 0 lacks lowrank: left out whole
+    assert {s: list(r) for s, r in by_seed["fmnist-noniid"].items()} == {
+        3: ["fedpara", "lowrank"]}
+    with pytest.raises(ValueError, match="pages: seed 3 is given twice"):
         histories_by_seed([again, again])
     bare = Chapter(name="x", profile="smoke", root=root, results_dir=results, data_dir="",
                    fake_data=False, configs=page.configs, runs=page.runs)
