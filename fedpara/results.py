@@ -246,6 +246,13 @@ def _scored(accuracy: Mapping[int, float]) -> list[float]:
     return [a for a in accuracy.values() if not math.isnan(a)]
 
 
+def seed_mean(accuracy: Mapping[int, float]) -> float:
+    """The mean of one run's final accuracies over seeds (a row of `final_by_seed`), over the
+    seeds that scored (NaN when none did)."""
+    scored = _scored(accuracy)
+    return math.fsum(scored) / len(scored) if scored else math.nan
+
+
 def seed_table(finals: Mapping[str, Mapping[str, Mapping[int, float]]]) -> pd.DataFrame:
     """One row per (preset, name) of `finals` (preset -> `final_by_seed`'s result): the final
     accuracy in each seed, then the mean, the lowest and the highest of those that scored
@@ -261,7 +268,7 @@ def seed_table(finals: Mapping[str, Mapping[str, Mapping[int, float]]]) -> pd.Da
             scored = _scored(accuracy) or [math.nan]
             rows.append({"preset": preset, "variant": name,
                          **{f"seed {s}": a for s, a in accuracy.items()},
-                         "mean": math.fsum(scored) / len(scored), "lowest": min(scored),
+                         "mean": seed_mean(accuracy), "lowest": min(scored),
                          "highest": max(scored)})
     if not rows:
         raise ValueError("finals holds no run: give {preset: {name: {seed: accuracy}}}")
@@ -276,7 +283,7 @@ def seed_spread(accuracy: Mapping[int, float]) -> str:
         raise ValueError("accuracy is empty: give {seed: final accuracy}")
     scored = _scored(accuracy)
     unscored = [str(s) for s, a in accuracy.items() if math.isnan(a)]
-    text = (f"{math.fsum(scored) / len(scored):.1%} ({min(scored):.1%} to {max(scored):.1%})"
+    text = (f"{seed_mean(accuracy):.1%} ({min(scored):.1%} to {max(scored):.1%})"
             if scored else "not scored")
     if scored and unscored:
         text += f", not scored in seed {listed(unscored)}"
@@ -309,9 +316,10 @@ def sides_over_seeds(by_seed: Mapping[int, Mapping[str, History]], first: str, s
 
 
 def seed_agreement(sides: Iterable[int]) -> str:
-    """What a comparison's outcomes over seeds (`sides_by_seed`'s values) say, in words:
-    "level in every seed", "the same side in every seed", "ahead in some seeds and level in
-    the others", or "a different side in different seeds"."""
+    """What a comparison's outcomes over seeds (`sides_by_seed`'s values) have in common, in
+    words: "level in every seed", "the same side in every seed", "the same side wherever a
+    seed separates them" (one side ahead in some seeds, level in the others) or "different
+    sides in different seeds"."""
     outcomes = set(sides)
     if not outcomes or not outcomes <= {-1, 0, 1}:
         raise ValueError(f"sides={sorted(outcomes)}: expected outcomes in -1, 0, 1")
@@ -320,8 +328,8 @@ def seed_agreement(sides: Iterable[int]) -> str:
     if len(outcomes) == 1:
         return "the same side in every seed"
     if {-1, 1} <= outcomes:
-        return "a different side in different seeds"
-    return "ahead in some seeds and level in the others"
+        return "different sides in different seeds"
+    return "the same side wherever a seed separates them"
 
 
 def listed(items: Sequence[str]) -> str:

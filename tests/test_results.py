@@ -116,6 +116,10 @@ def test_seed_spread_is_the_mean_then_the_lowest_and_highest_seed():
     assert seed_spread({0: 0.8, 1: nan, 2: nan}) == (
         "80.0% (80.0% to 80.0%), not scored in seed 1 and 2")
     assert seed_spread({0: nan}) == "not scored"
+    from fedpara.results import seed_mean
+
+    assert seed_mean({0: nan, 1: 0.8, 2: 0.7}) == pytest.approx(0.75)
+    assert math.isnan(seed_mean({0: nan})) and math.isnan(seed_mean({}))
     with pytest.raises(ValueError, match="accuracy is empty"):
         seed_spread({})
 
@@ -140,9 +144,9 @@ def test_seed_agreement_says_what_the_outcomes_over_seeds_have_in_common():
     assert seed_agreement([0, 0]) == "level in every seed"
     assert seed_agreement([1, 1, 1]) == seed_agreement([-1]) == "the same side in every seed"
     assert seed_agreement([1, 0, 1]) == seed_agreement([0, -1]) == (
-        "ahead in some seeds and level in the others")
+        "the same side wherever a seed separates them")
     assert seed_agreement([1, -1]) == seed_agreement([-1, 0, 1]) == (
-        "a different side in different seeds")
+        "different sides in different seeds")
     for bad in ([], [2]):
         with pytest.raises(ValueError, match="sides=.*expected outcomes in -1, 0, 1"):
             seed_agreement(bad)
