@@ -573,9 +573,11 @@ def _names(value: str | Sequence[str]) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def parse_seeds(seeds: int | str | Sequence[int | str]) -> list[int]:
+def parse_seeds(seeds: int | str | Sequence[int | str] | None) -> list[int]:
     """A chapter's `seeds` parameter, "1,2", [1, 2] or 1 (what `papermill -p seeds 1` passes),
-    as sorted distinct seeds ("" = none)."""
+    as sorted distinct seeds ("" or None, an empty YAML value, = none)."""
+    if seeds is None:
+        return []
     if isinstance(seeds, int):
         seeds = [seeds]
     items = _names(seeds if isinstance(seeds, str) else [str(s) for s in seeds])

@@ -185,7 +185,7 @@ def test_a_chapters_seeds_parameter_is_read_as_distinct_integers_or_refused_by_n
     from fedpara.results import parse_seeds
 
     assert parse_seeds("2, 1,,2 ") == [1, 2] and parse_seeds([3, "0"]) == [0, 3]
-    assert parse_seeds("") == [] and parse_seeds(3) == [3]
+    assert parse_seeds("") == parse_seeds(None) == [] and parse_seeds(3) == [3]
     for bad in ("1;2", "-1", "1.5", "one", -2):
         with pytest.raises(ValueError, match=r"seeds=.*allowed: comma-separated integers >= 0"):
             parse_seeds(bad)
