@@ -332,7 +332,7 @@ def seed_agreement(sides: Iterable[int]) -> str:
     return "the same side wherever a seed separates them"
 
 
-def listed(items: Sequence[str]) -> str:
+def listed(items: Iterable[Any]) -> str:
     """"a", "a and b", "a, b and c"."""
     items = [str(item) for item in items]
     if not items:
