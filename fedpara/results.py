@@ -619,6 +619,23 @@ class Chapter:
                              "with open_chapter(..., seed=seed)")
         return open_chapter(**{**self.options, "seed": seed})
 
+    def with_seeds(self, seeds: int | str | Sequence[int | str] | None = None
+                   ) -> list[Chapter]:
+        """This chapter first, then the same chapter opened with each other seed of `seeds`
+        (`parse_seeds`: "1,2", [1, 2], "" for none; default: the `seeds` given to
+        `open_chapter`; this chapter's own seed is not opened twice). What
+        `histories_by_seed` takes."""
+        if seeds is None:
+            seeds = self.options.get("seeds", "")
+        return [self, *(self.with_seed(s) for s in parse_seeds(seeds) if s != self.seed)]
+
+    def other_seeds_notice(self, pages: Iterable[Chapter]) -> str:
+        """Markdown, "**Seed N.** " and that page's `notice()`, for each of `pages` opened with
+        another seed than this chapter's that has runs still to make ("" when none has): this
+        chapter's own notice is shown at its top, the other seeds' where they are compared."""
+        return "\n\n".join(f"**Seed {page.seed}.** {page.notice()}" for page in pages
+                            if page.seed != self.seed and page.missing)
+
     @property
     def presets(self) -> list[str]:
         return list(dict.fromkeys(preset for preset, _ in self.configs))
@@ -740,6 +757,7 @@ def open_chapter(
     data_dir: str | Path = "",
     device: str = "auto",
     seed: int = 0,
+    seeds: int | str | Sequence[int | str] = "",
     train: bool = False,
     retrain: bool = False,
     results_dir: str | Path = "",
@@ -763,6 +781,9 @@ def open_chapter(
       of each (`PRESETS[name].variants`), or those in `variants` ("a,b" or a list; empty: all).
       A name in `variants` that no preset has is skipped; none left raises ValueError.
     - `chapter`: the chapter's name for `make execute CHAPTER=...` (in the commands shown).
+    - `seeds`: the other seeds the chapter compares its runs over (its `seeds` parameter,
+      `parse_seeds`), checked here, before any run is trained; `Chapter.with_seeds()` opens
+      them.
     - `root`: the repository, by default found from the working directory (`find_root`).
     - `results_dir`: where histories are read and written; "" = `<root>/results`.
     - `data_dir`: "" = $FEDPARA_DATA, else `<root>/data` (or the fake data, see `fake_data`).
@@ -781,8 +802,9 @@ def open_chapter(
     - `overrides`: further config fields for every run (e.g. `rounds=3`); a run made with them
       is another experiment, so only a history made with them too counts.
     """
+    parse_seeds(seeds)  # a bad value fails now, not after the first seed's training
     options = dict(presets=presets, chapter=chapter, profile=profile, variants=variants,
-                   data_dir=data_dir, device=device, train=train, retrain=retrain,
+                   seeds=seeds, data_dir=data_dir, device=device, train=train, retrain=retrain,
                    results_dir=results_dir, fake_data=fake_data, checkpoints=checkpoints,
                    progress=progress, root=root, **overrides)
     root = find_root(root)

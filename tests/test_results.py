@@ -413,6 +413,7 @@ def test_a_chapter_reopened_with_another_seed_reads_that_seeds_runs(tmp_path):
     page = open_chapter("fmnist-noniid", chapter="fashion_mnist", profile="smoke",
                         variants="fedpara,lowrank", root=root, results_dir=results,
                         checkpoints=False)
+    before = sorted(p.name for p in results.iterdir())
     again = page.with_seed(3)
     assert again.seed == 3 and list(again.configs) == list(page.configs)
     assert again.results_dir == results and again.options["checkpoints"] is False
@@ -434,6 +435,26 @@ def test_a_chapter_reopened_with_another_seed_reads_that_seeds_runs(tmp_path):
         3: ["fedpara", "lowrank"]}
     with pytest.raises(ValueError, match="pages: seed 3 is given twice"):
         histories_by_seed([again, again])
+    # with_seeds: this page first, its own seed not opened twice, the others in order
+    pages = page.with_seeds("3, 0, 5")
+    assert [p.seed for p in pages] == [0, 3, 5] and pages[0] is page
+    assert [p.seed for p in page.with_seeds("")] == [0]
+    # the notice names each other seed with runs to make, and only those
+    notice = page.other_seeds_notice(pages)
+    assert notice.startswith("**Seed 5.** ") and "--set seed=5" in notice
+    assert "**Seed 0.**" not in notice and "**Seed 3.**" not in notice
+    assert page.other_seeds_notice(pages[:2]) == ""  # seed 3 holds both runs
+    # the seeds given to open_chapter are checked there, and are with_seeds' default
+    chosen = open_chapter("fmnist-noniid", chapter="fashion_mnist", profile="smoke",
+                          variants="fedpara", root=root, results_dir=results,
+                          checkpoints=False, seeds="5,3")
+    assert [p.seed for p in chosen.with_seeds()] == [0, 3, 5]
+    assert [p.seed for p in chosen.with_seeds("")] == [0]
+    assert [p.seed for p in chosen.with_seed(3).with_seeds()] == [3, 5]  # seeds kept
+    with pytest.raises(ValueError, match="seeds='1,x': allowed: comma-separated integers"):
+        open_chapter("fmnist-noniid", chapter="fashion_mnist", profile="smoke",
+                     root=root, results_dir=results, train=True, seeds="1,x")
+    assert sorted(p.name for p in results.iterdir()) == before  # nothing trained first
     bare = Chapter(name="x", profile="smoke", root=root, results_dir=results, data_dir="",
                    fake_data=False, configs=page.configs, runs=page.runs)
     with pytest.raises(ValueError, match="not made by open_chapter"):
