@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,8 @@ import nbformat
 import pytest
 import yaml
 from sphinx.util.matching import get_matching_files
+
+from fedpara.results import listed, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
@@ -328,6 +331,40 @@ def test_render_only_run_never_trains(name, tmp_path):
     record = notebook.metadata["papermill"]
     assert "output_path" not in record
     assert record["input_path"] == source.relative_to(ROOT).as_posix()
+
+
+SEEDED = [name for name in EXPERIMENTS if "seeds" in _defaults(name)]
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns
+            for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_full_profile_renders_its_seed_comparison_from_the_stored_runs(name, tmp_path):
+    """The chapter as `make book` renders it, from the full-profile runs committed under
+    results/ (every seed of its `seeds` parameter; nothing is trained): the code that words the
+    comparison over seeds runs only for the full profile, so it is checked on the real
+    histories. (A run that writes under results/ meanwhile fails the last check.)"""
+    results = ROOT / "results"
+    before = _listing(results)
+    source, fixed, title = driver.chapter_source(name)
+    output = tmp_path / f"{name}.ipynb"
+    driver.run_notebook(source, output, {**fixed, "train": False}, work_dir=tmp_path / "work",
+                        log_output=False, title=title)
+    notebook = nbformat.read(output, as_version=4)
+    errors, text = _outputs(notebook)
+    assert errors == []
+    seeds = listed([0, *parse_seeds(_defaults(name)["seeds"])])
+    assert "**Over seeds" in text and f"Over seeds {seeds}" in text, (
+        "the comparison over every seed is worded from the stored runs")
+    assert "**Seed " not in text, "a seed with runs still to make"
+    assert "a test of the machinery" not in text and "No runs yet" not in text
+    prose = "\n".join(o.get("data", {}).get("text/markdown", "")
+                      for c in notebook.cells for o in c.get("outputs", []))
+    assert not re.search(r"\b(nan|inf)\b", prose, re.IGNORECASE), "a number that is missing"
+    assert _listing(results) == before, "rendering must not write under results/"
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
