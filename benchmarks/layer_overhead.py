@@ -18,6 +18,10 @@ their gradients + every tensor saved for backward (activations and composed weig
 with torch.autograd.graph.saved_tensors_hooks, each storage counted once, parameters not
 counted twice). Transient buffers inside an op are not seen.
 
+On a CPU the process keeps freed memory mapped, as training does by default there
+(`fedpara.task.retain_freed_memory`; `--no-retain-memory` to leave glibc's default, and
+benchmarks/memory_retention.py for the difference it makes).
+
 Also measured: the composition alone (forward + backward of the 13 weights, no convolution) in
 three implementations, to show where the time goes; the multiply-add counts of the
 convolutions and of the composition; and the rate (multiply-adds per second) of each kind of
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedpara import task  # noqa: E402
 from fedpara.layers import FedParaConv2d, _fedpara_weight  # noqa: E402
 from fedpara.layers import _linear as fedpara_linear  # noqa: E402
 from fedpara.models import vgg16  # noqa: E402
@@ -268,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="cuDNN autotuning (torch.backends.cudnn.benchmark; CUDA only)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep freed memory mapped (fedpara.task.retain_freed_memory; "
+                        "process-wide); default: as task.Speed.default on the device, on a CPU")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/layer_overhead-<device>.json)")
     args = p.parse_args(argv)
@@ -278,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
+    if args.retain_memory is None:  # what training does by default on this device
+        args.retain_memory = task.Speed.default(device).retain_memory
+    retained = task.retain_freed_memory() if args.retain_memory else False
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -316,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16": args.bf16,
         "channels_last": args.channels_last,
         "cudnn_benchmark": args.cudnn_benchmark,
+        # freed memory kept mapped for the next step (as the CPU training default does)
+        "retained_freed_memory": retained,
         "repeats": args.repeats,
         "steps_per_repeat": args.steps,
         "step_seconds": times,

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
 import functools
 import math
 import numbers
+import platform
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -240,11 +243,14 @@ class Speed:
     cudnn_benchmark: bool = False  # cuDNN times its algorithms once per new shape (CUDA only)
     # CUDA with TensorBatches only: replay the step as a captured CUDA graph (fedpara/graphed.py)
     graph: bool = False
+    # CPU only: the process keeps freed memory mapped for the next step (`retain_freed_memory`;
+    # process-wide, and it stays on once a training run has turned it on)
+    retain_memory: bool = False
 
     @classmethod
     def default(cls, device: torch.device | str, fast: bool = True) -> Speed:
         """The fast path's options on `device`: channels-last and cuDNN autotuning on CUDA,
-        nothing elsewhere; float32 everywhere.
+        freed memory kept for reuse on a CPU (`retain_freed_memory`); float32 everywhere.
 
         bf16 autocast is off on CUDA too because it measured slower than float32 at the
         presets' batch size on the one GPU this project has measured (the H200 numbers in
@@ -256,11 +262,42 @@ class Speed:
         step (`graph`) stays off by default until benchmarks/gpu_check.sh has compared it
         with the eager step on a GPU.
         """
-        on = fast and torch.device(device).type == "cuda"
-        return cls(bf16=False, channels_last=on, cudnn_benchmark=on)
+        kind = torch.device(device).type
+        on = fast and kind == "cuda"
+        return cls(bf16=False, channels_last=on, cudnn_benchmark=on,
+                   retain_memory=fast and kind == "cpu")
 
 
 PLAIN = Speed()  # fp32, contiguous, cuDNN's heuristics: the reference arithmetic
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64 bits
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
+
+
+@functools.cache
+def retain_freed_memory() -> bool:
+    """Keep the memory this process frees mapped for reuse (glibc's allocator); True if set.
+
+    A FedPara step allocates dense-sized tensors that live for one step only: the composed
+    weights (kept from the forward pass to the backward) and the branches the backward pass
+    rebuilds. glibc hands large freed blocks back to the kernel (unmapping them, or trimming
+    the top of its heap), so the next step faults the same memory in again, one zero-filled
+    page at a time. Here blocks up to 32 MiB come from the heap, and up to 1 GiB of free heap
+    stays mapped: after the first step, the process reuses its own memory. The price is that
+    the process keeps its peak memory until it exits. The setting is process-wide and cannot be
+    undone (glibc's thresholds stop adapting once set), so it is applied once; False, and
+    nothing changed, where the C library is not glibc. `benchmarks/memory_retention.py`
+    measures what it changes, in processes with and without it.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+                and mallopt(_M_TRIM_THRESHOLD, 2**30))
 
 
 @dataclass(frozen=True)
@@ -347,6 +384,8 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
     device = torch.device(device)
     if speed is None:
         speed = Speed.default(device, fast=isinstance(batches, TensorBatches))
+    if speed.retain_memory and device.type == "cpu":
+        retain_freed_memory()
     if seed is not None:
         torch.manual_seed(seed)
     model.to(device).train()

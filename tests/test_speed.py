@@ -65,8 +65,74 @@ def test_fast_options_are_on_for_cuda_only():
     assert task.Speed.default("cuda") == task.Speed(bf16=False, channels_last=True,
                                                     cudnn_benchmark=True)
     assert task.Speed.default("cuda:1", fast=False) == task.PLAIN
-    assert task.Speed.default("cpu") == task.PLAIN  # a CPU keeps fp32: never slower, same numbers
+    # a CPU keeps the plain arithmetic (fp32, contiguous: same numbers); it only keeps its memory
+    assert task.Speed.default("cpu") == task.Speed(retain_memory=True)
+    assert task.Speed.default("cpu", fast=False) == task.PLAIN
     assert task.Speed.default("mps") == task.PLAIN
+
+
+@pytest.mark.parametrize(("speed", "calls"), [(None, 1), (task.PLAIN, 0)])
+def test_train_on_a_cpu_keeps_freed_memory_on_the_fast_path_only(speed, calls, monkeypatch):
+    seen = []
+    monkeypatch.setattr(task, "retain_freed_memory", lambda: seen.append(1) or True)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    batches = task.TensorBatches(x, y, batch_size=16, shuffle=False)
+    task.train(task.init_model(cnn_config()), batches, epochs=1, lr=0.1, speed=speed)
+    assert len(seen) == calls
+
+
+def test_retained_memory_changes_no_number():
+    batches = batch_list()
+    plain, kept = task.init_model(cnn_config()), task.init_model(cnn_config())
+    r_plain = task.train(plain, batches, epochs=1, lr=0.1, speed=task.PLAIN, seed=3)
+    r_kept = task.train(kept, batches, epochs=1, lr=0.1, speed=task.Speed(retain_memory=True),
+                        seed=3)
+    assert r_kept.loss == r_plain.loss
+    for (name, a), b in zip(plain.state_dict().items(), kept.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+# Allocations shaped like a FedPara step's: dense-sized tensors kept a few "layers" long, then
+# freed together; minor page faults counted before and after the setting, in a fresh process
+# (the setting cannot be undone, so it must not be applied to the test process itself).
+_FAULTS_SCRIPT = """
+import json, resource, torch
+from fedpara.task import retain_freed_memory
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def steps():
+    kept = []
+    for _ in range(90):
+        a, b = torch.ones(2_400_000), torch.ones(2_400_000)
+        kept.append(a * b)
+        if len(kept) > 4:
+            kept.clear()
+        del a, b
+def counted():
+    steps()  # the allocator's state settles
+    before = faults()
+    steps()
+    return faults() - before
+default = counted()
+applied = retain_freed_memory()
+print(json.dumps({"default": default, "applied": applied, "again": retain_freed_memory(),
+                  "retained": counted()}))
+"""
+
+
+def test_retain_freed_memory_stops_the_page_faults_of_repeated_steps():
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120, check=True)
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["applied"] is True and counts["again"] is True
+    # by default, 9.6 MB blocks freed go back to the kernel and fault in again, page by page
+    # (how many depends on where the heap lands); kept mapped, the steps reuse their memory
+    assert counts["default"] > 10_000, counts
+    assert counts["retained"] < counts["default"] / 10, counts
 
 
 @pytest.mark.parametrize("fast_batches", [True, False])
