@@ -28,6 +28,11 @@ host. The paths:
                       the device (task.Speed.default), copied under this name for comparisons
                       across commits
 
+On a CPU the fast path keeps freed memory mapped (`task.retain_freed_memory`). That setting
+belongs to the whole process and cannot be undone, so when a measured path has it, it is set
+before the first epoch and every path runs with it (`settings.retained_freed_memory`);
+benchmarks/memory_retention.py times processes with and without it.
+
 `--cohort K` (CUDA by default) trains K clients of `--samples` images each together
 (fedpara/cohort.py) against the same K one after the other on the fast path:
 `round_images_per_second[model]`. With dropout off it also checks the two ways agree, and that
@@ -773,6 +778,9 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
     models = {n: task.init_model(config_for(n, device, args.batch)) for n in names}
     batches = {(n, p): path_batches(p, split, n, device, args.batch, args.workers)
                for n in names for p in paths}
+    # process-wide and for good once a path has set it: set before any path runs, so that every
+    # path is timed the same way (benchmarks/memory_retention.py measures it on its own)
+    retained = any(s.retain_memory for _, s in batches.values()) and task.retain_freed_memory()
     load_before = _load()
 
     times: dict[str, dict[str, list[float]]] = {n: {p: [] for p in paths} for n in names}
@@ -815,7 +823,8 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
         "settings": {"batch": args.batch, "samples_per_epoch": args.samples,
                      "repeats": args.repeats, "baseline_workers": args.workers,
                      "models": names, "paths": list(paths), "eval_samples": args.eval_samples,
-                     "speed_default": dataclasses.asdict(task.Speed.default(device))},
+                     "speed_default": dataclasses.asdict(task.Speed.default(device)),
+                     "retained_freed_memory": retained},
         "epoch_seconds": times,
         "images_per_second": ips,
         "data_seconds_per_epoch": data,

@@ -11,6 +11,7 @@ import gc
 import importlib.util
 import json
 import os
+import platform
 import re
 import shutil
 import statistics
@@ -121,8 +122,6 @@ print(json.dumps({"default": default, "applied": applied, "again": retain_freed_
 
 
 def test_retain_freed_memory_stops_the_page_faults_of_repeated_steps():
-    import platform
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's allocator only")
     done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True,
@@ -776,6 +775,46 @@ def test_the_appendix_quotes_todays_fast_path_and_the_cuda_version(tmp_path, mon
     cpu = next(r for r in records if r["device_type"] == "cpu")
     assert glued["cpu_fast_vs_baseline"] == pytest.approx(
         cpu["ratio_fast_to_baseline"]["fedpara-0.1"])
+
+
+def test_the_appendix_reads_what_keeping_freed_memory_changed_from_its_file(tmp_path,
+                                                                           monkeypatch):
+    [path] = RESULTS.glob("memory_retention-*.json")
+    sides = json.loads(path.read_text())["summary"]
+    _, shown, _ = run_appendix(RESULTS, tmp_path / "stored", monkeypatch)
+    [said] = [text for text in shown if "With freed memory kept" in text]
+    assert (f"a FedPara step took {sides['step_time_on_to_off']['fedpara']:.2f} times as long"
+            in said)
+    assert (f"went from {sides['off']['time_ratio_fedpara_to_original']:.2f} to "
+            f"{sides['on']['time_ratio_fedpara_to_original']:.2f}") in said
+    # without the file the page says how to make it
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    (results / path.name).unlink()
+    _, shown, _ = run_appendix(results, tmp_path / "missing", monkeypatch)
+    assert not any("With freed memory kept" in text for text in shown)
+    assert any(text.startswith("No `memory_retention-<device>.json` is stored yet")
+               for text in shown)
+
+
+def test_the_memory_retention_benchmark_times_processes_of_both_kinds(tmp_path):
+    out = tmp_path / "retention.json"
+    script = str(ROOT / "benchmarks" / "memory_retention.py")
+    done = subprocess.run([sys.executable, script, "--pairs", "1", "--repeats", "2", "--steps",
+                           "1", "--batch", "2", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert [c["retain"] for c in record["children"]] == [False, True]  # the order of pair 1
+    off, on = record["children"]
+    assert not off["applied"] and on["applied"] is (platform.libc_ver()[0] == "glibc")
+    assert record["summary"]["step_time_on_to_off"]["fedpara"] == pytest.approx(
+        on["median_step_seconds"]["fedpara"] / off["median_step_seconds"]["fedpara"])
+    assert record["summary"]["off"]["minor_faults_per_step"] == off["minor_faults_per_step"]
+    # bad input is refused, naming the parameter, before any process starts
+    bad = subprocess.run([sys.executable, script, "--pairs", "0", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--pairs must be >= 1, got 0" in bad.stderr
 
 
 def test_the_appendix_builds_after_a_gpu_check_rerun(tmp_path, monkeypatch):
