@@ -9,8 +9,8 @@ run starts pairs of child processes, one without the setting and one with it (th
 every pair), and each child times both models the way `benchmarks/layer_overhead.py` does
 (forward + backward + SGD step on random 32×32 images at batch 64, models interleaved, the
 order flipping every repeat). Each child reports its median step per model, the median of its
-paired FedPara/original ratios and the minor page faults per step (getrusage: each one is a
-page the kernel mapped in, zero-filled). The summary compares the two sides over the children:
+paired FedPara/original ratios and the minor page faults per step (getrusage: here mostly
+pages the kernel maps in zero-filled). Linux (POSIX getrusage); the setting needs glibc. The summary compares the two sides over the children:
 medians of the children's medians. Writes benchmarks/results/memory_retention-<device>.json
 (`--out` to choose).
 """
@@ -45,7 +45,7 @@ def faults() -> int:
 
 def child(args: argparse.Namespace) -> dict:
     """Time both models in this process, with the setting applied first if `args.retain`."""
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     applied = retain_freed_memory() if args.retain else False
     torch.manual_seed(0)
@@ -112,16 +112,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     for name in ("pairs", "repeats", "steps", "batch"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1 (or left out for torch's default), got {args.threads}")
+    if not 0 < args.gamma <= 1:
+        p.error(f"--gamma must be in (0, 1], got {args.gamma}")
     if args.child:
         print(json.dumps(child(args)))
         return {}
 
     common = ["--repeats", str(args.repeats), "--steps", str(args.steps), "--batch",
               str(args.batch), "--gamma", str(args.gamma)]
-    if args.threads:
+    if args.threads is not None:
         common += ["--threads", str(args.threads)]
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     children = []
     for i in range(args.pairs):
         for retain in (False, True) if i % 2 == 0 else (True, False):
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         # other processes on the machine skew CPU timings: 1-minute load average around the run
-        "load_average": [load_before, os.getloadavg()[0]],
+        "load_average": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "model": "vgg16-gn, 10 classes",
         "gamma": args.gamma,
         "batch": args.batch,

@@ -139,7 +139,8 @@ class ExperimentConfig:
     data_dir: str = ""  # "" = $FEDPARA_DATA, else ./data
     device: str = "auto"  # auto = CUDA if present, else CPU
     # the fast path (task.py): client data resident on the device (data.TensorBatches) and, on
-    # CUDA, channels-last and cuDNN autotuning (task.Speed.default); False = DataLoader, contiguous
+    # CUDA, channels-last and cuDNN autotuning, on a CPU freed memory kept for reuse
+    # (task.Speed.default); False = DataLoader, contiguous
     fast_batches: bool = True
     engine: str = "client"  # ENGINES: "cohort" trains a round's clients together on one node
     client_num_cpus: float = 1.0  # Ray resources per simulated client

@@ -15,7 +15,8 @@ device as tensors (data.TensorBatches, crop and flip done there per batch) and, 
 runs in channels-last memory format with cuDNN autotuning (`Speed`; bf16 autocast and the
 captured CUDA-graph step are options).
 `fast_batches=False` is the plain path: a DataLoader and fp32 contiguous math. On a CPU the fast
-path only changes the data path; the math stays fp32 (see book/performance.md for the timings).
+path changes the data path and keeps freed memory mapped for reuse (`retain_freed_memory`); the
+math stays fp32 (see book/performance.md for the timings).
 Evaluation is fp32 on both paths.
 """
 
@@ -235,7 +236,8 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 @dataclass(frozen=True)
 class Speed:
     """How a training step runs. Only `bf16` changes the arithmetic; the others change how
-    the same arithmetic is laid out, which kernels compute it and how they are launched.
+    the same arithmetic is laid out, which kernels compute it, how they are launched, or where
+    its memory comes from.
     """
 
     bf16: bool = False  # autocast the forward to bfloat16 (weights, gradients, SGD stay fp32)
@@ -282,12 +284,15 @@ def retain_freed_memory() -> bool:
     weights (kept from the forward pass to the backward) and the branches the backward pass
     rebuilds. glibc hands large freed blocks back to the kernel (unmapping them, or trimming
     the top of its heap), so the next step faults the same memory in again, one zero-filled
-    page at a time. Here blocks up to 32 MiB come from the heap, and up to 1 GiB of free heap
+    page at a time. Here blocks below 32 MiB come from the heap, and up to 1 GiB of free heap
     stays mapped: after the first step, the process reuses its own memory. The price is that
-    the process keeps its peak memory until it exits. The setting is process-wide and cannot be
-    undone (glibc's thresholds stop adapting once set), so it is applied once; False, and
-    nothing changed, where the C library is not glibc. `benchmarks/memory_retention.py`
-    measures what it changes, in processes with and without it.
+    the process keeps up to that much freed memory (for the models here, its peak) until it
+    exits. The setting is process-wide, and glibc's adaptive thresholds cannot be restored once
+    it is made, so it is applied once. False where the C library is not glibc (nothing is
+    changed) or glibc refused a value. Under an allocator preloaded in glibc's place (jemalloc,
+    tcmalloc), glibc accepts the call but no longer serves the allocations, so True says
+    nothing there. `benchmarks/memory_retention.py` measures what it changes, in processes
+    with and without it.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
@@ -370,7 +375,9 @@ def train(model: nn.Module, batches: Batches, *, epochs: int, lr: float,
     `seed` seeds torch's global generator first (dropout, DataLoader augmentation); the shuffling
     of TensorBatches comes from the generator it was built with. `speed` defaults to the fast
     path's options for the device when `batches` are TensorBatches (`Speed.default`), else to
-    the plain arithmetic; the model is returned in the contiguous layout either way.
+    the plain arithmetic; the model is returned in the contiguous layout either way. On a CPU
+    the default fast path also calls `retain_freed_memory`, which changes the allocator of the
+    whole process for good (`speed=PLAIN` leaves it alone).
     `batches` is iterated once per epoch (and once more to count a list's examples), so a
     one-shot iterator such as a generator is refused.
     """
