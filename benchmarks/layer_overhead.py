@@ -290,8 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.retain_memory = task.Speed.default(device).retain_memory
     if args.retain_memory:
         task.retain_freed_memory()
-    # the process's state, which an earlier call (any CPU training on the fast path) may have set
-    retained = task.retain_freed_memory.cache_info().currsize > 0 and task.retain_freed_memory()
+    retained = task.freed_memory_retained()  # an earlier CPU training may have set it too
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)

@@ -780,7 +780,9 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
                for n in names for p in paths}
     # process-wide and for good once a path has set it: set before any path runs, so that every
     # path is timed the same way (benchmarks/memory_retention.py measures it on its own)
-    retained = any(s.retain_memory for _, s in batches.values()) and task.retain_freed_memory()
+    if any(s.retain_memory for _, s in batches.values()):
+        task.retain_freed_memory()
+    retained = task.freed_memory_retained()
     load_before = _load()
 
     times: dict[str, dict[str, list[float]]] = {n: {p: [] for p in paths} for n in names}

@@ -305,6 +305,12 @@ def retain_freed_memory() -> bool:
                 and mallopt(_M_TRIM_THRESHOLD, 2**30))
 
 
+def freed_memory_retained() -> bool:
+    """Whether this process keeps its freed memory: `retain_freed_memory` has run (a CPU
+    training on the fast path runs it) and glibc took the setting. Asking changes nothing."""
+    return retain_freed_memory.cache_info().currsize > 0 and retain_freed_memory()
+
+
 @dataclass(frozen=True)
 class Proximal:
     """FedProx's term mu/2 * sum ||p - anchor||^2 over `params` (Li et al., 2020), added to the

@@ -34,6 +34,7 @@ FAST_MATH = task.Speed(bf16=True, channels_last=True)  # the CUDA options, force
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"  # mallopt's home
 
 
 def _load_throughput():
@@ -117,9 +118,11 @@ def counted():
     steps()
     return faults() - before
 before, default = trained(), counted()
+unasked = task.freed_memory_retained()  # asking applies nothing
 applied = retain_freed_memory()
 after = trained()
-print(json.dumps({"default": default, "applied": applied, "again": retain_freed_memory(),
+print(json.dumps({"default": default, "unasked": unasked, "applied": applied,
+                  "again": retain_freed_memory(), "known": task.freed_memory_retained(),
                   "retained": counted(), "same_loss": before[0] == after[0],
                   "same_weights": all(torch.equal(a, b) for a, b in
                                       zip(before[1].values(), after[1].values(), strict=True))}))
@@ -127,12 +130,13 @@ print(json.dumps({"default": default, "applied": applied, "again": retain_freed_
 
 
 def test_retain_freed_memory_stops_repeated_page_faults_and_changes_no_number():
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         pytest.skip("glibc's allocator only")
     done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=120, check=True)
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts["applied"] is True and counts["again"] is True
+    assert counts["unasked"] is False and counts["known"] is True
     # by default, 9.6 MB blocks freed go back to the kernel and fault in again, page by page
     # (how many depends on where the heap lands); kept mapped, the steps reuse their memory
     assert counts["default"] > 10_000, counts
@@ -350,9 +354,8 @@ def test_gpu_check_runs_on_a_cpu_without_flower(tmp_path):
     overhead = json.loads(overhead_json.read_text())
     assert overhead["device_type"] == "cpu"
     # both ran as CPU training does by default: with freed memory kept (where glibc allows it)
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert overhead["retained_freed_memory"] is glibc
-    assert record["settings"]["retained_freed_memory"] is glibc
+    assert overhead["retained_freed_memory"] is GLIBC
+    assert record["settings"]["retained_freed_memory"] is GLIBC
 
 
 def test_client_start_times_a_cold_clientapp_with_the_split_computed_and_stored(tmp_path):
@@ -820,7 +823,7 @@ def test_the_memory_retention_benchmark_times_processes_of_both_kinds(tmp_path):
     record = json.loads(out.read_text())
     assert [c["retain"] for c in record["children"]] == [False, True]  # the order of pair 1
     off, on = record["children"]
-    assert not off["applied"] and on["applied"] is (platform.libc_ver()[0] == "glibc")
+    assert not off["applied"] and on["applied"] is GLIBC
     assert record["summary"]["step_time_on_to_off"]["fedpara"] == pytest.approx(
         on["median_step_seconds"]["fedpara"] / off["median_step_seconds"]["fedpara"])
     assert record["summary"]["off"]["minor_faults_per_step"] == off["minor_faults_per_step"]
