@@ -796,7 +796,9 @@ def test_the_appendix_reads_what_keeping_freed_memory_changed_from_its_file(tmp_
                                                                            monkeypatch):
     [path] = RESULTS.glob("memory_retention-*.json")
     sides = json.loads(path.read_text())["summary"]
-    _, shown, _ = run_appendix(RESULTS, tmp_path / "stored", monkeypatch)
+    glued, shown, _ = run_appendix(RESULTS, tmp_path / "stored", monkeypatch)
+    # the stored CPU throughput file kept freed memory on every path, and the page says so
+    assert glued["cpu_retention_note"].startswith("Every path of this file ran with freed memory")
     [said] = [text for text in shown if "With freed memory kept" in text]
     assert (f"a FedPara step took {sides['step_time_on_to_off']['fedpara']:.2f} times as long"
             in said)
@@ -806,7 +808,14 @@ def test_the_appendix_reads_what_keeping_freed_memory_changed_from_its_file(tmp_
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results)
     (results / path.name).unlink()
-    _, shown, _ = run_appendix(results, tmp_path / "missing", monkeypatch)
+    # and a CPU file from where it could not be kept (not glibc: macOS, musl) says nothing of it
+    for throughput in results.glob("throughput-*.json"):
+        record = json.loads(throughput.read_text())
+        if record["device_type"] == "cpu":
+            record["settings"]["retained_freed_memory"] = False
+            throughput.write_text(json.dumps(record))
+    glued, shown, _ = run_appendix(results, tmp_path / "missing", monkeypatch)
+    assert glued["cpu_retention_note"] == ""
     assert not any("With freed memory kept" in text for text in shown)
     assert any(text.startswith("No `memory_retention-<device>.json` is stored yet")
                for text in shown)
@@ -1024,6 +1033,25 @@ def test_the_layer_benchmark_divides_by_steps_and_pairs_its_ratios_by_repeat(tmp
     assert record["time_ratio_of_minima"] == {"fedpara": pytest.approx(1.2)}
     assert record["memory_ratio"] == {"fedpara": pytest.approx(0.8)}
     assert json.loads((tmp_path / "o.json").read_text())["step_seconds"] == record["step_seconds"]
+
+
+@pytest.mark.parametrize(("flags", "calls"), [([], 1), (["--retain-memory"], 1),
+                                             (["--no-retain-memory"], 0)])
+def test_the_layer_benchmark_keeps_freed_memory_as_training_does_unless_told(flags, calls,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    """On a CPU the benchmark applies the fast path's setting by default, `--no-retain-memory`
+    leaves glibc's default, and the record says the process's real state either way (an earlier
+    CPU training in the same process may have set it)."""
+    overhead = _load_benchmark("layer_overhead")
+    seen = []
+    monkeypatch.setattr(task, "retain_freed_memory", lambda: seen.append(1) or True)
+    monkeypatch.setattr(task, "freed_memory_retained", lambda: "the process's state")
+    record = overhead.main(["--device", "cpu", "--repeats", "1", "--steps", "1", "--batch", "2",
+                            "--threads", "1", "--variants", "original", *flags,
+                            "--out", str(tmp_path / "o.json")])
+    assert len(seen) == calls
+    assert record["retained_freed_memory"] == "the process's state"
 
 
 def test_layer_overheads_json_replaces_a_file_without_writing_into_it(tmp_path):
