@@ -404,6 +404,68 @@ def round_seconds(over: dict, clients: int, images: float, epochs: int, throughp
             + tests * over["eval_seconds_per_image"])
 
 
+# reading a stored file (book/performance.md and book/run_it_yourself.md) --------------------
+
+
+def default_path(record: dict) -> str:
+    """The path of a stored file that ran what `task.Speed.default` runs today: its fast path
+    where that had today's settings, else the fast path with the one switch that differs:
+    "fast-fp32" in files from when the CUDA fast path autocast to bfloat16."""
+    now = vars(task.Speed.default(record["device_type"]))
+    stored = record["settings"]["speed_default"]
+    then = {**vars(task.Speed()), **stored}  # older: no "graph"
+    # a file from before `retain_memory` existed is compared on the switches it knew: keeping
+    # freed memory is not a path of its own (benchmarks/memory_retention.py measures it)
+    differ = {key for key in now if now[key] != then[key]
+              and (key in stored or key != "retain_memory")}
+    if not differ:
+        return record.get("default_path") or "fast"
+    if differ == {"bf16"}:
+        return "fast+bf16" if now["bf16"] else "fast-fp32"
+    raise ValueError(f"{record['device']}: no path of this file ran today's default {now}")
+
+
+def path_projection(record: dict, key: str, path: str) -> dict:
+    """A stored file's projection of `key` ("preset/variant") on `path`. A path it timed but
+    did not project (the fast path's variants) is its fast path's projection with the training
+    time scaled by their images/s: the same rounds, clients and overheads."""
+    row = record["projected_full_presets"][key]
+    if path in row:
+        return row[path]
+    fast, ips = row["fast"], record["images_per_second"][row["model"]]
+    training = fast["seconds"] * fast["training_fraction"] * ips["fast"] / ips[path]
+    return _with_training(fast, fast["seconds"] * (1 - fast["training_fraction"]), training)
+
+
+def at_epochs(proj: dict, epochs: int) -> dict:
+    """`proj` with `epochs` local epochs instead of the ones it assumed: its training time
+    scaled, evaluation and the per-client overheads as they were."""
+    training = proj["seconds"] * proj["training_fraction"]
+    return {**_with_training(proj, proj["seconds"] - training, training * epochs / proj["epochs"]),
+            "epochs": epochs}
+
+
+def _with_training(proj: dict, other: float, training: float) -> dict:
+    seconds = other + training
+    return {**proj, "seconds": seconds, "seconds_per_round": seconds / proj["rounds"],
+            "training_fraction": training / seconds}
+
+
+def projection(record: dict, preset: str, variant: str, path: str | None = None, *,
+               scale_epochs: bool = False) -> dict:
+    """A stored file's projection of the full `preset` on today's default path (unless `path`
+    is given). One that assumed other local epochs than the preset has now is another
+    protocol's wall time: refused, or with `scale_epochs` rescaled by `at_epochs`."""
+    proj = path_projection(record, f"{preset}/{variant}", path or default_path(record))
+    epochs = get_preset(preset, variant=variant, profile="full").local_epochs
+    if proj["epochs"] == epochs:
+        return proj
+    if scale_epochs:
+        return at_epochs(proj, epochs)
+    raise ValueError(f"{record['device']}: the projection of {preset}/{variant} assumed "
+                     f"{proj['epochs']} local epochs, the preset now has {epochs}")
+
+
 def preset_model(preset: str, variant: str) -> str:
     c = get_preset(preset, variant=variant, profile="full")
     return "original" if variant == "original" else f"fedpara-{c.gamma:g}"

@@ -743,6 +743,36 @@ def run_appendix(results: Path, root: Path, monkeypatch) -> tuple[dict, list[str
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def test_a_stored_projection_is_read_on_todays_path_and_rescaled_to_new_epochs_only_if_asked():
+    """The functions both chapters read the throughput files with (benchmarks/throughput.py):
+    a path timed but not projected is the fast path's projection with its training time scaled
+    by the images/s; a projection made for fewer epochs than the preset has now is refused,
+    or with `scale_epochs` gets its training time (and only that) scaled to the new epochs."""
+    throughput = _load_throughput()
+    epochs = get_preset("cifar10-iid", variant="fedpara", profile="full").local_epochs
+    fast = {"seconds": 1000.0, "rounds": 200, "epochs": epochs // 2, "training_fraction": 0.6,
+            "seconds_per_round": 5.0}
+    record = {"device": "a CPU", "device_type": "cpu",
+              "settings": {"speed_default": vars(task.Speed.default("cpu"))},
+              "projected_full_presets": {"cifar10-iid/fedpara": {"model": "fedpara-0.1",
+                                                                 "fast": fast}},
+              "images_per_second": {"fedpara-0.1": {"fast": 100.0, "fast+bf16": 200.0}}}
+    assert throughput.default_path(record) == "fast"
+    bf16 = throughput.path_projection(record, "cifar10-iid/fedpara", "fast+bf16")
+    assert bf16["seconds"] == pytest.approx(400 + 300)
+    assert bf16["training_fraction"] == pytest.approx(300 / 700)
+    with pytest.raises(ValueError, match=f"assumed {epochs // 2} local epochs, the preset now "
+                                         f"has {epochs}"):
+        throughput.projection(record, "cifar10-iid", "fedpara")
+    scaled = throughput.projection(record, "cifar10-iid", "fedpara", scale_epochs=True)
+    training = 600 * epochs / (epochs // 2)
+    assert scaled["epochs"] == epochs and scaled["rounds"] == 200
+    assert scaled["seconds"] == pytest.approx(400 + training)
+    assert scaled["seconds_per_round"] == pytest.approx((400 + training) / 200)
+    assert scaled["training_fraction"] == pytest.approx(training / (400 + training))
+    assert fast["seconds"] == 1000.0  # the record is left as it was
+
+
 def test_the_appendix_quotes_todays_fast_path_and_the_cuda_version(tmp_path, monkeypatch):
     """A file from when the CUDA fast path autocast to bf16 (the H200 file of 2026-11-29) has
     "fast" in bf16 and today's float32 path as "fast-fp32": the page quotes the path that runs
