@@ -340,6 +340,13 @@ def listed(items: Iterable[Any]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def signed(value: float, digits: int = 1) -> str:
+    """A difference for prose, with its sign: "+1.2", "-0.3", and "0.0" for one that rounds to
+    zero at `digits` decimals (where f"{value:+.1f}" would write "-0.0" or "+0.0")."""
+    text = f"{value:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
 # per-client scores ---------------------------------------------------------------------------
 
 

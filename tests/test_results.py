@@ -156,6 +156,13 @@ def test_seed_agreement_says_what_the_outcomes_over_seeds_have_in_common():
         listed([])
 
 
+def test_signed_differences_never_read_minus_zero():
+    from fedpara.results import signed
+    assert signed(1.234) == "+1.2" and signed(-0.36) == "-0.4"
+    assert signed(-0.033) == signed(0.04) == signed(-0.0) == "0.0"  # not "-0.0" or "+0.0"
+    assert signed(-0.033, 2) == "-0.03" and signed(0.004, 2) == "0.00"
+
+
 def test_sides_over_seeds_counts_each_seed_by_the_single_seed_rule():
     from fedpara.results import sides_over_seeds
 
