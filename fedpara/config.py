@@ -161,12 +161,20 @@ class ExperimentConfig:
     profile: str = "full"
 
     def __post_init__(self) -> None:
+        # built by hand as by from_dict: each value cast to its field's type ("5" -> 5, a Path
+        # -> str, "false" -> False), or a ValueError naming the field (bool("false") is True)
+        for name in _FIELD_TYPES:
+            object.__setattr__(self, name, _cast(name, getattr(self, name)))
         self.validate()
 
     # validation -------------------------------------------------------------------------
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field and its allowed values."""
+        for name, kind in _FIELD_TYPES.items():  # a config changed after it was built
+            value = getattr(self, name)
+            if not _is_kind(value, kind):
+                raise ValueError(f"{name}={value!r} is not a valid {kind}")
         for name, allowed in _ALLOWED.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -330,18 +338,18 @@ class ExperimentConfig:
         return self.lr * self.lr_decay ** (server_round - 1)
 
     def replace(self, **changes: Any) -> ExperimentConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (cast and validated again)."""
         _check_field_names(changes)
-        return dataclasses.replace(self, **{k: _cast(k, v) for k, v in changes.items()})
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ExperimentConfig:
-        """Build from snake_case keys, casting each value to its field's type."""
+        """Build from snake_case keys, each value cast to its field's type (`__post_init__`)."""
         _check_field_names(values)
-        return cls(**{k: _cast(k, v) for k, v in values.items()})
+        return cls(**values)
 
     # Flower run config (kebab-case keys) -------------------------------------------------
 
@@ -391,6 +399,13 @@ def as_bool(name: str, value: Any) -> bool:
     if text in ("false", "0", 0):
         return False
     raise ValueError(f"{name}={value!r} is not a valid bool; allowed: true, false, 1, 0")
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether `value` already has the field type `kind` (a bool is not a number)."""
+    if kind == "bool" or isinstance(value, bool):
+        return kind == "bool" and isinstance(value, bool)
+    return isinstance(value, {"int": int, "float": (int, float), "str": str}[kind])
 
 
 def _cast(name: str, value: Any) -> Any:
@@ -653,9 +668,35 @@ def get_preset(
         raise ValueError(f"profile={profile!r}; allowed: {', '.join(PROFILES)}")
     _check_overridable(overrides)
     values = {**preset.base, **preset.variants[variant], **preset.profiles.get(profile, {})}
+    preset_values = dict(values)
     values.update(overrides)
     values.update(preset=name, variant=variant, profile=profile)
-    return ExperimentConfig.from_dict(values)
+    config = ExperimentConfig.from_dict(values)
+    _check_overrides_apply(config, overrides, preset_values)
+    return config
+
+
+def _check_overrides_apply(config: ExperimentConfig, overrides: Mapping[str, Any],
+                           preset_values: Mapping[str, Any]) -> None:
+    """Refuse an override that changes a field this run never reads: it would compute the same
+    run under another name (`run_name` adds `+field=value` for each change)."""
+    unread = {
+        "gamma": (config.parameterization == "original",
+                  f"parameterization={config.parameterization!r} (a dense model has no rank "
+                  f"to set)"),
+        "alpha": (config.partition != "dirichlet",
+                  f"partition={config.partition!r} (alpha is the Dirichlet split's "
+                  f"concentration)"),
+        "shards_per_client": (config.partition != "shard",
+                              f"partition={config.partition!r} (shards_per_client is the shard "
+                              f"split's)"),
+    }
+    defaults = {f.name: f.default for f in fields(ExperimentConfig)}
+    for name, (ignored, why) in unread.items():
+        before = _cast(name, preset_values.get(name, defaults[name]))
+        if ignored and name in overrides and getattr(config, name) != before:
+            raise ValueError(f"{name}={getattr(config, name)!r} has no effect with {why}; "
+                             f"leave it at the preset's {before!r}")
 
 
 def _check_overridable(overrides: Mapping[str, Any]) -> None:

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
 from fedpara.config import DATASETS, IMAGE_SIZES  # the allowed names live in config
-from fedpara.storage import write_atomic
+from fedpara.storage import make_folder, write_atomic
 
 # Debian's `dataset-fashion-mnist` package: the original data, recompressed (other MD5 sums)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -178,11 +178,12 @@ def load_dataset(
 
     `data_dir` defaults to `$FEDPARA_DATA`, else `./data`. With `download=False` only files
     already under `data_dir` (or Debian's Fashion-MNIST package) are used.
-    Raises `DataUnavailableError` when the files are missing and cannot be fetched.
+    Raises `DataUnavailableError` when the files are missing and cannot be fetched, and
+    `storage.NotWritableError` when `data_dir` is not a folder and cannot be made one.
     """
     _check_name(name)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root, "data_dir")  # NotWritableError if a file is in the way
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, root, download)
     if name in ("mnist", "fashion-mnist"):

@@ -73,6 +73,53 @@ def _check_simulation_device(device: str) -> None:
             f"{index} alone, start with CUDA_VISIBLE_DEVICES={index} and device=cuda (or auto)")
 
 
+def check_machine(config: ExperimentConfig) -> None:
+    """Refuse, with a ValueError naming the field, what this machine cannot run: a device it
+    lacks, `cuda:N` in a simulation, or Ray resources per client beyond its CPUs or GPUs (Ray
+    would wait for them for ever). Loads nothing."""
+    from fedpara import task
+
+    task.resolve_device(config.device)  # first: a device this machine lacks, named as such
+    _check_simulation_device(config.device)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if config.client_num_cpus > (cpus or 1):
+        raise ValueError(f"client_num_cpus={config.client_num_cpus:g} is more than this "
+                         f"machine's {cpus} CPUs: Ray could start no client; allowed: up to "
+                         f"{cpus}")
+    gpus = backend_config(config)["client_resources"]["num_gpus"]
+    if gpus > 0:
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus > have:
+            raise ValueError(f"client_num_gpus={config.client_num_gpus:g} asks Ray for "
+                             f"{gpus:g} GPU(s) per client and this machine has {have}: Ray "
+                             f"could start no client; allowed: "
+                             + (f"up to {have}" if have else "0 (with device=cpu)"))
+
+
+def check_can_start(config: ExperimentConfig, *, resume: bool = False) -> None:
+    """Everything `run_experiment` checks before Ray starts, each failing with its own message
+    (inside the simulation every client would fail, with a long log): the config, this
+    machine (`check_machine`), the checkpoints, the folder they go to, the dataset (loaded, or
+    downloaded, and kept in this process's cache) and the split of it among the clients."""
+    from fedpara import task
+    from fedpara.storage import check_writable
+
+    if not isinstance(config, ExperimentConfig):
+        raise TypeError(f"config must be an ExperimentConfig (e.g. get_preset({config!r}) for "
+                        f"a preset's), got {type(config).__name__}")
+    config.validate()  # a config built by hand and mutated is checked again before any work
+    check_machine(config)
+    check_resumable(config, resume)
+    if config.checkpoint_dir:
+        check_writable(config.checkpoint_dir, "checkpoint_dir")
+    task.load_splits(config)
+    task.client_indices(config)  # an impossible split (SplitError)
+    if not resume and config.checkpoint_dir:  # a fresh run deletes only its own checkpoints
+        check_fresh_start(config)
+
+
 def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: bool = False,
                    progress: bool = True, on_round: RoundCallback | None = None) -> History:
     """Run `config` as a Flower simulation on this machine and return its per-round history.
@@ -80,26 +127,16 @@ def run_experiment(config: ExperimentConfig, *, resume: bool = False, verbose: b
     resume: continue from the newest checkpoint in `config.checkpoint_dir` (if any).
     verbose: show Flower's and Ray's logs. progress: a tqdm bar per round.
     on_round: called in the server after each round with (record, history so far).
+    Before Ray starts, `check_can_start`.
     """
-    config.validate()  # a config built by hand and mutated is checked again before any work
-    _check_simulation_device(config.device)
-    check_resumable(config, resume)
+    check_can_start(config, resume=resume)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
 
     from flwr.simulation import run_simulation
 
-    from fedpara import task
     from fedpara.client_app import app as client_app
     from fedpara.server_app import make_server_app
-
-    # a device this machine lacks, or a missing or corrupt dataset, fails here with its own
-    # message, before Ray starts (inside the simulation every client would fail with a long
-    # log); the splits stay cached
-    task.resolve_device(config.device)
-    task.load_splits(config)
-    if not resume and config.checkpoint_dir:  # a fresh run deletes only its own checkpoints
-        check_fresh_start(config)
 
     finished: list[History] = []
     bar = _progress_bar(config, enabled=progress)

@@ -84,6 +84,9 @@ def partition(
         )
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0 (the same seed, the same split), "
+                         f"got {seed!r}")
     if not isinstance(shards_per_partition, (int, np.integer)) or shards_per_partition < 1:
         raise ValueError(
             f"shards_per_partition must be an integer >= 1, got {shards_per_partition!r}"

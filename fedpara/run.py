@@ -5,7 +5,9 @@
     python -m fedpara.run --preset cifar10-noniid --variant fedpara --profile quick --resume
     python -m fedpara.run --list
     python -m fedpara.run --preset cifar10-iid --variant fedpara --write-run-config run.toml
-        # then: flwr run . --run-config run.toml  (the same experiment through `flwr run`)
+        # then the same experiment through `flwr run`, one SuperNode per client (as it prints):
+        # flwr run . --stream --run-config run.toml \
+        #     --federation-config "num-supernodes=100 client-resources-num-cpus=1"
 
 The history goes to results/<preset>/<variant>-<profile>.json (or --out); checkpoints to
 checkpoints/<preset>/<variant>-<profile>/ unless `--set checkpoint_dir=...`. Relative folders
@@ -32,9 +34,24 @@ from pathlib import Path
 
 from fedpara.config import PRESETS, PROFILES, ExperimentConfig, get_preset, parse_overrides
 from fedpara.history import History
-from fedpara.storage import write_atomic
+from fedpara.storage import check_writable, write_atomic
 
 FAKE_DIR = Path("_build") / "fake-data"  # where --fake-data writes, as the chapters do
+
+
+class _OneName(argparse.Action):
+    """--variant and its aliases: --parameterization fedpara --algorithm fedper reads like two
+    settings but would keep only the last; mixing the names is refused (repeating one name
+    keeps the last, as argparse does)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        first = getattr(namespace, "_variant_option", None)
+        if first not in (None, option_string):
+            parser.error(f"{first} {getattr(namespace, self.dest)} and {option_string} {values}: "
+                         f"{', '.join(self.option_strings)} are one setting, the preset's "
+                         f"variant; give one (--list shows each preset's variants)")
+        namespace._variant_option = option_string
+        setattr(namespace, self.dest, values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--variant", "--parameterization", "--algorithm", dest="variant",
-                   help="what the preset compares, e.g. original/lowrank/fedpara for the "
+                   action=_OneName, help="what the preset compares, e.g. original/lowrank/fedpara for the "
                         "FedAvg presets, fedavg/fedper/pfedpara/local for the personalization "
                         "ones (default: the preset's first; --list shows each preset's)")
     p.add_argument("--profile", default="full", choices=PROFILES)
@@ -208,9 +225,14 @@ def _failure(err: BaseException) -> str | None:
     None for an error that is not one of the expected ones (a bug: keep its traceback)."""
     from fedpara.checkpoints import ForeignCheckpoints
     from fedpara.data import DataUnavailableError
+    from fedpara.storage import NotWritableError
+    from fedpara.task import SplitError
 
-    if isinstance(err, RunFailure | DataUnavailableError):  # they carry their own fix
+    if isinstance(err, RunFailure | DataUnavailableError | NotWritableError):  # with their fix
         return f"error: {err}"
+    if isinstance(err, SplitError):  # run_experiment's check, before Ray starts
+        return (f"error: cannot start: {str(err).rstrip('.')}.\nTo fix it: choose another split "
+                f"with --set (partition, num_clients, alpha or shards_per_client).")
     if isinstance(err, ForeignCheckpoints):  # run_experiment's check, before Ray starts
         return (f"error: cannot start: {err}.\nTo fix it: run with --set checkpoint_dir=<another "
                 f"folder> (without it, each preset and each change of settings has a folder of "
@@ -244,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             _check_run_config_name(args.write_run_config)
         config = build_config(args)
         if not args.write_run_config:  # that file may be meant for another machine
-            from fedpara.task import resolve_device
+            from fedpara.experiment import check_machine
 
-            resolve_device(config.device)
+            check_machine(config)
     except ValueError as err:
         if args.verbose:
             traceback.print_exc()
@@ -288,9 +310,10 @@ def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
             raise RunFailure("--resume needs the folder of the checkpoints.\nTo fix it: add "
                              "--set checkpoint_dir=<folder> (the one the run wrote to).")
         print(check_checkpoint(config), file=sys.stderr)
+    path = Path(args.out or History.default_path(config, config.results_dir))
+    check_writable(path.parent, "the folder of --out" if args.out else "results_dir")  # now
     history = run_experiment(config, resume=args.resume, verbose=args.verbose,
                              progress=not args.no_progress)
-    path = Path(args.out or History.default_path(config, config.results_dir))
     _writable(lambda: history.save(path), path)
     last = history.records[-1]
     print(f"{config.preset}/{config.variant_name} ({config.profile}): {len(history)} rounds, "

@@ -97,6 +97,7 @@ from fedpara.messages import (
     cohort_key,
 )
 from fedpara.transport import from_wire, to_wire
+from fedpara.storage import check_writable
 
 log = logging.getLogger("fedpara")
 RoundCallback = Callable[[RoundRecord, History], None]
@@ -568,6 +569,8 @@ def run_server(grid: Grid, config: ExperimentConfig, *, resume: bool = False,
     device = task.resolve_device(config.device) if config.evaluation == "server" else None
     named = device or (task.resolve_device("auto") if config.device == "auto" else config.device)
     check_resumable(config, resume)
+    if config.checkpoint_dir:  # found now, not at the first checkpoint
+        check_writable(config.checkpoint_dir, "checkpoint_dir")
     # the checkpoint is read and checked before any node is asked (a deployment may wait long
     # for its nodes): a fresh run deletes its own checkpoints only, another experiment's are
     # refused; a resumed run must find its own experiment's
@@ -645,6 +648,9 @@ def make_server_app(config: ExperimentConfig | None = None, *, resume: bool = Fa
         run_config = dict(context.run_config)
         resume_run = as_bool("resume", run_config.pop("resume", resume))
         experiment = config or ExperimentConfig.from_run_config(run_config)
+        if on_finish is None:  # the history is saved here at the end: found now, not then
+            check_writable(History.default_path(experiment, experiment.results_dir).parent,
+                           "results_dir")
         history = run_server(grid, experiment, resume=resume_run, on_round=on_round)
         if on_finish is not None:
             on_finish(history)

@@ -45,6 +45,46 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     _sync_folder(path.parent)
 
 
+class NotWritableError(OSError):
+    """A folder a run will write to cannot be made or written (found before the run starts)."""
+
+
+def make_folder(folder: str | os.PathLike, what: str) -> Path:
+    """`folder`, made with its parents if missing; else NotWritableError naming `what` (the
+    setting that chose the folder) and the reason, e.g. a file where a folder should be."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _not_writable(folder, what, err) from err
+    return folder
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Whether files can be written in `folder`, so that a long run finds out now, not when it
+    saves: a file is created and removed in it, or, if it is missing (it is then made by the
+    write), in the nearest folder above it that exists. Nothing is left behind; else
+    NotWritableError as `make_folder`."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path.cwd())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise _not_writable(folder, what, err) from err
+
+
+def _not_writable(folder: Path, what: str, err: OSError) -> NotWritableError:
+    blocking = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    reason = (f"{blocking} is a file, not a folder" if blocking is not None
+              and not blocking.is_dir() else err.strerror or str(err))
+    return NotWritableError(
+        f"{what}={str(folder)!r} cannot be written: {reason}.\nTo fix it: choose a folder that "
+        f"exists or can be made, and can be written.")
+
+
 def _sync_folder(folder: Path) -> None:
     """Flush a folder's entries to disk (POSIX; a no-op where folders cannot be opened)."""
     try:

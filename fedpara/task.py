@@ -554,6 +554,27 @@ def load_splits(config: ExperimentConfig):
     return _splits(config.dataset, config.data_dir)
 
 
+class SplitError(ValueError):
+    """The config's split cannot be drawn from its dataset (more shards than samples, a
+    Dirichlet draw that leaves clients nearly empty, more clients than FEMNIST writers)."""
+
+
+def client_indices(config: ExperimentConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every client's training positions and held-out test positions, computed once per process
+    and dataset; SplitError, naming the config's split settings, if they cannot be drawn."""
+    try:
+        return _client_indices(config.dataset, config.data_dir, config.partition,
+                               config.num_clients, config.alpha, config.shards_per_client,
+                               config.seed)
+    except ValueError as err:
+        settings = {"dirichlet": f", alpha={config.alpha:g}",
+                    "shard": f", shards_per_client={config.shards_per_client}"}
+        raise SplitError(
+            f"partition={config.partition!r} with num_clients={config.num_clients}"
+            f"{settings.get(config.partition, '')} cannot split {config.dataset}'s training "
+            f"set: {err}") from err
+
+
 @functools.lru_cache(maxsize=4)
 def _client_indices(dataset: str, data_dir: str, scheme: str, num_clients: int, alpha: float,
                     shards: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -596,9 +617,7 @@ def client_data(config: ExperimentConfig, partition_id: int, *, seed: int = 0,
         raise ValueError(f"partition_id={partition_id}; allowed: 0..{config.num_clients - 1}")
     device = device or resolve_device(config.device)
     train_set, test_set = _splits(config.dataset, config.data_dir)
-    parts, holdouts = _client_indices(config.dataset, config.data_dir, config.partition,
-                                      config.num_clients, config.alpha, config.shards_per_client,
-                                      config.seed)
+    parts, holdouts = client_indices(config)
     train_indices = parts[partition_id]
     if 0 < config.client_samples < len(train_indices):  # a random subset, the same every round
         rng = np.random.default_rng([config.seed, partition_id])

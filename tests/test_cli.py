@@ -75,6 +75,14 @@ def test_cli_runs_a_smoke_preset_and_writes_its_history(fmnist_dir, tmp_path):
     # Flower reads --run-config X as a file only if X ends in .toml
     (["--write-run-config", "run.cfg"], ["run.cfg", "must end in .toml"]),
     (["--write-run-config", "run.toml", "--out", "mine.json"], ["--out", "--results-dir"]),
+    # Ray resources this machine lacks (Ray would wait for ever for a client it cannot place)
+    (["--set", f"client_num_cpus={(os.cpu_count() or 1) + 1}"],
+     ["client_num_cpus", "allowed: up to"]),
+    (["--set", "device=cpu", "--set", f"client_num_gpus={torch.cuda.device_count() + 1}"],
+     ["client_num_gpus", "this machine has"]),
+    # a setting the run never reads would only rename the same run
+    (["--variant", "original", "--set", "gamma=0.5"], ["gamma=0.5 has no effect"]),
+    (["--set", "partition=iid", "--set", "alpha=0.1"], ["alpha=0.1 has no effect"]),
 ])
 def test_bad_config_exits_with_status_2_before_loading_data(args, messages, tmp_path, capsys,
                                                             monkeypatch):
@@ -301,6 +309,62 @@ def test_write_run_config_carries_resume(tmp_path):
     assert main(["--preset", "fmnist-noniid", "--write-run-config", str(path)]) == 0
     with open(path, "rb") as f:
         assert "resume" not in tomllib.load(f)
+
+
+def test_the_variant_is_given_under_one_of_its_names(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "fmnist-personal", "--parameterization", "fedpara",
+              "--algorithm", "fedper", "--write-run-config", str(tmp_path / "v.toml")])
+    assert exit_.value.code == 2
+    assert ("--parameterization fedpara and --algorithm fedper: --variant, --parameterization, "
+            "--algorithm are one setting") in capsys.readouterr().err
+    assert not (tmp_path / "v.toml").exists()
+    # one name given twice: the last, as any option
+    assert main(["--preset", "fmnist-personal", "--variant", "fedavg", "--variant", "fedper",
+                 "--write-run-config", str(tmp_path / "v.toml")]) == 0
+    with open(tmp_path / "v.toml", "rb") as f:
+        assert tomllib.load(f)["variant"] == "fedper"
+
+
+def test_cuda_n_in_a_simulation_is_refused_as_a_bad_config(tmp_path, capsys, monkeypatch):
+    """Ray shows each client its GPU as cuda:0: cuda:1 would fail in every client."""
+    import fedpara.experiment
+    import fedpara.task
+
+    monkeypatch.setattr(fedpara.task, "resolve_device", lambda device: torch.device(device))
+    monkeypatch.setattr(fedpara.experiment, "run_experiment", lambda *a, **k: 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--preset", "fmnist-noniid", "--set", "device=cuda:1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device='cuda:1'") and "CUDA_VISIBLE_DEVICES=1" in err
+
+
+def test_paths_that_cannot_be_written_are_found_before_the_run(tmp_path, capsys, monkeypatch):
+    """--out, results_dir and checkpoint_dir under a file, data_dir a file: one paragraph each,
+    before any training (the stub would record a run)."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    _stub_run(monkeypatch, calls)
+    (tmp_path / "file").write_text("")
+    for args in (["--out", "file/h.json"], ["--results-dir", "file/r"]):
+        err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, *args)
+        assert "file is a file, not a folder" in err and "Traceback" not in err
+    assert calls == []
+    for change in ("checkpoint_dir=file/ck", "data_dir=file"):  # the real run's own checks
+        monkeypatch.undo()
+        monkeypatch.chdir(tmp_path)
+        err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, "--set", change)
+        assert f"{change.split('=')[0]}='file" in err and "file is a file, not a folder" in err
+
+
+def test_a_split_the_dataset_cannot_give_is_one_paragraph(fmnist_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = failure(capsys, "--preset", "fmnist-noniid", *SMOKE, "--set", f"data_dir={fmnist_dir}",
+                  "--set", "partition=shard", "--set", "shards_per_client=5000")
+    assert "cannot start: partition='shard' with num_clients=" in err
+    assert "shards_per_client=5000 cannot split fashion-mnist" in err and ".." not in err
+    assert "To fix it: choose another split" in err and "Traceback" not in err
 
 
 def test_unwritable_output_is_one_paragraph(tmp_path, capsys):

@@ -9,6 +9,7 @@ FedAvgM that is then interrupted and resumed.
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 from pathlib import Path
@@ -107,6 +108,53 @@ def test_presets_follow_the_papers_protocol():
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=field):
         ExperimentConfig(num_clients=4).replace(**changes)
+
+
+def test_a_config_built_by_hand_gets_its_fields_types():
+    """As from_dict and replace: "false" is False (bool("false") would be True), a Path a
+    string; a value that is not of its field's type is refused by name."""
+    config = ExperimentConfig(nonlinear="false", parameterization="fedpara", rounds="5",
+                              lr=1, data_dir=Path("data"))
+    assert (config.nonlinear, config.rounds, config.lr, config.data_dir) == (False, 5, 1.0, "data")
+    assert type(config.lr) is float
+    for bad, message in [({"rounds": 2.5}, "rounds=2.5 is not a valid int"),
+                         ({"rounds": True}, "rounds=True is not a valid int"),
+                         ({"nonlinear": "no"}, "nonlinear='no' is not a valid bool")]:
+        with pytest.raises(ValueError, match=message):
+            ExperimentConfig(**bad)
+
+
+def test_an_override_the_run_never_reads_is_refused():
+    """It would only give the same computation another name (run_name adds +field=value)."""
+    with pytest.raises(ValueError, match="gamma=0.5 has no effect with "
+                                         "parameterization='original'.*preset's 0.1"):
+        get_preset("fmnist-noniid", variant="original", gamma=0.5)
+    with pytest.raises(ValueError, match="alpha=0.1 has no effect with partition='iid'"):
+        get_preset("fmnist-noniid", partition="iid", alpha=0.1)
+    with pytest.raises(ValueError, match="shards_per_client=3 has no effect with "
+                                         "partition='dirichlet'"):
+        get_preset("fmnist-noniid", shards_per_client=3)
+    # where the run reads them, or left at the preset's value, they are accepted
+    assert get_preset("fmnist-noniid", variant="fedpara", gamma=0.5).gamma == 0.5
+    assert get_preset("fmnist-noniid", variant="original", gamma=0.1).run_name == (
+        get_preset("fmnist-noniid", variant="original").run_name)
+    assert get_preset("fmnist-noniid", partition="dirichlet", alpha=0.1).alpha == 0.1
+    assert get_preset("fmnist-personal", shards_per_client=3).shards_per_client == 3
+
+
+def test_resources_this_machine_lacks_are_refused_before_ray_starts():
+    """Ray would wait for ever for a client it cannot place."""
+    from fedpara.experiment import check_machine
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    config = get_preset("fmnist-noniid", profile="smoke", device="cpu")
+    check_machine(config.replace(client_num_cpus=cpus))
+    with pytest.raises(ValueError, match=f"client_num_cpus={cpus + 1} is more than this "
+                                         f"machine's {cpus} CPUs.*allowed: up to {cpus}"):
+        check_machine(config.replace(client_num_cpus=cpus + 1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"client_num_gpus={gpus + 1} .*this machine has {gpus}"):
+        check_machine(config.replace(client_num_gpus=gpus + 1))
 
 
 def test_every_client_may_train_each_round():
@@ -644,9 +692,11 @@ def test_a_round_that_outlasts_round_timeout_stops_the_run_with_flowers_error(fm
 
 
 @pytest.mark.parametrize("device", ["cuda:1", "cuda:3"])
-def test_a_simulation_refuses_a_gpu_index_its_clients_cannot_see(device):
+def test_a_simulation_refuses_a_gpu_index_its_clients_cannot_see(device, monkeypatch):
     """Ray shows each client only its own GPU, as cuda:0: cuda:N (N >= 1) would fail in every
-    client, so it is refused before anything starts, with the way to choose a GPU."""
+    client, so it is refused before anything starts, with the way to choose a GPU. (On a
+    machine with that GPU: here one that takes every device name.)"""
+    monkeypatch.setattr(task, "resolve_device", torch.device)
     config = get_preset("fmnist-noniid", variant="fedpara", profile="smoke", device=device)
     from fedpara.experiment import run_experiment
 
@@ -679,6 +729,24 @@ def test_a_run_that_cannot_start_is_refused_before_ray_starts(fmnist_dir, tmp_pa
     object.__setattr__(mutated, "rounds", 0)  # a frozen config changed by hand after its checks
     with pytest.raises(ValueError, match="rounds"):
         run_experiment(mutated, progress=False)
+    object.__setattr__(mutated, "rounds", "7")  # and given a value of another type
+    with pytest.raises(ValueError, match="rounds='7' is not a valid int"):
+        run_experiment(mutated, progress=False)
+    with pytest.raises(TypeError, match=r"ExperimentConfig \(e.g. get_preset\('fmnist-noniid'\)"):
+        run_experiment("fmnist-noniid", progress=False)
+    # a split the dataset cannot give, and a checkpoint folder that cannot be written
+    from fedpara.task import SplitError
+
+    with pytest.raises(SplitError, match="partition='shard' with num_clients=4, "
+                                         "shards_per_client=20000 cannot split fashion-mnist"):
+        run_experiment(config.replace(partition="shard", shards_per_client=20_000),
+                       progress=False)
+    from fedpara.storage import NotWritableError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotWritableError, match="checkpoint_dir=.*a-file is a file, not a folder"):
+        run_experiment(config.replace(checkpoint_dir=str(tmp_path / "a-file" / "ck")),
+                       progress=False)
 
 
 def test_each_client_reserves_the_configured_cpus_and_gpus():

@@ -213,6 +213,12 @@ def test_partition_of_real_fashion_mnist(fmnist):
         (dict(num_partitions=6001), r"num_partitions must be an integer in 1\.\.6000"),
         (dict(num_partitions=2.5), "num_partitions must be an integer"),
         (dict(shards_per_partition=0), "shards_per_partition must be an integer >= 1"),
+        # the seed fixes the split: refused by name, not by numpy, and never None (a new split
+        # on every call)
+        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(seed=1.5), "seed must be an integer >= 0"),
+        (dict(seed=None), "seed must be an integer >= 0"),
+        (dict(seed=True), "seed must be an integer >= 0"),
         (
             dict(scheme="shard", num_partitions=3000, shards_per_partition=3),
             "num_partitions · shards_per_partition must be <= 6000",

@@ -49,3 +49,19 @@ def test_the_file_is_on_disk_before_it_replaces_the_old_one_then_its_folder(tmp_
     write_atomic(tmp_path / "x.json", b"{}")
     # the contents reach the disk first, then the rename, then the folder's new entry
     assert calls == ["fsync file", "replace", "fsync folder"]
+
+
+def test_a_folder_is_checked_for_writing_without_leaving_anything(tmp_path):
+    from fedpara.storage import NotWritableError, check_writable, make_folder
+
+    check_writable(tmp_path / "a" / "b", "results_dir")  # missing: its nearest folder is checked
+    assert list(tmp_path.iterdir()) == []  # nothing made, nothing left
+    (tmp_path / "file").write_text("")
+    for folder in (tmp_path / "file", tmp_path / "file" / "below"):
+        with pytest.raises(NotWritableError, match=f"results_dir='{folder}' cannot be written: "
+                                                   f"{tmp_path / 'file'} is a file, not a "
+                                                   f"folder.\nTo fix it"):
+            check_writable(folder, "results_dir")
+        with pytest.raises(NotWritableError, match="data_dir=.*is a file, not a folder"):
+            make_folder(folder, "data_dir")
+    assert make_folder(tmp_path / "c" / "d", "data_dir").is_dir()
