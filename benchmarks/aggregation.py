@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import cli_checks  # noqa: E402
 from layer_overhead import device_name, slug  # noqa: E402
 
 from fedpara import task  # noqa: E402
@@ -121,9 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.clients < 1 or args.repeats < 1:
-        raise SystemExit(f"--clients and --repeats must be >= 1, got {args.clients} and "
-                         f"{args.repeats}")
+    cli_checks.at_least(p, args, 1, "clients", "repeats")
+    cli_checks.out(p, args.out)
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0  # as a run

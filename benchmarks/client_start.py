@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import cli_checks  # noqa: E402
 from layer_overhead import device_name, slug  # noqa: E402
 
 from fedpara.config import get_preset  # noqa: E402
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-images", type=int, default=50_000)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    cli_checks.at_least(p, args, 1, "repeats", "train_images")
+    cli_checks.out(p, args.out)
     with tempfile.TemporaryDirectory(prefix="fedpara-client-start-") as tmp:
         data = Path(tmp) / "data"
         write_fake_cifar(data, "cifar10", n_train=args.train_images, n_test=1000)

@@ -49,9 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import cli_checks  # noqa: E402
 from layer_overhead import device_name, slug  # noqa: E402
 
-from fedpara.config import ExperimentConfig, get_preset, parse_overrides  # noqa: E402
+from fedpara.config import PRESETS, ExperimentConfig, get_preset, parse_overrides  # noqa: E402
 from fedpara.fakedata import write_fake_cifar  # noqa: E402
 from fedpara.partition import SPLITS_ENV  # noqa: E402
 from fedpara.run import run_config_pairs  # noqa: E402
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variant", default="fedpara")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--engine", default="cohort", choices=sorted(ENGINES_PATH))
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="auto", help="the run's device (default: CUDA if "
+                   "present, else the CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="more config overrides (e.g. local_epochs=1); repeatable")
     p.add_argument("--train-images", type=int, default=None,
@@ -244,12 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="JSON path (default: benchmarks/results/deployment-<device>.json)")
     args = p.parse_args(argv)
     deadline = time.monotonic() + args.timeout
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
-    if args.poll_seconds is not None and not 0 < args.poll_seconds < math.inf:
-        raise SystemExit(f"--poll-seconds must be a positive number, got {args.poll_seconds}")
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    cli_checks.at_least(p, args, 1, "rounds", "train_images", "test_images")
+    cli_checks.positive_seconds(p, "--poll-seconds", args.poll_seconds)
+    cli_checks.positive_seconds(p, "--timeout", args.timeout, more_than=STOP_SECONDS)
+    cli_checks.threads(p, args.threads)
+    variants = PRESETS[args.preset].variants
+    if args.variant not in variants:
+        p.error(f"--variant {args.variant}: not one of {args.preset}'s; allowed: "
+                f"{', '.join(variants)}")
+    cli_checks.device(p, args.device)  # this machine has it (checked again in the run)
+    cli_checks.out(p, args.out)
 
     with tempfile.TemporaryDirectory(prefix="fedpara-deployment-rounds-") as tmp:
         work = Path(tmp)

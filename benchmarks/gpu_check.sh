@@ -48,6 +48,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed
 PY="${PYTHON:-python3}"
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+case "${GPU_CHECK_TINY:-0}" in  # anything else would run the full check into benchmarks/results
+  0 | 1) ;;
+  *) echo "GPU_CHECK_TINY must be 0 or 1, got '${GPU_CHECK_TINY}'" >&2; exit 2 ;;
+esac
 if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   RESULTS="${OUT:-$(mktemp -d -t fedpara-gpu-check-tiny.XXXXXX)}"
 else

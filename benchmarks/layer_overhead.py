@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_checks  # noqa: E402
 from fedpara import task  # noqa: E402
 from fedpara.layers import FedParaConv2d, _fedpara_weight  # noqa: E402
 from fedpara.layers import _linear as fedpara_linear  # noqa: E402
@@ -279,13 +281,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/layer_overhead-<device>.json)")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.steps < 1 or args.batch < 1:
-        raise ValueError("--repeats, --steps and --batch must be >= 1")
+    cli_checks.at_least(p, args, 1, "repeats", "steps", "batch")
+    cli_checks.threads(p, args.threads)
+    cli_checks.unique(p, "--variants", args.variants)
+    if set(args.variants) - {"original"}:  # the original model has no gamma
+        cli_checks.gammas(p, "--gamma", args.gamma)
+    device = cli_checks.device(p, args.device)
+    cli_checks.cuda_only(p, device, **{"--cudnn-benchmark": args.cudnn_benchmark})
+    cli_checks.out(p, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    device = torch.device(args.device)
     if args.retain_memory is None:  # what training does by default on this device
         args.retain_memory = task.Speed.default(device).retain_memory
     if args.retain_memory:

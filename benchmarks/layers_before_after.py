@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedpara.storage import write_atomic  # noqa: E402  (imports nothing of the layers)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_checks  # noqa: E402
 from layer_overhead import device_name  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,11 +126,18 @@ def main(argv=None) -> dict:
     p.add_argument("--channels-last", action="store_true", help="channels-last layer inputs")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    cli_checks.at_least(p, args, 1, "repeats", "batch")
+    cli_checks.threads(p, args.threads)
+    cli_checks.gammas(p, "--gamma", args.gamma)
+    cli_checks.out(p, args.out)
+    shown = subprocess.run(["git", "show", f"{args.baseline}:fedpara/layers.py"], cwd=ROOT,
+                           capture_output=True, text=True)
+    if shown.returncode != 0:
+        why = (shown.stderr.strip() or "git failed").splitlines()[-1]
+        p.error(f"--baseline {args.baseline}: no fedpara/layers.py at that git revision ({why})")
+    baseline_src = shown.stdout
     if args.threads:
         torch.set_num_threads(args.threads)
-    baseline_src = subprocess.run(
-        ["git", "show", f"{args.baseline}:fedpara/layers.py"], cwd=ROOT, check=True,
-        capture_output=True, text=True).stdout
     modules = {"baseline": load_layers(baseline_src, "_layers_baseline"),
                "current": load_layers((ROOT / "fedpara/layers.py").read_text(), "_layers_current")}
     nets = {k: build(m, args.gamma, args.personalized, args.nonlinear) for k, m in modules.items()}

@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_checks  # noqa: E402
 from layer_overhead import RESULTS, build, device_name, slug, step, write_json  # noqa: E402
 
 from fedpara.task import retain_freed_memory  # noqa: E402
@@ -98,7 +99,7 @@ def summarize(children: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--pairs", type=int, default=4, help="pairs of child processes (off, on)")
     p.add_argument("--repeats", type=int, default=8, help="interleaved rounds per child")
     p.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
@@ -110,13 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--retain", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("pairs", "repeats", "steps", "batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be >= 1 (or left out for torch's default), got {args.threads}")
-    if not 0 < args.gamma <= 1:
-        p.error(f"--gamma must be in (0, 1], got {args.gamma}")
+    cli_checks.at_least(p, args, 1, "pairs", "repeats", "steps", "batch")
+    cli_checks.threads(p, args.threads)
+    cli_checks.gammas(p, "--gamma", args.gamma)
+    if not args.child:
+        cli_checks.out(p, args.out)
     if args.child:
         print(json.dumps(child(args)))
         return {}

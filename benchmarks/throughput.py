@@ -24,6 +24,7 @@ host. The paths:
                       when "fast" meant bf16 autocast on CUDA)
   graph               (CUDA) the fast path in fp32 with the step replayed as a CUDA graph
                       (task.Speed.graph, fedpara/graphed.py)
+  graph+bf16          (CUDA) the graph path with bf16 autocast
   default             not measured separately: the path `run_experiment` takes by default on
                       the device (task.Speed.default), copied under this name for comparisons
                       across commits
@@ -107,6 +108,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cli_checks  # noqa: E402
 from layer_overhead import device_name, slug, sync, timings, write_json  # noqa: E402
 
 from fedpara import graphed, task  # noqa: E402
@@ -466,6 +468,18 @@ def projection(record: dict, preset: str, variant: str, path: str | None = None,
                      f"{proj['epochs']} local epochs, the preset now has {epochs}")
 
 
+def _check_model_name(p: argparse.ArgumentParser, option: str, name: str) -> None:
+    """A model of `model_names`: "original" or "fedpara-<gamma>" with gamma in (0, 1]."""
+    gamma = name.removeprefix("fedpara-")
+    try:
+        ok = name == "original" or (gamma != name and 0 < float(gamma) <= 1)
+    except ValueError:
+        ok = False
+    if not ok:
+        p.error(f"{option} {name}: allowed: original, or fedpara-G with G in (0, 1] "
+                f"(e.g. fedpara-0.1)")
+
+
 def preset_model(preset: str, variant: str) -> str:
     c = get_preset(preset, variant=variant, profile="full")
     return "original" if variant == "original" else f"fedpara-{c.gamma:g}"
@@ -736,7 +750,7 @@ def smoke(rounds: int, clients: int, samples: int, batch: int, device: torch.dev
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=64, help="images per step (the paper's 64)")
     p.add_argument("--samples", type=int, default=500, help="images per client epoch")
@@ -763,17 +777,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/throughput-<device>.json)")
     args = p.parse_args(argv)
-    for name in ("batch", "samples", "repeats", "eval_samples", "parallel_work", "smoke_clients",
-                 "smoke_samples"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.smoke_rounds < 0 or any(k < 1 for k in args.parallel):
-        raise ValueError("--smoke-rounds must be >= 0 and --parallel counts >= 1")
+    cli_checks.at_least(p, args, 1, "batch", "samples", "repeats", "eval_samples",
+                        "parallel_work", "smoke_clients", "smoke_samples", "parallel")
+    cli_checks.at_least(p, args, 0, "smoke_rounds", "cohort", "workers")
     if args.smoke_only and not args.smoke_rounds:
-        raise ValueError("--smoke-only needs --smoke-rounds N (N >= 1)")
+        p.error("--smoke-only needs --smoke-rounds N (N >= 1)")
+    cli_checks.threads(p, args.threads)
+    cli_checks.gammas(p, "--gammas", args.gammas)
+    for option, names in (("--cohort-models", args.cohort_models or []),
+                          ("--parallel-model", [args.parallel_model])):
+        for name in names:
+            _check_model_name(p, option, name)
+    device = cli_checks.device(p, args.device)  # graph paths run eager off CUDA (task.train)
+    cli_checks.out(p, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     dev_name = device_name(device)
     record = {
         "benchmark": "throughput",

@@ -434,8 +434,9 @@ def test_cifar_extracted_by_another_process_meanwhile_is_kept(tmp_path, monkeypa
         train, _ = load_dataset("cifar10", data_dir=tmp_path, download=False)
         np.testing.assert_array_equal(train.data, written["train"][0])
     else:  # an incomplete folder there is no copy to keep
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) as err:  # os.replace onto the other process's folder
             load_dataset("cifar10", data_dir=tmp_path, download=False)
+        assert err.value.errno == errno.ENOTEMPTY
     assert not list(tmp_path.glob(".extract-*"))
 
 
@@ -465,9 +466,14 @@ def test_femnist_local_copy_is_split_per_writer(tmp_path):
     assert saved_rows == loaded_rows
 
 
-def test_femnist_split_is_deterministic_and_cached(fake_femnist_dir):
+def test_femnist_split_is_deterministic_and_cached(fake_femnist_dir, monkeypatch):
+    import fedpara.data
+
     a_train, a_test = load_dataset("femnist", data_dir=fake_femnist_dir, download=False)
     assert (fake_femnist_dir / "femnist-arrays.npz").is_file()
+    # the second load reads the cache: it neither decodes the images nor writes anything
+    monkeypatch.setattr(fedpara.data, "write_atomic",
+                        lambda *args: pytest.fail("the cache was rebuilt, not read"))
     b_train, b_test = load_dataset("femnist", data_dir=fake_femnist_dir, download=False)
     np.testing.assert_array_equal(a_test.data, b_test.data)
     np.testing.assert_array_equal(a_train.writer_ids, b_train.writer_ids)

@@ -556,7 +556,8 @@ def test_history_of_a_run_survives_json(fedpara_run, tmp_path):
     path = history.save(tmp_path / "h.json")
     # repr, not ==: a server-evaluated round leaves accuracy_after_training NaN, and NaN != NaN
     assert repr(History.load(path).records) == repr(history.records)
-    json.loads(path.read_text())  # valid JSON for other readers
+    # valid JSON for other readers: Python would read NaN and Infinity, which JSON has not
+    json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
 
 
 @pytest.fixture(scope="module")
@@ -615,7 +616,7 @@ def test_personalized_rounds_record_the_mechanism(pfedpara_run):
     last = history.records[-1]
     refreshed = dict(zip(last.scored_clients, last.client_accuracy, strict=True))
     after = dict(zip(last.clients, last.client_accuracy_after_training, strict=True))
-    assert sum(after.values()) / len(after) >= sum(refreshed[c] for c in after) / len(after) - 0.05
+    assert sum(after.values()) / len(after) > sum(refreshed[c] for c in after) / len(after)
 
 
 def test_resumed_run_equals_the_uninterrupted_run(pfedpara_run, tmp_path):
@@ -656,7 +657,8 @@ def test_resume_refuses_a_checkpoint_of_another_experiment(pfedpara_run):
     assert load_checkpoint(path, config)["round"] == 3
     with pytest.raises(ValueError, match="lr"):
         load_checkpoint(path, config.replace(lr=0.2))
-    assert np.isfinite(load_checkpoint(path, config.replace(device="cpu", rounds=5))["round"])
+    # where it ran, and more rounds to come, do not make another experiment
+    assert load_checkpoint(path, config.replace(device="cpu", rounds=5))["round"] == 3
 
 
 def test_mean_accuracy_skips_unscored_rounds_and_short_histories(tmp_path):

@@ -110,6 +110,9 @@ def test_loopback_deployment(fmnist_dir, tmp_path, nodes, partitions, overrides)
     history = json.loads(path.read_text())
     config, records = history["config"], history["records"]
     assert config["num_clients"] == partitions
+    # the run's settings are the ones asked for (a dropped override would pass unnoticed below)
+    assert config["engine"] == ("cohort" if "engine='cohort'" in overrides else "client")
+    assert (config["algorithm"] == "pfedpara") == ("algorithm='pfedpara'" in overrides)
     assert len(records) == config["rounds"]
     for record in records:  # every sampled partition trained, and its traffic was counted
         assert len(record["clients"]) == config["clients_per_round"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedpara import task
-from fedpara.accounting import comm_cost_gib, payload_bytes
+from fedpara.accounting import payload_bytes
 from fedpara.config import get_preset
 from fedpara.history import History, RoundRecord
 from fedpara.results import (
@@ -243,8 +243,19 @@ def test_retrain_without_training_still_shows_the_stored_run(tmp_path):
 def test_command_and_planned_traffic():
     assert run_command(CONFIG) == (
         "python -m fedpara.run --preset fmnist-noniid --variant fedpara --profile smoke")
-    expected = comm_cost_gib(task.init_model(CONFIG), CONFIG.clients_per_round, CONFIG.rounds)
+    # 2 directions x clients x rounds x the float32 payload of every parameter (FedAvg)
+    model = task.init_model(CONFIG)
+    payload = 4 * sum(p.numel() for p in model.parameters())
+    expected = 2 * CONFIG.clients_per_round * CONFIG.rounds * payload / 2**30
     assert planned_traffic_gib(CONFIG) == pytest.approx(expected) and expected > 0
+    # a 16-bit wire halves it; pFedPara sends only the global factors
+    assert planned_traffic_gib(CONFIG.replace(transport="bfloat16")) == pytest.approx(
+        expected / 2)
+    pfedpara = get_preset("fmnist-personal", variant="pfedpara")
+    shared = payload_bytes(task.init_model(pfedpara), "pfedpara")
+    assert planned_traffic_gib(pfedpara) == pytest.approx(
+        2 * pfedpara.clients_per_round * pfedpara.rounds * shared / 2**30)
+    assert shared < payload_bytes(task.init_model(pfedpara), "fedavg")
     personal = get_preset("fmnist-personal", variant="local")
     assert planned_traffic_gib(personal) == 0.0  # local-only training sends nothing
     with pytest.raises(ValueError, match="preset"):
@@ -333,10 +344,9 @@ def test_client_accuracies_prefer_the_history_then_stored_scores(tmp_path):
     ClientScores(config=config.to_dict(), round=config.rounds, correct={1: 1, 4: 2},
                  examples={1: 2, 4: 2}).save(client_scores_path(config, tmp_path))
     assert client_accuracies(config, history, tmp_path) == {1: 0.5, 4: 1.0}
-    last = history.records[-1]
-    if hasattr(last, "client_accuracy"):  # histories that record per-client accuracies
-        last.scored_clients, last.client_accuracy = [2, 3], [0.7, 0.8]
-        assert client_accuracies(config, history, tmp_path) == {2: 0.7, 3: 0.8}
+    last = history.records[-1]  # a history that records per-client accuracies comes first
+    last.scored_clients, last.client_accuracy = [2, 3], [0.7, 0.8]
+    assert client_accuracies(config, history, tmp_path) == {2: 0.7, 3: 0.8}
 
 
 # open_chapter: the setup every experiment chapter shares ------------------------------------

@@ -396,7 +396,7 @@ def test_the_aggregation_benchmark_times_both_paths_and_checks_they_agree(tmp_pa
             {path: t[0] / 3 for path, t in seconds.items()})
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aggregation.py"),
                           "--clients", "0"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "--clients and --repeats must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "--clients must be >= 1, got 0" in bad.stderr
 
 
 def _load_benchmark(name: str):
@@ -446,13 +446,15 @@ def test_the_before_after_benchmark_compares_a_revision_with_the_tree(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--set", "bogus=1"], "--set: unknown config field.*bogus"),
     (["--throughput", "missing.json"], "--throughput missing.json: cannot read it"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--wheels", "."], "--wheels .: no .whl files there"),
-    (["--poll-seconds", "0"], "--poll-seconds must be a positive number"),
-    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--poll-seconds", "0"], "--poll-seconds must be a finite number of seconds > 0, got 0.0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    # less than the deployment's daemons need to stop
+    (["--timeout", "14"], "--timeout must be a finite number of seconds > 15, got 14.0"),
 ])
 def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, message,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import deployment_rounds
 
@@ -460,8 +462,10 @@ def test_the_deployment_check_refuses_bad_input_before_writing_any_data(args, me
         raise AssertionError("fake data written before the input was checked")
 
     monkeypatch.setattr(deployment_rounds, "write_fake_cifar", no_data)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit) as exit_:
         deployment_rounds.main(["--device", "cpu", *args])
+    # a message of its own (status 1), or argparse's (status 2, on stderr)
+    assert re.search(message, str(exit_.value.code) + capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -492,9 +496,10 @@ def test_the_deployment_check_counts_its_setup_in_its_timeout(monkeypatch):
     def no_deployment(*args, **kwargs):
         raise AssertionError("deployed with no time left to stop it within --timeout")
 
-    monkeypatch.setattr(deployment_rounds, "write_fake_cifar", lambda *args, **kwargs: None)
+    # a setup (here: writing the data) that leaves less than the daemons' time to stop
+    monkeypatch.setattr(deployment_rounds, "write_fake_cifar", lambda *a, **k: time.sleep(1.5))
     monkeypatch.setattr(deployment_rounds, "deploy", no_deployment)
-    budget = deployment_rounds.STOP_SECONDS - 1  # less than the daemons' time to stop
+    budget = deployment_rounds.STOP_SECONDS + 1
     with pytest.raises(SystemExit, match=f"--timeout {budget} s was spent on the setup"):
         deployment_rounds.main(["--device", "cpu", "--timeout", str(budget)])
 
@@ -657,7 +662,7 @@ def test_the_deployment_check_takes_the_cohort_rate_from_the_cohort(tmp_path):
 def test_the_layer_benchmark_measures_each_variants_memory_alone(tmp_path, monkeypatch):
     """On CUDA the peak counts whatever is on the device: each variant is measured with no other
     variant's model built. On a CPU the estimate is per model, so its numbers are those of a
-    model measured on its own; and cuDNN autotuning is a switch, recorded."""
+    model measured on its own; cuDNN autotuning, a CUDA switch, is recorded off."""
     overhead = _load_benchmark("layer_overhead")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored afterwards
     models, alive = [], []
@@ -677,9 +682,9 @@ def test_the_layer_benchmark_measures_each_variants_memory_alone(tmp_path, monke
     monkeypatch.setattr(overhead, "memory_bytes", counting)
     record = overhead.main(["--device", "cpu", "--repeats", "1", "--steps", "1", "--batch", "2",
                             "--threads", "1", "--variants", "original", "fedpara",
-                            "--cudnn-benchmark", "--out", str(tmp_path / "overhead.json")])
+                            "--out", str(tmp_path / "overhead.json")])
     assert alive == [1, 1]
-    assert record["cudnn_benchmark"] is True and torch.backends.cudnn.benchmark
+    assert record["cudnn_benchmark"] is False
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     for variant in ("original", "fedpara"):
@@ -1082,6 +1087,58 @@ def test_the_layer_benchmark_keeps_freed_memory_as_training_does_unless_told(fla
                             "--out", str(tmp_path / "o.json")])
     assert len(seen) == calls
     assert record["retained_freed_memory"] == "the process's state"
+
+
+_NOT_A_DEVICE = "--device: device='gpu' is not a device name"
+
+
+@pytest.mark.parametrize(("script", "argv", "message", "expensive"), [
+    ("layer_overhead", ["--repeats", "0"], "--repeats must be >= 1, got 0", "build"),
+    ("layer_overhead", ["--threads", "0"], "--threads must be >= 1", "build"),
+    ("layer_overhead", ["--variants", "original", "fedpara", "fedpara"],
+     "--variants names fedpara more than once", "build"),
+    ("layer_overhead", ["--gamma", "0"], "--gamma must be in (0, 1], got 0.0", "build"),
+    ("layer_overhead", ["--device", "gpu"], _NOT_A_DEVICE, "build"),
+    ("layer_overhead", ["--device", "cpu", "--cudnn-benchmark"],
+     "--cudnn-benchmark is for CUDA only; --device is cpu", "build"),
+    ("layer_overhead", ["--device", "cpu", "--out", "a-file/o.json"],
+     "the folder of --out='a-file' cannot be written: a-file is a file, not a folder", "build"),
+    ("throughput", ["--cohort", "-1"], "--cohort must be >= 0, got -1", "measure_throughput"),
+    ("throughput", ["--cohort-models", "foo"], "--cohort-models foo: allowed: original, or "
+                                               "fedpara-G", "measure_throughput"),
+    ("throughput", ["--parallel-model", "fedpara-2"], "--parallel-model fedpara-2: allowed",
+     "measure_throughput"),
+    ("throughput", ["--workers", "-1"], "--workers must be >= 0", "measure_throughput"),
+    ("throughput", ["--gammas", "0.1", "nan"], "--gammas must be in (0, 1], got nan",
+     "measure_throughput"),
+    ("throughput", ["--smoke-only"], "--smoke-only needs --smoke-rounds", "smoke"),
+    ("deployment_rounds", ["--timeout", "nan"],
+     "--timeout must be a finite number of seconds > 15, got nan", "flower_bin"),
+    ("deployment_rounds", ["--train-images", "0"], "--train-images must be >= 1, got 0",
+     "flower_bin"),
+    ("deployment_rounds", ["--variant", "nope"], "--variant nope: not one of cifar10-noniid's",
+     "flower_bin"),
+    ("deployment_rounds", ["--device", "gpu"], _NOT_A_DEVICE, "flower_bin"),
+    ("client_start", ["--train-images", "0"], "--train-images must be >= 1, got 0",
+     "write_fake_cifar"),
+    ("aggregation", ["--clients", "0"], "--clients must be >= 1, got 0", "measure"),
+    ("layers_before_after", ["--baseline", "no-such-revision"],
+     "--baseline no-such-revision: no fedpara/layers.py at that git revision", "load_layers"),
+    ("layers_before_after", ["--batch", "0"], "--batch must be >= 1, got 0", "load_layers"),
+])
+def test_benchmarks_refuse_bad_input_by_name_before_any_work(script, argv, message, expensive,
+                                                             tmp_path, monkeypatch, capsys):
+    """argparse's refusal (exit status 2, the option named): a GPU session is short, and a
+    benchmark that fails after its models are built, or its data written, has spent it."""
+    module = _load_benchmark(script)
+    assert hasattr(module, expensive)
+    monkeypatch.setattr(module, expensive, lambda *a, **k: pytest.fail(f"{expensive} ran"))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_layer_overheads_json_replaces_a_file_without_writing_into_it(tmp_path):

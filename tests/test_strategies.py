@@ -452,25 +452,35 @@ def test_fedprox_clients_are_told_mu_and_no_other_strategy_tells_them(smoke_runs
         assert told == ({config.proximal_mu} if config.strategy == "fedprox" else {None})
 
 
-def test_pfedpara_local_factors_never_reach_an_adaptive_strategy(fmnist_dir, identity):
-    from fedpara.server_app import FedParaStrategy
+def test_pfedpara_local_factors_never_reach_an_adaptive_strategy(fmnist_dir, identity,
+                                                                  monkeypatch):
+    import fedpara.server_app
     from fedpara.transport import unpack
 
+    built = []
+
+    class Recorded(fedpara.server_app.FedParaStrategy):  # the run's own strategy, kept
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(fedpara.server_app, "FedParaStrategy", Recorded)
     config = get_preset("fmnist-personal", variant="pfedpara", profile="smoke", device="cpu",
                         data_dir=str(fmnist_dir), strategy="fedadam", server_lr=0.01)
     history, grid = run_in_process(config)
     model = task.init_model(config)
     global_keys, local_keys = task.split_keys(model, "pfedpara")
     assert any(k.endswith(".x2") for k in local_keys)
-    for message in grid.sent:
-        if message.metadata.message_type == "train":  # the arrays sent, packed (transport)
-            sent = unpack(message.content[ARRAYS].to_torch_state_dict())
-            assert list(sent) == global_keys
+    trained = [m for m in grid.sent if m.metadata.message_type == "train"]
+    replies = [m for m in grid.answered if m.metadata.message_type == "train"]
+    assert trained and len(replies) == len(trained)
+    for message in trained + replies:  # the arrays both ways, packed (transport)
+        assert list(unpack(message.content[ARRAYS].to_torch_state_dict())) == global_keys
     assert all(np.isfinite(r.accuracy) for r in history.records)
-    server = FedParaStrategy(config)  # what the strategy would hold after a round
-    server.nodes = {p: 100 + p for p in range(config.num_clients)}
-    server.configure_train(1, ArrayRecord(task.get_arrays(model, global_keys)))
-    assert sorted(server.flower.current_arrays) == sorted(global_keys)
+    # what FedAdam holds after the run: its moments and model over the global factors only
+    [strategy] = built
+    adam = strategy.flower
+    assert set(adam.current_arrays) == set(adam.m_t) == set(adam.v_t) == set(global_keys)
 
 
 @pytest.mark.parametrize("variant", ["fedpara-fedadam", "original-fedavgm"])
@@ -498,12 +508,16 @@ def test_a_resumed_run_continues_the_servers_optimizer(fmnist_dir, identity, tmp
 
 def test_the_last_round_is_checkpointed_whatever_checkpoint_every(fmnist_dir, identity, tmp_path,
                                                                  one_thread):
-    from fedpara.checkpoints import checkpoint_path
+    """And a fresh run first clears its folder of an earlier run of the same experiment: that
+    run's round 7 would otherwise count among the two newest checkpoints kept."""
+    from fedpara.checkpoints import checkpoint_path, save_checkpoint
+    from fedpara.history import History
 
     config = strategy_config(fmnist_dir, variant="fedpara-fedprox", rounds=3, checkpoint_every=2,
                              checkpoint_dir=str(tmp_path), eval_samples=200, client_samples=100)
+    save_checkpoint(config, 7, {}, {}, set(), History(config=config.to_dict()))
     run_in_process(config)
-    assert [checkpoint_path(tmp_path, r).exists() for r in (1, 2, 3)] == [False, True, True]
+    assert sorted(tmp_path.iterdir()) == [checkpoint_path(tmp_path, r) for r in (2, 3)]
 
 
 # the cohort engine -------------------------------------------------------------------------------

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,7 +180,12 @@ def test_each_seed_round_and_client_trains_with_its_own_seed():
     # seed every round would see its batches in the same order every round
     seeds = [task.client_seed(s, r, p) for s in (0, 1) for r in (1, 2, 3) for p in (0, 1, 2)]
     assert len(set(seeds)) == len(seeds) == 18
-    assert task.client_seed(0, 2, 1) == task.client_seed(0, 2, 1)
+    # and the same in every process: a Ray worker, a SuperNode, a resumed run (no hash())
+    script = "from fedpara import task; print(task.client_seed(0, 2, 1))"
+    for hash_seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": hash_seed}, check=True)
+        assert int(done.stdout) == task.client_seed(0, 2, 1)
 
 
 def test_the_seed_of_train_fixes_dropout():

@@ -24,9 +24,9 @@ with OUT.json e.g. benchmarks/results/cuda-probe-eager-compile-vmap.json and BUD
 time budget in seconds (default 150).
 """
 
+import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
@@ -34,9 +34,16 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedpara.models import vgg16
+from fedpara.storage import write_atomic
 
-OUT = sys.argv[1]
-BUDGET = float(sys.argv[2]) if len(sys.argv) > 2 else 150.0
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("out", help="the JSON file to write (rewritten as it goes)")
+parser.add_argument("budget", nargs="?", type=float, default=150.0,
+                    help="seconds for the whole probe (default 150)")
+_args = parser.parse_args()
+if not 0 < _args.budget < float("inf"):
+    parser.error(f"budget must be a positive number of seconds, got {_args.budget}")
+OUT, BUDGET = _args.out, _args.budget
 T0 = time.time()
 dev = torch.device("cuda")
 torch.backends.cudnn.benchmark = True
@@ -48,7 +55,7 @@ def left():
 
 
 def save():
-    json.dump(res, open(OUT, "w"), indent=1)
+    write_atomic(OUT, json.dumps(res, indent=1).encode())
 
 
 def make(param, gamma, classes, cl):

@@ -10,17 +10,20 @@ machine:
     PYTHONPATH=. python benchmarks/probes/probe_graph.py benchmarks/results/cuda-probe-graph.json
 """
 
+import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
 from fedpara.models import vgg16
+from fedpara.storage import write_atomic
 
-OUT = sys.argv[1]
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("out", help="the JSON file to write (rewritten after each run)")
+OUT = parser.parse_args().out
 dev = torch.device("cuda")
 torch.backends.cudnn.benchmark = True
 res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
@@ -79,7 +82,7 @@ for batch in (64, 32):
                 rec["error"] = repr(ex)[:400]
             res["runs"].append(rec)
             print(rec, flush=True)
-            json.dump(res, open(OUT, "w"), indent=1)
+            write_atomic(OUT, json.dumps(res, indent=1).encode())
 res["elapsed_s"] = time.time() - T0
-json.dump(res, open(OUT, "w"), indent=1)
+write_atomic(OUT, json.dumps(res, indent=1).encode())
 print("done", round(res["elapsed_s"]), "s")

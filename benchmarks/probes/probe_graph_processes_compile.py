@@ -17,16 +17,15 @@ on a CUDA machine:
 with OUT.json e.g. benchmarks/results/cuda-probe-graph-processes-compile.json.
 """
 
+import argparse
 import json
 import multiprocessing as mp
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-OUT = sys.argv[1]
 
 
 def graphed_worker(param, seconds, start_evt, q):
@@ -83,6 +82,11 @@ def run_processes(param, procs, seconds=6.0):
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="the JSON file to write (rewritten after each run)")
+    OUT = parser.parse_args().out
+    from fedpara.storage import write_atomic
+
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
     T0 = time.time()
     for param in ("fedpara", "original"):
@@ -98,7 +102,7 @@ if __name__ == "__main__":
                        "error": repr(ex)[:300]}
             res["runs"].append(rec)
             print(rec, flush=True)
-            json.dump(res, open(OUT, "w"), indent=1)
+            write_atomic(OUT, json.dumps(res, indent=1).encode())
     from fedpara.models import vgg16
 
     dev = torch.device("cuda")
@@ -138,7 +142,7 @@ if __name__ == "__main__":
             rec["error"] = repr(ex)[:400]
         res["runs"].append(rec)
         print(rec, flush=True)
-        json.dump(res, open(OUT, "w"), indent=1)
+        write_atomic(OUT, json.dumps(res, indent=1).encode())
     res["elapsed_s"] = time.time() - T0
-    json.dump(res, open(OUT, "w"), indent=1)
+    write_atomic(OUT, json.dumps(res, indent=1).encode())
     print("done", round(res["elapsed_s"]), "s")
