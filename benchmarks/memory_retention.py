@@ -114,11 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     cli_checks.at_least(p, args, 1, "pairs", "repeats", "steps", "batch")
     cli_checks.threads(p, args.threads)
     cli_checks.gammas(p, "--gamma", args.gamma)
-    if not args.child:
-        cli_checks.out(p, args.out)
     if args.child:
         print(json.dumps(child(args)))
         return {}
+    cli_checks.out(p, args.out)
 
     common = ["--repeats", str(args.repeats), "--steps", str(args.steps), "--batch",
               str(args.batch), "--gamma", str(args.gamma)]

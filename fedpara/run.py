@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--variant", "--parameterization", "--algorithm", dest="variant",
-                   action=_OneName, help="what the preset compares, e.g. original/lowrank/fedpara for the "
+                   action=_OneName,
+                   help="what the preset compares, e.g. original/lowrank/fedpara for the "
                         "FedAvg presets, fedavg/fedper/pfedpara/local for the personalization "
                         "ones (default: the preset's first; --list shows each preset's)")
     p.add_argument("--profile", default="full", choices=PROFILES)

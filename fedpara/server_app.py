@@ -96,8 +96,8 @@ from fedpara.messages import (
     TRAIN_LOSS,
     cohort_key,
 )
-from fedpara.transport import from_wire, to_wire
 from fedpara.storage import check_writable
+from fedpara.transport import from_wire, to_wire
 
 log = logging.getLogger("fedpara")
 RoundCallback = Callable[[RoundRecord, History], None]

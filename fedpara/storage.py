@@ -4,6 +4,8 @@
     write_atomic(path, b"...")                           # bytes
     write_atomic(path, lambda f: np.savez(f, **arrays))  # or a function writing to a binary file
 
+Also `check_writable(folder, what)`: whether a run can write there, asked before the run.
+
 The one place fedpara writes files that other code reads back (histories, checkpoints, decompressed
 datasets, caches, benchmark records). Imports only the standard library.
 """
