@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import cli_checks  # noqa: E402
 import deployment_rounds  # noqa: E402
 from layer_overhead import slug  # noqa: E402
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repeats < 1 or args.rounds < 2:
         raise SystemExit(f"--repeats must be >= 1 and --rounds >= 2 (the first round is not "
                          f"compared), got {args.repeats} and {args.rounds}")
+    cli_checks.device(p, args.device)
+    cli_checks.out(p, args.out)
     common = ["--device", args.device, "--rounds", str(args.rounds), *SMALL,
               *(["--wheels", str(args.wheels)] if args.wheels else [])]
     runs: dict[tuple[float, float], list[dict]] = {s: [] for s in settings}

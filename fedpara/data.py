@@ -183,7 +183,8 @@ def load_dataset(
     """
     _check_name(name)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    make_folder(root, "data_dir")  # NotWritableError if a file is in the way
+    make_folder(root, "data_dir" if data_dir is not None  # NotWritableError: a file in the way
+                else "the default data folder ($FEDPARA_DATA, else ./data)")
     if name in ("cifar10", "cifar100"):
         return _load_cifar(name, root, download)
     if name in ("mnist", "fashion-mnist"):

@@ -81,8 +81,8 @@ def check_machine(config: ExperimentConfig) -> None:
 
     task.resolve_device(config.device)  # first: a device this machine lacks, named as such
     _check_simulation_device(config.device)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if config.client_num_cpus > (cpus or 1):
+    cpus = _ray_cpus()
+    if config.client_num_cpus > cpus:
         raise ValueError(f"client_num_cpus={config.client_num_cpus:g} is more than this "
                          f"machine's {cpus} CPUs: Ray could start no client; allowed: up to "
                          f"{cpus}")
@@ -96,6 +96,17 @@ def check_machine(config: ExperimentConfig) -> None:
                              f"{gpus:g} GPU(s) per client and this machine has {have}: Ray "
                              f"could start no client; allowed: "
                              + (f"up to {have}" if have else "0 (with device=cpu)"))
+
+
+def _ray_cpus() -> int:
+    """The CPUs Ray will offer its workers: its own count (the machine's, lowered by a cgroup
+    quota), else the machine's. Not this process's affinity, which Ray does not read."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return int(get_num_cpus())
+    except Exception:  # noqa: BLE001 -- Ray missing or its private helper moved
+        return os.cpu_count() or 1
 
 
 def check_can_start(config: ExperimentConfig, *, resume: bool = False) -> None:

@@ -312,7 +312,8 @@ def _run(config: ExperimentConfig, args: argparse.Namespace) -> int:
                              "--set checkpoint_dir=<folder> (the one the run wrote to).")
         print(check_checkpoint(config), file=sys.stderr)
     path = Path(args.out or History.default_path(config, config.results_dir))
-    check_writable(path.parent, "the folder of --out" if args.out else "results_dir")  # now
+    check_writable(path.parent, "the folder of --out" if args.out  # now, not after the run
+                   else "the history's folder under results_dir")
     history = run_experiment(config, resume=args.resume, verbose=args.verbose,
                              progress=not args.no_progress)
     _writable(lambda: history.save(path), path)

@@ -650,7 +650,7 @@ def make_server_app(config: ExperimentConfig | None = None, *, resume: bool = Fa
         experiment = config or ExperimentConfig.from_run_config(run_config)
         if on_finish is None:  # the history is saved here at the end: found now, not then
             check_writable(History.default_path(experiment, experiment.results_dir).parent,
-                           "results_dir")
+                           "the history's folder under results_dir")
         history = run_server(grid, experiment, resume=resume_run, on_round=on_round)
         if on_finish is not None:
             on_finish(history)

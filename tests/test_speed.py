@@ -1121,6 +1121,7 @@ _NOT_A_DEVICE = "--device: device='gpu' is not a device name"
     ("deployment_rounds", ["--device", "gpu"], _NOT_A_DEVICE, "flower_bin"),
     ("client_start", ["--train-images", "0"], "--train-images must be >= 1, got 0",
      "write_fake_cifar"),
+    ("server_poll", ["--device", "gpu"], _NOT_A_DEVICE, "deployment_rounds"),
     ("aggregation", ["--clients", "0"], "--clients must be >= 1, got 0", "measure"),
     ("layers_before_after", ["--baseline", "no-such-revision"],
      "--baseline no-such-revision: no fedpara/layers.py at that git revision", "load_layers"),
