@@ -75,12 +75,11 @@ def device(p: argparse.ArgumentParser, name: str) -> torch.device:
         p.error(f"--device: {err}")
 
 
-def cuda_only(p: argparse.ArgumentParser, dev: torch.device, **switches: bool) -> None:
-    """Options that mean something on CUDA only, refused on another device rather than
-    recorded as if they had run."""
-    for name, given in switches.items():
-        if given and dev.type != "cuda":
-            p.error(f"{name} is for CUDA only; --device is {dev}")
+def cuda_only(p: argparse.ArgumentParser, dev: torch.device, option: str, given: bool) -> None:
+    """An option that means something on CUDA only, refused on another device rather than
+    recorded as if it had run."""
+    if given and dev.type != "cuda":
+        p.error(f"{option} is for CUDA only; --device is {dev}")
 
 
 def out(p: argparse.ArgumentParser, path: Path | None) -> None:

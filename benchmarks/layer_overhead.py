@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     if set(args.variants) - {"original"}:  # the original model has no gamma
         cli_checks.gammas(p, "--gamma", args.gamma)
     device = cli_checks.device(p, args.device)
-    cli_checks.cuda_only(p, device, **{"--cudnn-benchmark": args.cudnn_benchmark})
+    cli_checks.cuda_only(p, device, "--cudnn-benchmark", args.cudnn_benchmark)
     cli_checks.out(p, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
