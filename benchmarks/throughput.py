@@ -15,15 +15,16 @@ host. The paths:
                       RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize and
                       2 workers (its dataset.py), fp32, contiguous memory
   plain               fedpara's plain path (`fast_batches=False`): its DataLoader, fp32, contiguous
-  fast                fedpara's fast path: the images on the device (TensorBatches), and on CUDA
-                      channels-last and cuDNN autotuning (task.Speed.default), float32
+  fast                fedpara's fast path, eager: the images on the device (TensorBatches), and on
+                      CUDA channels-last and cuDNN autotuning, float32 (task.Speed.default
+                      without its graph)
   fast-nchw, fast-no-autotune              (CUDA) the fast path with one switch off
   fast+bf16                                the fast path with bf16 autocast
   fast+channels-last                       (CPU) the fast path with channels-last
   fast-fp32           the fast path with bf16 off (files from before float32 was the default,
                       when "fast" meant bf16 autocast on CUDA)
   graph               (CUDA) the fast path in fp32 with the step replayed as a CUDA graph
-                      (task.Speed.graph, fedpara/graphed.py)
+                      (task.Speed.graph, fedpara/graphed.py): task.Speed.default on CUDA
   graph+bf16          (CUDA) the graph path with bf16 autocast
   default             not measured separately: the path `run_experiment` takes by default on
                       the device (task.Speed.default), copied under this name for comparisons
@@ -35,8 +36,10 @@ before the first epoch and every path runs with it (`settings.retained_freed_mem
 benchmarks/memory_retention.py times processes with and without it.
 
 `--cohort K` (CUDA by default) trains K clients of `--samples` images each together
-(fedpara/cohort.py) against the same K one after the other on the fast path:
-`round_images_per_second[model]`. With dropout off it also checks the two ways agree, and that
+(fedpara/cohort.py, its step captured as a CUDA graph there) against the same K one after the
+other on the default path: `round_images_per_second[model]`; on CUDA the cohort without its
+capture is timed too (`images_per_second_together_eager`). With dropout off it also checks the
+two ways agree (the cohort as run by default against the clients apart in fp32, eager), and that
 two graphed epochs agree with two eager ones (`engine_checks`: the mean losses), each as
 `difference` (‖a − b‖ / ‖b‖ over the parameters, and the worst tensor) next to its
 `noise_floor`: the same training from a start one float ulp away. Models go in the order of
@@ -218,7 +221,7 @@ def path_batches(path: str, split: ImageDataset, name: str, device: torch.device
         return make_loader(split, None, batch, shuffle=True, seed=0), task.PLAIN
     batches = task.make_batches(split, None, config_for(name, device, batch), device, train=True,
                                 seed=0)
-    speed = task.Speed.default(device)
+    speed = dataclasses.replace(task.Speed.default(device), graph=False)  # the eager fast path
     switch = {"fast": {}, "fast-fp32": {"bf16": False}, "fast-nchw": {"channels_last": False},
               "fast-no-autotune": {"cudnn_benchmark": False}, "fast+bf16": {"bf16": True},
               "fast+channels-last": {"channels_last": True},
@@ -410,9 +413,10 @@ def round_seconds(over: dict, clients: int, images: float, epochs: int, throughp
 
 
 def default_path(record: dict) -> str:
-    """The path of a stored file that ran what `task.Speed.default` runs today: its fast path
-    where that had today's settings, else the fast path with the one switch that differs:
-    "fast-fp32" in files from when the CUDA fast path autocast to bfloat16."""
+    """The path of a stored file that ran what `task.Speed.default` runs today: the file's own
+    default path where its default had today's settings, else the path with the switches that
+    differ: "fast-fp32" in files from when the CUDA fast path autocast to bfloat16, "graph" in
+    files from before the captured step was the CUDA default."""
     now = vars(task.Speed.default(record["device_type"]))
     stored = record["settings"]["speed_default"]
     then = {**vars(task.Speed()), **stored}  # older: no "graph"
@@ -422,7 +426,9 @@ def default_path(record: dict) -> str:
               and (key in stored or key != "retain_memory")}
     if not differ:
         return record.get("default_path") or "fast"
-    if differ == {"bf16"}:
+    if differ <= {"bf16", "graph"}:
+        if now["graph"]:
+            return "graph+bf16" if now["bf16"] else "graph"
         return "fast+bf16" if now["bf16"] else "fast-fp32"
     raise ValueError(f"{record['device']}: no path of this file ran today's default {now}")
 
@@ -604,13 +610,16 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
     batches = _client_batches(k, samples, name, device, batch)
     speed = task.Speed.default(device)
 
-    def together(data=batches):
+    def together(data=batches, graph=None):  # None: the cohort's default (captured on CUDA)
         models = [_no_dropout(task.init_model(config)).to(device) for _ in range(k)]
         sync(device)
         start = time.perf_counter()
-        train_cohort(models, data, epochs=1, lr=LR, device=device)
+        train_cohort(models, data, epochs=1, lr=LR, device=device, graph=graph)
         sync(device)
         return time.perf_counter() - start, models
+
+    def together_eager():
+        return together(graph=False)
 
     def apart(data=batches, run_speed=speed):
         models = [_no_dropout(task.init_model(config)).to(device) for _ in range(k)]
@@ -621,11 +630,15 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
         sync(device)
         return time.perf_counter() - start, models
 
-    together(), apart()  # warm-up
-    t_together, t_apart = [], []
+    # the eager cohort timed too where the default captures its step (CUDA)
+    eager = task.Speed.default(device).graph
+    timed = [(together, []), (apart, [])] + ([(together_eager, [])] if eager else [])
+    for fn, _ in timed:  # warm-up (and the captures)
+        fn()
     for r in range(repeats):
-        for fn, out in ((together, t_together), (apart, t_apart))[:: 1 if r % 2 == 0 else -1]:
+        for fn, out in timed[:: 1 if r % 2 == 0 else -1]:
             out.append(fn()[0])
+    t_together, t_apart = timed[0][1], timed[1][1]
     # agreement: the same batches from fresh generators, fp32 on both sides (bf16 autocast,
     # where a fast path has it on, would dominate the difference), against the float-rounding
     # floor of two clients
@@ -647,6 +660,9 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
         "images_per_second_together": k * samples / statistics.median(t_together),
         "images_per_second_apart": k * samples / statistics.median(t_apart),
         "speedup": paired(t_apart, t_together),
+        **({"seconds_together_eager": statistics.median(timed[2][1]),
+            "images_per_second_together_eager": k * samples / statistics.median(timed[2][1])}
+           if eager else {}),
         "together_vs_apart": difference(ours, reference),
         "noise_floor": floor,
     }
@@ -814,17 +830,23 @@ def main(argv: list[str] | None = None) -> dict:
     if cohort and not args.smoke_only:
         record["cohort"], record["round_images_per_second"] = {}, {}
         for n in args.cohort_models or model_names(args.gammas):  # written model by model
-            rounds = cohort_round(n, cohort, args.samples, args.batch, device, args.repeats)
+            try:
+                rounds = cohort_round(n, cohort, args.samples, args.batch, device, args.repeats)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # recorded, not fatal:
+                # the graph check and the other models still run
+                print(f"{n}: the cohort failed: {err}", file=sys.stderr)
+                rounds = {"error": f"{type(err).__name__}: {err}"[:2000]}
             record["cohort"][n] = rounds
-            record["round_images_per_second"][n] = rounds["images_per_second_together"]
-            for key, proj in record["projected_full_presets"].items():
-                # only where the measured cohort is the preset's round (same clients per
-                # round); clients there are of equal size, so a non-IID round's padding is
-                # not included
-                preset = key.split("/")[0]
-                if proj["model"] == n and get_preset(preset).clients_per_round == cohort:
-                    proj["cohort"] = project(rounds["images_per_second_together"],
-                                             record["overheads"][n], preset, cohort=True)
+            if "error" not in rounds:
+                record["round_images_per_second"][n] = rounds["images_per_second_together"]
+                for key, proj in record["projected_full_presets"].items():
+                    # only where the measured cohort is the preset's round (same clients per
+                    # round); clients there are of equal size, so a non-IID round's padding
+                    # is not included
+                    preset = key.split("/")[0]
+                    if proj["model"] == n and get_preset(preset).clients_per_round == cohort:
+                        proj["cohort"] = project(rounds["images_per_second_together"],
+                                                 record["overheads"][n], preset, cohort=True)
             write_json(out, record)
             if device.type == "cuda":
                 record.setdefault("engine_checks", {})[n] = {
@@ -885,7 +907,9 @@ def measure_throughput(args: argparse.Namespace, device: torch.device, dev_name:
               "times include a capture", file=sys.stderr)
     ips = {n: {p: statistics.median(args.samples / s for s in t) for p, t in times[n].items()}
            for n in names}
-    default = "fast" if "fast" in paths else None  # what task.Speed.default runs
+    # what task.Speed.default runs: the path with its settings (run_experiment's default)
+    default = next((p for p in paths if p not in ("baseline", "plain")
+                    and batches[names[0], p][1] == task.Speed.default(device)), None)
     if default:
         for n in names:
             ips[n]["default"] = ips[n][default]
@@ -987,8 +1011,13 @@ def report_throughput(record: dict) -> None:
         cells = ", ".join(f"{p} {v['seconds'] / 60:.1f}" for p, v in proj.items() if p != "model")
         print(f"  {key:28s} {cells}")
     for n, row in record.get("cohort", {}).items():
+        if "error" in row:
+            print(f"{n}: the cohort failed: {row['error']}")
+            continue
+        eager = (f" (eager {row['images_per_second_together_eager']:.1f})"
+                 if "images_per_second_together_eager" in row else "")
         print(f"{n}: {row['clients']} clients together {row['images_per_second_together']:.1f} "
-              f"img/s, apart {row['images_per_second_apart']:.1f} img/s; relative difference "
+              f"img/s{eager}, apart {row['images_per_second_apart']:.1f} img/s; relative difference "
               f"{row['together_vs_apart']['relative_difference']:.2e} (float rounding alone: "
               f"{row['noise_floor']['relative_difference']:.2e})")
     for n, checks in record.get("engine_checks", {}).items():

@@ -16,6 +16,12 @@ the loss, and a client with no batch left takes no step at all; no sample is dro
 repeated. Dropout draws differ from the one-client path (vmap draws one tensor for the
 cohort, `randomness="different"`), so only its distribution is the same.
 
+On CUDA the step (forward, backward and update of all K) is captured once as a CUDA graph and
+replayed, as fedpara/graphed.py does for one client: eager, the vmap program still launches one
+kernel after another from Python, and at these sizes the launches, not the arithmetic, set the
+pace. One capture serves every round of a run: a round's stacked weights are copied into the
+graph's tensors and back out.
+
 Works for models whose per-sample outputs do not depend on the other samples of the batch
 (GroupNorm, no BatchNorm): every model here. `task.train` stays the reference and the CPU
 default; this is the GPU engine's training half (book/performance.md).
@@ -31,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
+from fedpara import task
+from fedpara.graphed import _signature
 from fedpara.task import (
     Batches,
     TrainResult,
@@ -49,14 +57,17 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
                  seeds: Sequence[int] | None = None,
                  lr_scale: Mapping[str, float] | None = None,
                  proximal_mu: float = 0.0, proximal_to: Sequence[str] | None = None,
-                 ) -> list[TrainResult]:
+                 graph: bool | None = None) -> list[TrainResult]:
     """Train `models[k]` on `batches[k]` for every k at once; what `task.train` does to each.
 
     The models must share one architecture; their parameters are updated in place (on
     `device`) and each gets its `TrainResult`. `seeds` seed torch's generator once for the
     cohort (dropout); the batches' order and augmentation come from each client's own
     generator. `lr_scale`, `proximal_mu` and `proximal_to` are `task.train`'s, the same for
-    every client.
+    every client. `graph` (CUDA only; default: `task.Speed.default(device).graph`, on for
+    CUDA) replays the step as a captured CUDA graph, kept for the next call with the same
+    architecture, number of clients, batch shape and settings (`_CohortStep`); off, the step
+    runs eagerly.
     """
     k = len(models)
     if k == 0 or len(batches) != k:
@@ -76,46 +87,154 @@ def train_cohort(models: Sequence[nn.Module], batches: Sequence[Batches], *, epo
         proximal_to = list(proximal_to)
         _check_proximal_to(models[0], proximal_to)
     device = torch.device(device)
+    graph = task.Speed.default(device).graph if graph is None else bool(graph)
+    if graph:
+        _check_capture(device)
     if seeds is not None:
         torch.manual_seed(int(seeds[0]))
     for model in models:
         model.to(device).train()
-    params, buffers = stack_module_state(list(models))  # detached copies, K x shape
+    params, _ = stack_module_state(list(models))  # detached copies, K x shape (no buffers)
     params = {name: p.detach().requires_grad_(False) for name, p in params.items()}
-    skeleton = copy.deepcopy(models[0]).to("meta")
     scale = {name: float((lr_scale or {}).get(name, 1.0)) for name in params}
-    anchored = set(params if proximal_to is None else proximal_to) & set(params)
-    anchors = ({name: params[name].clone() for name in anchored} if proximal_mu > 0 else {})
-
-    def loss(p, b, x, y, weight):
-        logits = functional_call(skeleton, (p, b), (x,))
-        # per-sample losses weighted 1/n_k (0 for padding): the mean over the real samples
-        return (F.cross_entropy(logits, y, reduction="none") * weight).sum()
-
-    step = vmap(grad_and_value(loss), randomness="different")
-    totals = torch.zeros(k, device=device)  # float32, as task.train sums (MPS has no float64)
+    anchored = sorted(set(params if proximal_to is None else proximal_to) & set(params))
+    settings = dict(scale=scale, proximal_mu=float(proximal_mu),
+                    anchored=anchored if proximal_mu > 0 else [])
+    step: _CohortStep | None = None
     seen = [0] * k
     for _ in range(epochs):
         for x, y, weight, active, sizes, counts in _steps(batches, device):
-            grads, mean_losses = step(params, buffers, x, y, weight)
-            with torch.no_grad():
-                totals += mean_losses.float() * sizes  # the batches' summed losses
-                for name, p in params.items():
-                    g = grads[name]
-                    if name in anchors:  # FedProx: mu * (p - anchor)
-                        g = g + proximal_mu * (p - anchors[name])
-                    # an inactive client (no batch left) takes no step: its update is 0 * g
-                    shape = (k,) + (1,) * (p.dim() - 1)
-                    p.sub_(g * (active.to(p.dtype) * (lr * scale[name])).view(shape))
+            if step is None:  # the first step's shapes key the captured step
+                step = (_cached_step(models[0], params, x, y, weight, device, **settings)
+                        if graph else _CohortStep(models[0], params, x, y, weight, **settings))
+                step.start(params, lr)
+            step.run(x, y, weight, active, sizes)
             for i, n in enumerate(counts):  # counted on the host: no device sync per step
                 seen[i] += n
+    if step is None:  # no client had a batch
+        return [TrainResult(loss=0.0, num_examples=_num_samples(b)) for b in batches]
     with torch.no_grad():
         for i, model in enumerate(models):
             for name, p in model.named_parameters():
-                p.copy_(params[name][i])
-    losses = totals.tolist()
+                p.copy_(step.params[name][i])
+    losses = step.totals.tolist()
     return [TrainResult(loss=losses[i] / max(seen[i], 1), num_examples=_num_samples(b))
             for i, b in enumerate(batches)]
+
+
+class _CohortStep:
+    """The cohort's SGD step on fixed tensors: the stacked parameters (`params`), FedProx's
+    anchors, one learning-rate tensor per multiplier and the clients' summed losses (`totals`).
+    `run` takes a step's stacked batch; with `capture` (CUDA) the step at the first batch's
+    shapes is recorded as a CUDA graph once and replayed for every batch of those shapes
+    (forward, backward and update, one launch), and a batch of other shapes (a round's shorter
+    last step) runs the same step eagerly on the same tensors. `start` copies a round's
+    clients in, so one capture serves every round with the same number of clients."""
+
+    def __init__(self, template: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                 weight: Tensor, *, scale: Mapping[str, float], proximal_mu: float,
+                 anchored: Sequence[str], capture: bool = False) -> None:
+        self.k, device = x.shape[0], x.device
+        self.signature = _signature(template)
+        skeleton = copy.deepcopy(template).to("meta")
+        # captured: tensors of its own, refilled by `start`; eager: the round's stacked tensors
+        self.params = ({n: p.clone() for n, p in params.items()} if capture else dict(params))
+        self.proximal_mu = proximal_mu
+        self.anchors = {n: params[n].clone() for n in anchored}
+        # one learning-rate tensor per multiplier and dtype, each parameter's key in `rate_of`
+        self.rate_of = {n: (float(scale[n]), p.dtype) for n, p in self.params.items()}
+        self.rates = {key: torch.zeros((), device=device, dtype=key[1])
+                      for key in set(self.rate_of.values())}
+        self.totals = torch.zeros(self.k, device=device)  # float32, as task.train sums
+
+        def loss(p, x, y, weight):
+            logits = functional_call(skeleton, p, (x,))
+            # per-sample losses weighted 1/n_k (0 for padding): the mean over the real samples
+            return (F.cross_entropy(logits, y, reduction="none") * weight).sum()
+
+        self._grad = vmap(grad_and_value(loss), randomness="different")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if capture:
+            self.x, self.y, self.weight = (torch.zeros_like(t) for t in (x, y, weight))
+            self.active = torch.zeros(self.k, device=device)
+            self.sizes = torch.zeros(self.k, device=device)
+            self._capture()
+
+    def _step(self, x: Tensor, y: Tensor, weight: Tensor, active: Tensor, sizes: Tensor
+              ) -> None:
+        grads, mean_losses = self._grad(self.params, x, y, weight)
+        with torch.no_grad():
+            self.totals.add_(mean_losses.float() * sizes)  # the batches' summed losses
+            for name, p in self.params.items():
+                g = grads[name]
+                if name in self.anchors:  # FedProx: mu * (p - anchor)
+                    g = g + self.proximal_mu * (p - self.anchors[name])
+                # an inactive client (no batch left) takes no step: its update is 0 * g
+                rate = active.to(p.dtype) * self.rates[self.rate_of[name]]
+                p.sub_(g * rate.view((self.k,) + (1,) * (p.dim() - 1)))
+
+    def _capture(self) -> None:
+        # warm-up on a side stream (lazy initialization, cuDNN's choices), then the capture;
+        # the inputs are zeros and no client is active, so the parameters do not move
+        device = self.x.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_STEPS):
+                self._step(self.x, self.y, self.weight, self.active, self.sizes)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: a Ray worker's other threads may use CUDA while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self._step(self.x, self.y, self.weight, self.active, self.sizes)
+
+    def start(self, params: Mapping[str, Tensor], lr: float) -> None:
+        """A round's clients in: their stacked parameters (also FedProx's anchors), the
+        learning rate, no losses yet."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                if p is not params[name]:
+                    p.copy_(params[name])
+            for name, anchor in self.anchors.items():
+                anchor.copy_(params[name])
+            for (s, _), rate in self.rates.items():
+                rate.fill_(lr * s)
+            self.totals.zero_()
+
+    def run(self, x: Tensor, y: Tensor, weight: Tensor, active: Tensor, sizes: Tensor) -> None:
+        if self.graph is not None and x.shape == self.x.shape:
+            for static, t in ((self.x, x), (self.y, y), (self.weight, weight),
+                              (self.active, active), (self.sizes, sizes)):
+                static.copy_(t)
+            self.graph.replay()
+        else:
+            self._step(x, y, weight, active, sizes)
+
+
+def _check_capture(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"graph=True (a captured step) needs a CUDA device, got device={device}")
+
+
+_WARMUP_STEPS = 3  # eager steps before a capture, as fedpara/graphed.py
+_CACHE: dict[tuple, _CohortStep] = {}  # least recently used first
+_CACHE_SIZE = 2  # a run uses one shape (its clients per round); each holds K models' memory
+
+
+def _cached_step(template: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                 weight: Tensor, device: torch.device, *, scale: Mapping[str, float],
+                 proximal_mu: float, anchored: Sequence[str]) -> _CohortStep:
+    """The captured step for this architecture, cohort and batch shape and these settings."""
+    key = (_signature(template), tuple(x.shape), x.dtype, y.dtype, weight.dtype, str(device),
+           tuple(sorted(scale.items())), proximal_mu, tuple(anchored))
+    if key in _CACHE:
+        _CACHE[key] = _CACHE.pop(key)  # now the most recently used
+    else:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = _CohortStep(template, params, x, y, weight, scale=scale,
+                                  proximal_mu=proximal_mu, anchored=anchored, capture=True)
+    return _CACHE[key]
 
 
 def _check_per_sample(model: nn.Module) -> None:

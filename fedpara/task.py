@@ -12,8 +12,8 @@ the learning rate of a round comes from `ExperimentConfig.round_lr`. One optimiz
 
 The fast path (`config.fast_batches`, the default): a client's samples live on the training
 device as tensors (data.TensorBatches, crop and flip done there per batch) and, on CUDA, the step
-runs in channels-last memory format with cuDNN autotuning (`Speed`; bf16 autocast and the
-captured CUDA-graph step are options).
+runs in channels-last memory format with cuDNN autotuning, replayed as a captured CUDA graph
+(`Speed`, fedpara/graphed.py; bf16 autocast is an option).
 `fast_batches=False` is the plain path: a DataLoader and fp32 contiguous math. On a CPU the fast
 path changes the data path and keeps freed memory mapped for reuse (`retain_freed_memory`); the
 math stays fp32 (see book/performance.md for the timings).
@@ -251,22 +251,24 @@ class Speed:
 
     @classmethod
     def default(cls, device: torch.device | str, fast: bool = True) -> Speed:
-        """The fast path's options on `device`: channels-last and cuDNN autotuning on CUDA,
-        freed memory kept for reuse on a CPU (`retain_freed_memory`); float32 everywhere.
+        """The fast path's options on `device`: on CUDA channels-last, cuDNN autotuning and the
+        step replayed as a captured CUDA graph (`graph`, which applies to TensorBatches only);
+        on a CPU freed memory kept for reuse (`retain_freed_memory`); float32 everywhere.
 
-        bf16 autocast is off on CUDA too because it measured slower than float32 at the
-        presets' batch size on the one GPU this project has measured (the H200 numbers in
-        book/performance.md: at batch 64 the step is bound by kernel launches, and autocast
-        adds cast kernels); benchmarks/throughput.py measures both ("fast", "fast+bf16") on
-        any device. On a CPU, what bf16 gains depends on the CPU's bfloat16 instructions and
-        it would change the numbers of the fp32 histories on record; channels-last gave no
-        consistent gain where measured. So a CPU keeps the plain arithmetic. The captured
-        step (`graph`) stays off by default until benchmarks/gpu_check.sh has compared it
-        with the eager step on a GPU.
+        On CUDA the captured step is the default since benchmarks/gpu_check.sh measured it on
+        an H200: several times the eager step's images/s at the presets' batch size, where the
+        eager step is bound by kernel launches, with graphed and eager loss trajectories equal
+        to float rounding (book/performance.md has the numbers). bf16 autocast stays off: the
+        eager step measured slower in bf16 (autocast adds cast kernels), and under the graph
+        the two differed by less than the spread of the repeats; benchmarks/throughput.py
+        measures both on any device ("graph", "graph+bf16", "fast", "fast+bf16"). On a CPU,
+        what bf16 gains depends on the CPU's bfloat16 instructions and it would change the
+        numbers of the fp32 histories on record; channels-last gave no consistent gain where
+        measured. So a CPU keeps the plain arithmetic.
         """
         kind = torch.device(device).type
         on = fast and kind == "cuda"
-        return cls(bf16=False, channels_last=on, cudnn_benchmark=on,
+        return cls(bf16=False, channels_last=on, cudnn_benchmark=on, graph=on,
                    retain_memory=fast and kind == "cpu")
 
 

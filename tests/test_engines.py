@@ -365,3 +365,41 @@ def _gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
     pairs = list(zip(a.parameters(), b.parameters(), strict=True))
     return (sum(float((p - q).double().square().sum()) for p, q in pairs)
             / sum(float(q.double().square().sum()) for _, q in pairs)) ** 0.5
+
+
+def test_a_kept_cohort_step_serves_round_after_round(monkeypatch):
+    """The captured cohort step's logic, run eagerly (the capture needs CUDA): kept across
+    calls, a round's clients copied into its own tensors and back out, its learning rate and
+    losses reset; each round ends where the uncaptured cohort ends, the short last step
+    included."""
+    from fedpara import cohort
+
+    monkeypatch.setattr(cohort, "_check_capture", lambda device: None)
+    monkeypatch.setattr(cohort._CohortStep, "_capture", lambda self: None)
+    monkeypatch.setattr(cohort, "_CACHE", {})
+    base, clients = _model("fedpara"), _clients()
+    for r, lr in enumerate((0.1, 0.05)):  # two rounds, each from the start (not where the
+        # kept step's tensors were left)
+        kept, fresh = ([copy.deepcopy(base) for _ in SIZES] for _ in range(2))
+        got = train_cohort(kept, [_batches(c, 10 * r + i) for i, c in enumerate(clients)],
+                           epochs=1, lr=lr, graph=True)
+        want = train_cohort(fresh, [_batches(c, 10 * r + i) for i, c in enumerate(clients)],
+                            epochs=1, lr=lr, graph=False)
+        assert [g.loss for g in got] == pytest.approx([w.loss for w in want], rel=1e-12)
+        for a, b in zip(kept, fresh, strict=True):
+            _assert_same_parameters(a, b, rtol=1e-12)
+    [step] = cohort._CACHE.values()  # one step served both rounds
+    assert all(p is not q for p, q in zip(step.params.values(), kept[0].parameters()))
+    assert not _same(kept[0], base)  # and it trained
+    other = [_model("original") for _ in SIZES]  # another architecture: a step of its own
+    train_cohort(other, [_batches(c, i) for i, c in enumerate(clients)], epochs=1, lr=0.1,
+                 graph=True)
+    assert len(cohort._CACHE) == 2
+
+
+def test_a_captured_cohort_step_needs_cuda():
+    base, clients = _model("fedpara"), _clients()
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="graph=True .* needs a CUDA device, got device=cpu"):
+        train_cohort([model], [_batches(clients[0], 0)], epochs=1, lr=0.1, graph=True)
+    assert _same(model, base)
