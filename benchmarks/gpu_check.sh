@@ -18,14 +18,14 @@
 #      time limit loses the last model's part first)  -> throughput-<device>.json
 #      Not measured unless GPU_CHECK_PARALLEL is set: the side-by-side processes
 #      (throughput.py --parallel 1 2 4; the step's limit then grows by 45 s, past 6 minutes).
-#      A full run without them writes a throughput file without `parallel_clients`: once it
-#      replaces the 2026-11-29 H200 file, which has them, book/performance.md shows a note
-#      in their place.
-#   2. a 3-round FedAvg smoke over fedpara.task without Flower, fast and plain path, on fake
+#      A full run without them writes a throughput file without `parallel_clients`, and
+#      book/performance.md shows a note in their place.
+#   2. a 2-round FedAvg smoke over fedpara.task without Flower, fast and plain path, on fake
 #      CIFAR-10 files                                   -> gpu-smoke-<device>.json
-#   3. benchmarks/layer_overhead.py with the fast path's settings (task.Speed.default on CUDA:
-#      float32, channels-last, cuDNN autotuning)        -> layer_overhead-<device>.json
-#   4. benchmarks/deployment_rounds.py: 3 rounds of cifar10-noniid/fedpara (E = 1) through
+#   3. benchmarks/layer_overhead.py with the eager fast path's settings (task.Speed.default on
+#      CUDA without its graph: float32, channels-last, cuDNN autotuning)
+#                                                       -> layer_overhead-<device>.json
+#   4. benchmarks/deployment_rounds.py: 2 rounds of cifar10-noniid/fedpara (E = 1) through
 #      Flower's deployment runtime (a SuperLink and one SuperNode holding all 100 partitions,
 #      the cohort engine) on full-size fake CIFAR-10, each round's wall time against the
 #      projection from step 1's file                    -> deployment-<device>.json
@@ -69,14 +69,14 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
           --set eval_samples=16 --test-images 100)
 else
   THROUGHPUT=(--repeats 3 --cohort 16 --cohort-models fedpara-0.1 original)
-  SMOKE=(--smoke-rounds 3)
+  SMOKE=(--smoke-rounds 2)
   OVERHEAD=(--channels-last --cudnn-benchmark)
-  DEPLOY=(--rounds 3 --set local_epochs=1)
+  DEPLOY=(--rounds 2 --set local_epochs=1)
 fi
-# time limits (s): the environment probe and the four steps, 25 + 150 + 40 + 20 + 125 = 360
+# time limits (s): the environment probe and the four steps, 20 + 150 + 35 + 30 + 125 = 360
 # (sized from the steps' times on an H200, "ok in N s" in benchmarks/results/gpu_check.log;
 # the deployment's rounds each start a fresh ClientApp process there, which sets its limit)
-ENV_LIMIT=25 THROUGHPUT_LIMIT=150 SMOKE_LIMIT=40 OVERHEAD_LIMIT=20 DEPLOY_LIMIT=125
+ENV_LIMIT=20 THROUGHPUT_LIMIT=150 SMOKE_LIMIT=35 OVERHEAD_LIMIT=30 DEPLOY_LIMIT=125
 read -r -a PARALLEL <<< "${GPU_CHECK_PARALLEL:-}"
 if ((${#PARALLEL[@]})); then
   THROUGHPUT+=(--parallel "${PARALLEL[@]}")

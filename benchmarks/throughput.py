@@ -38,7 +38,9 @@ benchmarks/memory_retention.py times processes with and without it.
 `--cohort K` (CUDA by default) trains K clients of `--samples` images each together
 (fedpara/cohort.py, its step captured as a CUDA graph there) against the same K one after the
 other on the default path: `round_images_per_second[model]`; on CUDA the cohort without its
-capture is timed too (`images_per_second_together_eager`). With dropout off it also checks the
+capture is timed too (`images_per_second_together_eager`), and the captured cohort with cuDNN's
+autotuning on (`images_per_second_together_autotuned`; the cohort's default leaves cuDNN's
+heuristics to choose the merged convolutions' algorithms). With dropout off it also checks the
 two ways agree (the cohort as run by default against the clients apart in fp32, eager), and that
 two graphed epochs agree with two eager ones (`engine_checks`: the mean losses), each as
 `difference` (‖a − b‖ / ‖b‖ over the parameters, and the worst tensor) next to its
@@ -621,6 +623,10 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
     def together_eager():
         return together(graph=False)
 
+    def together_autotuned():  # cuDNN times its algorithms for the merged convolutions
+        with task._cudnn_benchmark(True):
+            return together()
+
     def apart(data=batches, run_speed=speed):
         models = [_no_dropout(task.init_model(config)).to(device) for _ in range(k)]
         sync(device)
@@ -632,7 +638,8 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
 
     # the eager cohort timed too where the default captures its step (CUDA)
     eager = task.Speed.default(device).graph
-    timed = [(together, []), (apart, [])] + ([(together_eager, [])] if eager else [])
+    timed = [(together, []), (apart, [])] + ([(together_eager, []), (together_autotuned, [])]
+                                             if eager else [])
     for fn, _ in timed:  # warm-up (and the captures)
         fn()
     for r in range(repeats):
@@ -661,7 +668,9 @@ def cohort_round(name: str, k: int, samples: int, batch: int, device: torch.devi
         "images_per_second_apart": k * samples / statistics.median(t_apart),
         "speedup": paired(t_apart, t_together),
         **({"seconds_together_eager": statistics.median(timed[2][1]),
-            "images_per_second_together_eager": k * samples / statistics.median(timed[2][1])}
+            "images_per_second_together_eager": k * samples / statistics.median(timed[2][1]),
+            "seconds_together_autotuned": statistics.median(timed[3][1]),
+            "images_per_second_together_autotuned": k * samples / statistics.median(timed[3][1])}
            if eager else {}),
         "together_vs_apart": difference(ours, reference),
         "noise_floor": floor,

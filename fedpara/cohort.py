@@ -224,9 +224,11 @@ _CACHE_SIZE = 2  # a run uses one shape (its clients per round); each holds K mo
 def _cached_step(template: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor,
                  weight: Tensor, device: torch.device, *, scale: Mapping[str, float],
                  proximal_mu: float, anchored: Sequence[str]) -> _CohortStep:
-    """The captured step for this architecture, cohort and batch shape and these settings."""
+    """The captured step for this architecture, cohort and batch shape and these settings
+    (cuDNN's autotuning among them: a capture keeps the convolution algorithms it found)."""
     key = (_signature(template), tuple(x.shape), x.dtype, y.dtype, weight.dtype, str(device),
-           tuple(sorted(scale.items())), proximal_mu, tuple(anchored))
+           tuple(sorted(scale.items())), proximal_mu, tuple(anchored),
+           torch.backends.cudnn.benchmark)
     if key in _CACHE:
         _CACHE[key] = _CACHE.pop(key)  # now the most recently used
     else:
