@@ -362,7 +362,8 @@ def test_the_graphed_step_takes_task_trains_bf16_autocast():
 
 def _gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
     """‖a − b‖ / ‖b‖ over all parameters."""
-    pairs = list(zip(a.parameters(), b.parameters(), strict=True))
+    pairs = [(p.detach(), q.detach()) for p, q in zip(a.parameters(), b.parameters(),
+                                                        strict=True)]
     return (sum(float((p - q).double().square().sum()) for p, q in pairs)
             / sum(float(q.double().square().sum()) for _, q in pairs)) ** 0.5
 
