@@ -569,8 +569,13 @@ def test_a_cohort_round_equals_its_clients_trained_apart(fmnist_dir, identity, o
             mine = arrays(cohort.content[cohort_key(ARRAYS, p)])
             theirs = arrays(alone.content[ARRAYS])
             assert mine.keys() == theirs.keys()
-            for key, value in theirs.items():
-                torch.testing.assert_close(mine[key], value, rtol=1e-4, atol=1e-5)
+            # ‖mine − theirs‖ / ‖theirs‖ over the client's arrays: the cohort sums in another
+            # order, and rounds of float32 SGD amplify that unevenly, so on some CPUs a few
+            # single elements drift far past any elementwise tolerance the whole meets; leaving
+            # FedProx's term out of the cohort's update moves the arrays past this bound
+            gap = (sum(float((mine[k] - v).double().square().sum()) for k, v in theirs.items())
+                   / sum(float(v.double().square().sum()) for v in theirs.values())) ** 0.5
+            assert gap <= 1e-5, (record.round, p, gap)
     with pytest.raises(ValueError, match="engine='client'"):
         config.replace(algorithm="fedper", evaluation="clients", engine="cohort")
 
