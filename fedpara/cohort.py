@@ -135,7 +135,6 @@ class _CohortStep:
                  weight: Tensor, *, scale: Mapping[str, float], proximal_mu: float,
                  anchored: Sequence[str], capture: bool = False) -> None:
         self.k, device = x.shape[0], x.device
-        self.signature = _signature(template)
         skeleton = copy.deepcopy(template).to("meta")
         # captured: tensors of its own, refilled by `start`; eager: the round's stacked tensors
         self.params = ({n: p.clone() for n, p in params.items()} if capture else dict(params))

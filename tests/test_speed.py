@@ -377,6 +377,28 @@ def test_client_start_times_a_cold_clientapp_with_the_split_computed_and_stored(
         - medians["stored"]["split_and_batches_seconds"])
 
 
+def test_client_start_times_a_fresh_process_cohort_round_phase_by_phase(tmp_path):
+    """--cohort K: fresh processes, each timing its start phase by phase and a second round;
+    the split computed by the first (untimed) process is the one the others read back."""
+    out, splits = tmp_path / "client_start_cohort.json", tmp_path / "splits"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "client_start.py"),
+                           "--cohort", "2", "--repeats", "1", "--device", "cpu",
+                           "--train-images", "10000", "--splits", str(splits),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["clients"] == 2 and record["device"] and len(record["samples"]) == 1
+    [sample] = record["samples"]
+    client_start = _load_benchmark("client_start")
+    assert set(sample) == {*client_start.ROUND_PHASES, "process_seconds"}
+    assert all(v >= 0 for v in sample.values()) and sample["first_round_seconds"] > 0
+    # the process's own clock holds every phase it timed
+    assert sample["process_seconds"] > sum(sample[p] for p in client_start.ROUND_PHASES)
+    assert record["start_seconds"] == pytest.approx(
+        sample["process_seconds"] - sample["second_round_seconds"])
+    assert len(list(splits.glob("split-*.npz"))) == 1  # stored once, read back
+
+
 def test_the_aggregation_benchmark_times_both_paths_and_checks_they_agree(tmp_path):
     out = tmp_path / "aggregation.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "aggregation.py"),
