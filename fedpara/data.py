@@ -44,10 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.datasets as tvd
-import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets.utils import calculate_md5, download_url, extract_archive
 
 from fedpara.config import DATASETS, IMAGE_SIZES  # the allowed names live in config
 from fedpara.storage import make_folder, write_atomic
@@ -88,11 +85,26 @@ _INFO = {
     "femnist": DatasetInfo(62, 1, IMAGE_SIZES["femnist"], (0.9637,), (0.1597,), False),
 }
 
-_TORCHVISION = {
-    "cifar10": tvd.CIFAR10,
-    "cifar100": tvd.CIFAR100,
-    "fashion-mnist": tvd.FashionMNIST,
-    "mnist": tvd.MNIST,
+
+def _torchvision(name: str) -> type:
+    """torchvision's dataset class for `name`: its archive's URL and MD5 sum, its file names,
+    its IDX reader. Imported when first needed, as are torchvision's download helpers and
+    transforms: importing torchvision imports its models and torch's compiler, which takes
+    seconds, and a fresh process (a deployment's ClientApp, once per message) would pay that
+    even with the files in place."""
+    import torchvision.datasets as tvd
+
+    return {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100,
+            "fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST}[name]
+
+
+# an extracted CIFAR folder, as torchvision lays it out (tests/test_data.py checks these against
+# torchvision's classes): (folder, training batches, test batches, metadata file), so that
+# reading one needs no torchvision
+_CIFAR_FILES = {
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                ("test_batch",), "batches.meta"),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "meta"),
 }
 
 
@@ -147,11 +159,8 @@ class ImageDataset(Dataset):
         # a black pixel normalized: what TensorBatches pads its normalized images with
         self.pad_value = ((0 - self._mean) / self._std).view(-1)
         size = self.info.image_size
-        # crop the [0, 1] image, padded with black, then normalize: the Flower baseline's order
-        # (RandomCrop before Normalize), and the same values as TensorBatches gives
-        self._random_crop_flip = T.Compose(
-            [T.RandomCrop(size, padding=PAD), T.RandomHorizontalFlip()]
-        )
+        self._size = size
+        self._random_crop_flip = None  # built at the first augmented image (torchvision's)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -159,6 +168,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x = torch.from_numpy(self.data[index]).permute(2, 0, 1).float().div(255)  # (C, H, W)
         if self.augment:
+            if self._random_crop_flip is None:
+                import torchvision.transforms.v2 as T
+
+                # crop the [0, 1] image, padded with black, then normalize: the Flower
+                # baseline's order (RandomCrop before Normalize), the values TensorBatches gives
+                self._random_crop_flip = T.Compose(
+                    [T.RandomCrop(self._size, padding=PAD), T.RandomHorizontalFlip()])
             x = self._random_crop_flip(x)
         return (x - self._mean) / self._std, int(self.labels[index])
 
@@ -219,6 +235,8 @@ def _wrong_md5(path: Path, md5: str) -> str | None:
     """The MD5 of the file at `path` if it exists and differs from `md5`, else None."""
     if not path.is_file():
         return None
+    from torchvision.datasets.utils import calculate_md5
+
     actual = calculate_md5(str(path))
     return actual if actual != md5 else None
 
@@ -244,6 +262,8 @@ def _corrupt_archive(
 
 def _download(url: str, dest: Path, md5: str) -> None:
     """Download `url` to `dest`, which appears only once complete and with MD5 `md5`."""
+    from torchvision.datasets.utils import download_url
+
     part = dest.with_name(f".{dest.name}.{os.getpid()}.part")  # one per process: clients race
     try:
         download_url(url, str(dest.parent), part.name, md5)  # RuntimeError on a wrong MD5
@@ -256,20 +276,42 @@ def _download(url: str, dest: Path, md5: str) -> None:
 
 
 def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, ImageDataset]:
-    tv = _TORCHVISION[name]
-    folder = root / tv.base_folder
-    archive = root / tv.filename
-    train_files = [f for f, _ in tv.train_list]
-    test_files = [f for f, _ in tv.test_list]
-    expected = [*train_files, *test_files, tv.meta["filename"]]
+    base, train_files, test_files, meta = _CIFAR_FILES[name]
+    folder = root / base
+    expected = [*train_files, *test_files, meta]
     title = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[name]
-    how = (
-        f"download {tv.url} (MD5 {tv.tgz_md5}) and run `tar xzf {tv.filename} -C {root}`, "
-        f"or put the archive itself at {archive} and run again."
-    )
+    if _missing(folder, expected):  # fetched or extracted (torchvision's archive, URL, MD5)
+        _fetch_cifar(name, root, folder, expected, title, download)
 
+    splits = []
+    for train, files in ((True, train_files), (False, test_files)):
+        try:
+            data, labels = _read_cifar_batches(folder, files, _INFO[name].num_classes)
+        except (OSError, ValueError) as err:
+            tv = _torchvision(name)
+            reason = (
+                f"a file is incomplete or corrupted ({err}); delete {folder} and run again "
+                f"(it is extracted again from {root / tv.filename}, downloaded if need be)"
+            )
+            raise _unavailable(title, folder, reason, expected, _cifar_how(tv, root)) from err
+        splits.append(ImageDataset(name, data, labels, train=train))
+    return splits[0], splits[1]
+
+
+def _cifar_how(tv: type, root: Path) -> str:
+    return (f"download {tv.url} (MD5 {tv.tgz_md5}) and run `tar xzf {tv.filename} -C {root}`, "
+            f"or put the archive itself at {root / tv.filename} and run again.")
+
+
+def _fetch_cifar(name: str, root: Path, folder: Path, expected: Sequence[str], title: str,
+                 download: bool) -> None:
+    """Make `folder` complete from torchvision's archive in `root` (downloaded if `download`
+    and it is not there or not intact), or raise DataUnavailableError saying what to do."""
+    tv = _torchvision(name)
+    archive = root / tv.filename
+    how = _cifar_how(tv, root)
     missing = _missing(folder, expected)
-    if missing and not folder.exists():  # an archive in root is used even without download
+    if not folder.exists():  # an archive in root is used even without download
         actual = _wrong_md5(archive, tv.tgz_md5)
         if download and (actual is not None or not archive.is_file()):
             try:
@@ -292,19 +334,6 @@ def _load_cifar(name: str, root: Path, download: bool) -> tuple[ImageDataset, Im
             reason += f" (an incomplete folder: delete {folder} and run again)"
         raise _unavailable(title, folder, reason, expected, how)
 
-    splits = []
-    for train, files in ((True, train_files), (False, test_files)):
-        try:
-            data, labels = _read_cifar_batches(folder, files, _INFO[name].num_classes)
-        except (OSError, ValueError) as err:
-            reason = (
-                f"a file is incomplete or corrupted ({err}); delete {folder} and run again "
-                f"(it is extracted again from {archive}, downloaded if need be)"
-            )
-            raise _unavailable(title, folder, reason, expected, how) from err
-        splits.append(ImageDataset(name, data, labels, train=train))
-    return splits[0], splits[1]
-
 
 def _extract_cifar(tv: type, root: Path, expected: Sequence[str]) -> None:
     """Extract torchvision's archive (its MD5 already checked) into `root`.
@@ -313,6 +342,8 @@ def _extract_cifar(tv: type, root: Path, expected: Sequence[str]) -> None:
     when complete. If another process has meanwhile put its complete copy (all of `expected`)
     there, that copy is kept.
     """
+    from torchvision.datasets.utils import extract_archive
+
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".extract-"))
     try:
         extract_archive(str(root / tv.filename), str(tmp))
@@ -351,7 +382,7 @@ def _read_cifar_batches(folder: Path, files: Sequence[str], num_classes: int):
 
 
 def _load_idx(name: str, root: Path, download: bool) -> tuple[ImageDataset, ImageDataset]:
-    tv = _TORCHVISION[name]
+    tv = _torchvision(name)
     raw = root / tv.__name__ / "raw"
     expected = [f.removesuffix(".gz") for f, _ in tv.resources]
     title = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}[name]

@@ -8,6 +8,8 @@ import io
 import pickle
 import re
 import struct
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -429,7 +431,8 @@ def test_cifar_extracted_by_another_process_meanwhile_is_kept(tmp_path, monkeypa
         if not complete:
             (folder / "test_batch").unlink()
 
-    monkeypatch.setattr(data, "extract_archive", extract_while_another_process_finishes)
+    # fedpara.data imports torchvision's helper when it extracts: the patch is on torchvision
+    monkeypatch.setattr(tvd.utils, "extract_archive", extract_while_another_process_finishes)
     if complete:
         train, _ = load_dataset("cifar10", data_dir=tmp_path, download=False)
         np.testing.assert_array_equal(train.data, written["train"][0])
@@ -438,6 +441,36 @@ def test_cifar_extracted_by_another_process_meanwhile_is_kept(tmp_path, monkeypa
             load_dataset("cifar10", data_dir=tmp_path, download=False)
         assert err.value.errno == errno.ENOTEMPTY
     assert not list(tmp_path.glob(".extract-*"))
+
+
+def test_an_extracted_cifar_folder_is_read_without_torchvision(tmp_path):
+    """Importing fedpara's apps and reading extracted CIFAR files import no torchvision (its
+    import, models and torch's compiler included, is most of a fresh process's start); the
+    folder's layout that makes this possible is torchvision's own."""
+    for name, (base, train_files, test_files, meta) in data._CIFAR_FILES.items():
+        tv = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+        assert base == tv.base_folder and meta == tv.meta["filename"]
+        assert list(train_files) == [f for f, _ in tv.train_list]
+        assert list(test_files) == [f for f, _ in tv.test_list]
+    written = write_fake_cifar(tmp_path, "cifar100", n_train=30, n_test=10)
+    child = (
+        "import sys, numpy as np\n"
+        "import fedpara.client_app, fedpara.server_app\n"
+        "from fedpara.data import load_dataset\n"
+        f"train, test = load_dataset('cifar100', data_dir={str(tmp_path)!r}, download=False)\n"
+        "x, y = train[0]\n"  # an augmented training image: crop and flip, torchvision's
+        "print(len(train), len(test), 'torchvision' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # up to the first augmented image: then torchvision's transforms are imported
+    assert done.stdout.split() == [str(len(written["train"][1])), "10", "True"]
+    before = child.replace("x, y = train[0]\n", "")
+    done = subprocess.run([sys.executable, "-c", before], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(len(written["train"][1])), "10", "False"]
 
 
 # FEMNIST: a local copy of flwrlabs/femnist, split per writer
