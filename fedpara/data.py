@@ -158,8 +158,6 @@ class ImageDataset(Dataset):
         self._std = torch.tensor(self.info.std).view(-1, 1, 1)
         # a black pixel normalized: what TensorBatches pads its normalized images with
         self.pad_value = ((0 - self._mean) / self._std).view(-1)
-        size = self.info.image_size
-        self._size = size
         self._random_crop_flip = None  # built at the first augmented image (torchvision's)
 
     def __len__(self) -> int:
@@ -174,7 +172,8 @@ class ImageDataset(Dataset):
                 # crop the [0, 1] image, padded with black, then normalize: the Flower
                 # baseline's order (RandomCrop before Normalize), the values TensorBatches gives
                 self._random_crop_flip = T.Compose(
-                    [T.RandomCrop(self._size, padding=PAD), T.RandomHorizontalFlip()])
+                    [T.RandomCrop(self.info.image_size, padding=PAD),
+                     T.RandomHorizontalFlip()])
             x = self._random_crop_flip(x)
         return (x - self._mean) / self._std, int(self.labels[index])
 
