@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from fedpara import task
-from fedpara.graphed import _signature
+from fedpara.graphed import _signature, kept
 from fedpara.task import (
     Batches,
     TrainResult,
@@ -228,14 +228,9 @@ def _cached_step(template: nn.Module, params: Mapping[str, Tensor], x: Tensor, y
     key = (_signature(template), tuple(x.shape), x.dtype, y.dtype, weight.dtype, str(device),
            tuple(sorted(scale.items())), proximal_mu, tuple(anchored),
            torch.backends.cudnn.benchmark)
-    if key in _CACHE:
-        _CACHE[key] = _CACHE.pop(key)  # now the most recently used
-    else:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _CohortStep(template, params, x, y, weight, scale=scale,
-                                  proximal_mu=proximal_mu, anchored=anchored, capture=True)
-    return _CACHE[key]
+    return kept(_CACHE, _CACHE_SIZE, key, lambda: _CohortStep(
+        template, params, x, y, weight, scale=scale, proximal_mu=proximal_mu, anchored=anchored,
+        capture=True))
 
 
 def _check_per_sample(model: nn.Module) -> None:

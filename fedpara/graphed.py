@@ -22,7 +22,8 @@ and augmentation happens in the batches, outside the graph.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,11 +180,19 @@ def trainer_for(model: nn.Module, x: Tensor, y: Tensor, *, device: torch.device,
     key = (_signature(model), tuple(x.shape), x.dtype, tuple(y.shape), str(device), speed,
            tuple(sorted((lr_scale or {}).items())), float(proximal_mu),
            proximal_to if proximal_mu > 0 else None)
-    if key in _CACHE:
-        _CACHE[key] = _CACHE.pop(key)  # now the most recently used
+    return kept(_CACHE, _CACHE_SIZE, key, lambda: GraphedTrainer(
+        model, x, y, device=device, speed=speed, lr_scale=lr_scale, proximal_mu=proximal_mu,
+        proximal_to=proximal_to))
+
+
+def kept(cache: dict, size: int, key: tuple, make: Callable[[], Any]) -> Any:
+    """`cache[key]`, made by `make()` if missing; `cache` keeps the `size` most recently used
+    (its order: least recently used first). Shared by the captured steps here and in
+    fedpara/cohort.py."""
+    if key in cache:
+        cache[key] = cache.pop(key)  # now the most recently used
     else:
-        if len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = GraphedTrainer(model, x, y, device=device, speed=speed, lr_scale=lr_scale,
-                                     proximal_mu=proximal_mu, proximal_to=proximal_to)
-    return _CACHE[key]
+        if len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
