@@ -13,32 +13,34 @@ that is the W2 factors, the biases and any norm; the whole model for local-only 
 `context.state`, which Flower keeps per node for the length of a run, under one key per
 partition (`cohort_key(LOCAL, p)`); only the global keys travel. The record keys and query
 names are `fedpara.messages`'.
+
+The handlers here only translate: a message becomes a request of plain data, whose reply
+`fedpara.worker.handle` computes with torch. By default that happens in this process; with the
+node config `worker=<socket path>` a long-lived worker on the same machine does it
+(`python -m fedpara.worker`), so that the process Flower starts for each message imports
+neither torch nor fedpara's training path and finds the device and the data ready. This module
+imports no torch itself.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpara import task
-from fedpara.cohort import train_cohort
 from fedpara.config import ExperimentConfig
 from fedpara.messages import (
     ADDRESS,
     ARRAYS,
-    CHANGE,
     COHORT,
-    CORRECT,
     EXPERIMENT,
     GET_LOCAL_ACTION,
     LOCAL,
-    LOSS,
     LR,
     METRICS,
-    NUM_EXAMPLES,
     NUM_PARTITIONS,
-    OWN_CORRECT,
-    OWN_EXAMPLES,
     PARTITION_ACTION,
     PARTITION_ID,
     PARTITIONS_HELD,
@@ -46,10 +48,9 @@ from fedpara.messages import (
     ROUND,
     SERVER_ROUND,
     SET_LOCAL_ACTION,
-    TRAIN_LOSS,
+    WORKER,
     cohort_key,
 )
-from fedpara.transport import from_wire, to_wire
 
 app = ClientApp()
 
@@ -101,15 +102,50 @@ def _addressed(msg: Message, held: range) -> int:
     return partition_id
 
 
-def _client_model(config: ExperimentConfig, msg: Message, context: Context, partition_id: int):
-    """The initial model, overwritten by the global arrays sent and the personal ones kept."""
-    model = task.init_model(config)
-    sent = msg.content.array_records[ARRAYS].to_torch_state_dict()
-    task.set_arrays(model, from_wire(sent, config.transport))
-    local = context.state.array_records.get(cohort_key(LOCAL, partition_id))
-    if local is not None:
-        task.set_arrays(model, local.to_torch_state_dict())
-    return model
+def _arrays(record: ArrayRecord | None) -> dict | None:
+    """An ArrayRecord's arrays as NumPy, by name (what a request carries)."""
+    return None if record is None else {k: record[k].numpy() for k in record.keys()}
+
+
+def _record(arrays: Mapping) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _request(msg: Message, context: Context, kind: str, partition_id: int) -> dict[str, Any]:
+    """The plain-data request for `fedpara.worker.handle` (its layout is described there)."""
+    request = {"kind": kind, "experiment": dict(msg.content.config_records[EXPERIMENT]),
+               "partition": partition_id, "arrays": _arrays(msg.content.array_records[ARRAYS]),
+               "local": _arrays(context.state.array_records.get(cohort_key(LOCAL, partition_id)))}
+    if kind != "evaluate":
+        round_config = msg.content.config_records[ROUND]
+        request.update(server_round=int(round_config[SERVER_ROUND]), lr=float(round_config[LR]),
+                       proximal_mu=float(round_config.get(PROXIMAL_MU, 0.0)))  # FedProx only
+    return request
+
+
+def _handle(request: dict[str, Any], context: Context) -> dict[str, Any]:
+    """The request's reply: from the node's worker if its node config names one, else computed
+    here (importing torch and the training path on first use)."""
+    address = context.node_config.get(WORKER)
+    if address is None:
+        from fedpara.worker import handle
+
+        return handle(request)
+    from multiprocessing.connection import Client
+
+    try:
+        conn = Client(str(address), family="AF_UNIX")
+    except OSError as err:
+        raise RuntimeError(
+            f"node config {WORKER}={address!r}: no fedpara worker answers there ({err}). Start "
+            f"one on this machine first (python -m fedpara.worker --address {address}), or "
+            f"start the SuperNode without {WORKER} to train in the ClientApp itself") from None
+    with conn:
+        conn.send(request)
+        status, reply = conn.recv()
+    if status != "ok":
+        raise RuntimeError(f"the fedpara worker at {address} failed on this message:\n{reply}")
+    return reply
 
 
 # handlers --------------------------------------------------------------------------------
@@ -119,97 +155,29 @@ def _client_model(config: ExperimentConfig, msg: Message, context: Context, part
 def train(msg: Message, context: Context) -> Message:
     """Train on this client's partition (or, for engine="cohort", on every partition the
     message names, together); reply with the global keys' arrays."""
-    config, partition_id = _setup(msg, context)
+    _, partition_id = _setup(msg, context)
     round_config = msg.content.config_records[ROUND]
-    server_round, lr = int(round_config[SERVER_ROUND]), float(round_config[LR])
-    proximal_mu = float(round_config.get(PROXIMAL_MU, 0.0))  # FedProx only
     if COHORT in round_config:
-        return _train_cohort(msg, config, [int(p) for p in round_config[COHORT]],
-                             server_round, lr, proximal_mu)
-
-    # 1. the model: global arrays from the server, personal ones from the last round
-    device = task.resolve_device(config.device)
-    model = _client_model(config, msg, context, partition_id).to(device)
-    before = task.snapshot(model)  # on the device: the changes cost one sync per client
-    # 2. train locally; every random draw is seeded by (seed, round, client). FedProx pulls
-    # the arrays that came from the server (the global keys) towards where they started.
-    global_keys, local_keys = task.split_keys(model, config.algorithm)
-    seed = task.client_seed(config.seed, server_round, partition_id)
-    data = task.client_data(config, partition_id, seed=seed)
-    result = task.train(model, data.train, epochs=config.local_epochs, lr=lr, device=device,
-                        seed=seed, lr_scale=task.lr_scales(model, config),
-                        proximal_mu=proximal_mu, proximal_to=global_keys)
-    # 3. keep the personal part, send the global part
-    if local_keys:
-        context.state[cohort_key(LOCAL, partition_id)] = ArrayRecord(
-            task.get_arrays(model, local_keys))
-    arrays, metrics = _reply_records(config, model, before, result, data, partition_id,
-                                     global_keys, device)
-    return Message(content=RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=msg)
-
-
-def _reply_records(config: ExperimentConfig, model, before, result: task.TrainResult,
-                   data: task.ClientData, partition_id: int, global_keys: list[str], device
-                   ) -> tuple[ArrayRecord, MetricRecord]:
-    """One trained client's reply: its global arrays (in the transport format) and metrics."""
-    metrics = MetricRecord(
-        {NUM_EXAMPLES: result.num_examples, TRAIN_LOSS: result.loss, PARTITION_ID: partition_id,
-         # how far training moved each parameter (task.tracked_parameters order)
-         CHANGE: task.relative_changes(before, model)}
-    )
-    if config.evaluation == "clients":  # the model right after local training, on own data
-        own = task.evaluate(model, data.holdout, device=device)
-        metrics[OWN_CORRECT], metrics[OWN_EXAMPLES] = own.correct, own.num_examples
-    arrays = ArrayRecord(to_wire(task.get_arrays(model, global_keys), config.transport))
-    return arrays, metrics
-
-
-def _train_cohort(msg: Message, config: ExperimentConfig, partitions: list[int],
-                  server_round: int, lr: float, proximal_mu: float) -> Message:
-    """engine="cohort": the round's partitions trained together from the same global arrays
-    (cohort.train_cohort), each with the data and seed it would have alone; one reply holding
-    each partition's arrays and metrics under `cohort_key`. The partitions need not be this
-    node's own (it loads the whole dataset, and FedAvg's clients keep no state): the engine
-    emulates many clients on one machine, it does not keep data with separate owners."""
-    device = task.resolve_device(config.device)
-    sent = from_wire(msg.content.array_records[ARRAYS].to_torch_state_dict(), config.transport)
-    models, before, data = [], [], []
-    for p in partitions:
-        model = task.init_model(config)
-        task.set_arrays(model, sent)
-        models.append(model.to(device))
-        before.append(task.snapshot(model))
-        data.append(task.client_data(config, p, seed=task.client_seed(config.seed,
-                                                                      server_round, p)))
-    global_keys, _ = task.split_keys(models[0], config.algorithm)
-    results = train_cohort(models, [d.train for d in data], epochs=config.local_epochs, lr=lr,
-                           device=device, lr_scale=task.lr_scales(models[0], config),
-                           proximal_mu=proximal_mu, proximal_to=global_keys,
-                           seeds=[task.client_seed(config.seed, server_round, p)
-                                  for p in partitions])
-    records = {}
-    for p, model, old, result, d in zip(partitions, models, before, results, data, strict=True):
-        arrays, metrics = _reply_records(config, model, old, result, d, p, global_keys, device)
-        records[cohort_key(ARRAYS, p)], records[cohort_key(METRICS, p)] = arrays, metrics
-    return Message(content=RecordDict(records), reply_to=msg)
+        request = _request(msg, context, "cohort", partition_id)
+        request.update(partitions=[int(p) for p in round_config[COHORT]], local=None)
+        records = {}
+        for p, arrays, metrics in _handle(request, context)["clients"]:
+            records[cohort_key(ARRAYS, p)] = _record(arrays)
+            records[cohort_key(METRICS, p)] = MetricRecord(metrics)
+        return Message(content=RecordDict(records), reply_to=msg)
+    reply = _handle(_request(msg, context, "train", partition_id), context)
+    if reply["local"] is not None:  # keep the personal part, send the global part
+        context.state[cohort_key(LOCAL, partition_id)] = _record(reply["local"])
+    return Message(content=RecordDict({ARRAYS: _record(reply["arrays"]),
+                                       METRICS: MetricRecord(reply["metrics"])}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score this client's model (global + personal parts) on its own held-out data."""
-    config, partition_id = _setup(msg, context)
-    model = _client_model(config, msg, context, partition_id)
-    data = task.client_data(config, partition_id)
-    result = task.evaluate(model, data.holdout, device=task.resolve_device(config.device))
-    metrics = MetricRecord(
-        {
-            NUM_EXAMPLES: result.num_examples,
-            LOSS: result.loss,
-            CORRECT: result.correct,
-            PARTITION_ID: partition_id,
-        }
-    )
-    return Message(content=RecordDict({METRICS: metrics}), reply_to=msg)
+    _, partition_id = _setup(msg, context)
+    reply = _handle(_request(msg, context, "evaluate", partition_id), context)
+    return Message(content=RecordDict({METRICS: MetricRecord(reply["metrics"])}), reply_to=msg)
 
 
 @app.query(PARTITION_ACTION)

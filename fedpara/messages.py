@@ -44,6 +44,7 @@ PARTITION_ID = "partition-id"  # also the node-config key a SuperNode is started
 NUM_PARTITIONS = "num-partitions"  # also a node-config key
 PARTITIONS_HELD = "partitions-held"  # also an optional node-config key (default 1): a node
 # holds partitions partition-id, ..., partition-id + partitions-held - 1
+WORKER = "worker"  # an optional node-config key: the socket of the node's fedpara.worker
 TRAIN_LOSS = "train-loss"
 CHANGE = "relative-change"  # per tracked parameter: how far local training moved it
 OWN_CORRECT = "own-correct"  # client evaluation: held-out hits right after local training

@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -322,9 +325,6 @@ def test_fast_batches_and_dataloader_serve_the_same_client(fmnist_dir):
 
 def test_local_training_imports_without_flower():
     """A machine with torch but no flwr trains too: task.py must not need Flower."""
-    import subprocess
-    import sys
-
     code = ("import sys; sys.modules['flwr'] = None; sys.modules['ray'] = None; "
             "import fedpara.task, fedpara.history, fedpara.config, fedpara.checkpoints, "
             "fedpara.messages")
@@ -349,17 +349,20 @@ def call_client(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
     def call(config, message_type, arrays, *, partition_id=0, state=None, server_round=1,
-             proximal_mu=None):
+             proximal_mu=None, cohort=None, node=None):
         told = {"server-round": server_round, "lr": 0.05}
         if proximal_mu is not None:  # what Flower's FedProx adds to the round's config
             told["proximal-mu"] = proximal_mu
+        if cohort is not None:  # engine="cohort": the partitions trained together
+            told["cohort"] = cohort
         records = {EXPERIMENT: ConfigRecord(config.to_run_config()),
                    ARRAYS: ArrayRecord(arrays),
                    ROUND: ConfigRecord(told)}
         message = Message(content=RecordDict(records), dst_node_id=7, message_type=message_type)
         context = Context(run_id=1, node_id=7, state=state if state is not None else RecordDict(),
                           node_config={"partition-id": partition_id,
-                                       "num-partitions": config.num_clients}, run_config={})
+                                       "num-partitions": config.num_clients, **(node or {})},
+                          run_config={})
         reply = client_app.app(message, context)
         assert not reply.has_error(), reply.error.reason
         return reply.content, context
@@ -499,6 +502,151 @@ def test_the_server_averages_decoded_arrays_and_keeps_float32(fmnist_dir, call_c
         expected = (0.75 * decoded[0][key].double() + 0.25 * decoded[1][key].double()).float()
         assert value.dtype == torch.float32
         assert torch.equal(value, expected)  # Flower's FedAvg, handed float64: the float64 mean
+
+
+# a long-lived worker (fedpara.worker) ----------------------------------------------------------
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """A real worker process on one torch thread, listening on a socket in tmp_path."""
+    address = tmp_path / "worker.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "fedpara.worker", "--address", str(address),
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not address.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the worker did not start: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.1)
+    yield address, proc
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert "listening on" in out and not address.exists()  # it removed its socket
+
+
+def _content_arrays(content, name):
+    return {k: content[name][k].numpy() for k in content[name].keys()}
+
+
+def test_a_worker_answers_as_the_clientapp_itself(fmnist_dir, call_client, one_thread, worker):
+    """The same messages, answered in the ClientApp and by a worker process: the same bits.
+    pFedPara with client evaluation (personal arrays kept between rounds), an evaluation
+    message, and a cohort."""
+    from fedpara.messages import ARRAYS, LOCAL, METRICS, cohort_key
+
+    address, _ = worker
+    config = smoke_config(fmnist_dir, algorithm="pfedpara", gamma=0.5, evaluation="clients",
+                          client_samples=200)
+    model = task.init_model(config)
+    global_keys, _ = task.split_keys(model, "pfedpara")
+    sent = task.get_arrays(model, global_keys)
+    replies = {}
+    for how, node in (("here", None), ("worker", {"worker": str(address)})):
+        first, context = call_client(config, "train", sent, partition_id=1, node=node)
+        second, context = call_client(config, "train", sent, partition_id=1, server_round=2,
+                                      state=context.state, node=node)
+        scored, _ = call_client(config, "evaluate", sent, partition_id=1, state=context.state,
+                                node=node)
+        replies[how] = [_content_arrays(first, ARRAYS), dict(first[METRICS]),
+                        _content_arrays(second, ARRAYS), dict(second[METRICS]),
+                        {k: v.numpy() for k, v in context.state[cohort_key(LOCAL, 1)].items()},
+                        dict(scored[METRICS])]
+    here, there = replies["here"], replies["worker"]
+    assert here[1] == there[1] and here[3] == there[3] and here[5] == there[5]
+    for a, b in ((here[0], there[0]), (here[2], there[2]), (here[4], there[4])):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert here[1]["train-loss"] > 0 and here[0] != {}  # it trained and sent something
+    # a cohort of two partitions, FedAvg
+    config = smoke_config(fmnist_dir, client_samples=200, engine="cohort")
+    model = task.init_model(config)
+    sent = task.get_arrays(model, model.state_dict())
+    together = [call_client(config, "train", sent, cohort=[0, 3], node=node)[0]
+                for node in (None, {"worker": str(address)})]
+    assert together[0].keys() == together[1].keys() == {
+        cohort_key(name, p) for name in (ARRAYS, METRICS) for p in (0, 3)}
+    for p in (0, 3):
+        assert dict(together[0][cohort_key(METRICS, p)]) == dict(
+            together[1][cohort_key(METRICS, p)])
+        a, b = (_content_arrays(t, cohort_key(ARRAYS, p)) for t in together)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_clientapp_with_a_worker_imports_no_torch(fmnist_dir, worker, tmp_path):
+    """The process Flower starts for each message: with a worker it trains a client without
+    importing torch (NumPy arrays in, NumPy arrays out)."""
+    address, _ = worker
+    config = smoke_config(fmnist_dir, client_samples=200)
+    model = task.init_model(config)
+    arrays = tmp_path / "sent.npz"
+    np.savez(arrays, **{k: v.numpy() for k, v in model.state_dict().items()})
+    child = f"""
+import json, sys
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from fedpara import client_app
+from fedpara.config import ExperimentConfig
+TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
+config = ExperimentConfig.from_dict(json.loads({json.dumps(json.dumps(config.to_dict()))}))
+with np.load({str(arrays)!r}) as z:
+    sent = ArrayRecord({{k: Array(z[k]) for k in z.files}})
+content = RecordDict({{"experiment": ConfigRecord(config.to_run_config()), "arrays": sent,
+                       "round": ConfigRecord({{"server-round": 1, "lr": 0.05}})}})
+message = Message(content=content, dst_node_id=7, message_type="train")
+node = {{"partition-id": 2, "num-partitions": 4, "worker": {str(address)!r}}}
+reply = client_app.app(message, Context(run_id=1, node_id=7, state=RecordDict(),
+                                         node_config=node, run_config={{}}))
+assert not reply.has_error(), reply.error.reason
+print(json.dumps([reply.content["metrics"]["num-examples"], "torch" in sys.modules]))
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    num_examples, imported_torch = json.loads(done.stdout.splitlines()[-1])
+    assert num_examples == len(task.client_data(config, 2).train.x)
+    assert imported_torch is False
+
+
+def test_worker_errors_name_the_node_config_and_keep_the_worker(fmnist_dir, worker, tmp_path):
+    from flwr.app import Context, RecordDict
+    from multiprocessing.connection import Client
+
+    from fedpara import client_app
+    from fedpara.worker import main, serve
+
+    address, proc = worker
+    missing = tmp_path / "nobody.sock"
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"worker": str(missing)})
+    with pytest.raises(RuntimeError, match=r"node config worker=.*nobody\.sock.*no fedpara "
+                                           r"worker answers there"):
+        client_app._handle({"kind": "train"}, context)
+    # a request the worker cannot answer: its traceback comes back; the worker serves on
+    context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
+                      node_config={"worker": str(address)})
+    with pytest.raises(RuntimeError, match=r"(?s)worker at .* failed.*request kind='fit'; "
+                                           r"allowed: train, cohort, evaluate"):
+        client_app._handle({"kind": "fit"}, context)
+    with Client(str(address), family="AF_UNIX") as conn:  # still there
+        conn.send({"kind": "nope"})
+        assert conn.recv()[0] == "error"
+    assert proc.poll() is None
+    # where a worker cannot listen: a plain file, a folder that is missing, a live worker
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    for bad, says in ((plain, "is a file that is not a socket"),
+                      (tmp_path / "no" / "w.sock", "does not exist"),
+                      (address, "a worker already listens there")):
+        with pytest.raises(ValueError, match=says):
+            serve(bad)
+    assert plain.read_text() == "x" and address.exists()
+    assert main(["--address", str(plain)]) == 2
 
 
 # the simulation ----------------------------------------------------------------------------

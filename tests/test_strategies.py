@@ -528,15 +528,15 @@ def test_a_cohort_round_equals_its_clients_trained_apart(fmnist_dir, identity, o
                                                          monkeypatch, variant):
     """engine="cohort" sends one node the round's partitions in one message; the history
     (traffic per client, losses, accuracy) is the per-client engine's to float tolerance."""
-    import fedpara.client_app
+    import fedpara.worker
 
     from fedpara import task
 
     config = strategy_config(fmnist_dir, variant=variant, client_samples=150, eval_samples=500)
     apart, apart_grid = run_in_process(config)
     seeds = []  # the seeds (dropout) each cohort was given: its clients' own, of its round
-    real = fedpara.client_app.train_cohort
-    monkeypatch.setattr(fedpara.client_app, "train_cohort",
+    real = fedpara.worker.train_cohort
+    monkeypatch.setattr(fedpara.worker, "train_cohort",
                         lambda *a, **k: seeds.append(k["seeds"]) or real(*a, **k))
     together, grid = run_in_process(config.replace(engine="cohort"))
     assert seeds == [[task.client_seed(config.seed, r.round, p) for p in r.clients]
