@@ -34,6 +34,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from multiprocessing.connection import Listener
@@ -186,10 +187,13 @@ def serve(address: str | os.PathLike, *, announce=print) -> None:
                     # a caller that left, or sent no request: the next one is served
                     announce(f"dropped a connection without a request ({err!r})", flush=True)
                     continue
+                start = time.perf_counter()
                 try:
                     reply = ("ok", handle(request))
                 except Exception:  # the ClientApp raises it, with this traceback
                     reply = ("error", traceback.format_exc())
+                announce(f"{'served' if reply[0] == 'ok' else 'failed'} {_describe(request)} "
+                         f"in {time.perf_counter() - start:.2f} s", flush=True)
                 try:
                     conn.send(reply)
                 except OSError as err:  # the ClientApp stopped waiting (Flower ended the run)
@@ -199,6 +203,17 @@ def serve(address: str | os.PathLike, *, announce=print) -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
         listener.close()  # removes the socket file
+
+
+def _describe(request) -> str:
+    """'train partition 3, round 2' / 'cohort partitions [0, 5], round 1' (for the log)."""
+    if not isinstance(request, Mapping):
+        return "a request that is not a mapping"
+    kind = request.get("kind")
+    parts = (f"partitions {list(request.get('partitions', []))}" if kind == "cohort"
+             else f"partition {request.get('partition')}")
+    when = f", round {request['server_round']}" if "server_round" in request else ""
+    return f"{kind} {parts}{when}"
 
 
 def _clear_stale_socket(path: Path) -> None:

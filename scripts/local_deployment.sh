@@ -7,6 +7,8 @@
 #   scripts/local_deployment.sh "rounds=3 lr=0.05"   # run-config overrides (they win)
 #   NODES=1 PARTITIONS=10 scripts/local_deployment.sh "engine='cohort'"
 #                       # one SuperNode holding all 10 partitions (node config partitions-held)
+#   WORKER=1 NODES=1 PARTITIONS=10 scripts/local_deployment.sh "engine='cohort'"
+#                       # the same, its ClientApps forwarding to one fedpara.worker process
 #
 # NODES SuperNodes share PARTITIONS partitions (default: one each) in contiguous blocks whose
 # sizes differ by at most one; num-clients and clients-per-round default to PARTITIONS.
@@ -78,12 +80,21 @@ setsid flower-superlink --insecure --host 127.0.0.1 --port "$LINK_PORT" \
   >"$WORK/superlink.log" 2>&1 &
 PIDS+=($!)
 
-# 2. the SuperNodes, each told which block of partitions it holds
+# 2. with WORKER=1, one fedpara.worker for the machine (node config worker=<its socket>), then
+# the SuperNodes, each told which block of partitions it holds
+WORKER_CONFIG=""
+if [ "${WORKER:-0}" = 1 ]; then
+  setsid "$BIN/python" -m fedpara.worker --address "$WORK/worker.sock" >"$WORK/worker.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 600); do [ -S "$WORK/worker.sock" ] && break; sleep 0.1; done
+  if [ ! -S "$WORK/worker.sock" ]; then echo "the worker did not start within 60 s" >&2; exit 1; fi
+  WORKER_CONFIG=" worker='$WORK/worker.sock'"
+fi
 FIRST=0
 for ((i = 0; i < NUM_NODES; i++)); do
   HELD=$((NUM_PARTITIONS / NUM_NODES + (i < NUM_PARTITIONS % NUM_NODES ? 1 : 0)))
   setsid flower-supernode --insecure --superlink "127.0.0.1:$LINK_PORT" --port "${PORTS[$((i + 1))]}" \
-    --node-config "partition-id=$FIRST num-partitions=$NUM_PARTITIONS partitions-held=$HELD" \
+    --node-config "partition-id=$FIRST num-partitions=$NUM_PARTITIONS partitions-held=$HELD$WORKER_CONFIG" \
     >"$WORK/supernode-$i.log" 2>&1 &
   PIDS+=($!)
   FIRST=$((FIRST + HELD))
@@ -135,4 +146,7 @@ if statuses != ["finished:completed"] or len(histories) != 1:
 records = json.load(open(histories[0]))["records"]
 print(f"{len(records)} rounds, accuracy {[round(r['accuracy'], 4) for r in records]}")
 EOF
+if [ "${WORKER:-0}" = 1 ]; then
+  echo "worker: served $(grep -c '^served ' "$WORK/worker.log") requests, failed $(grep -c '^failed ' "$WORK/worker.log" || true)"
+fi
 echo "loopback deployment: OK"

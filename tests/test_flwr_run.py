@@ -93,19 +93,23 @@ def test_flwr_run_on_the_local_simulation_federation(fmnist_dir, tmp_path):
     (2, 2, ""),  # one partition each, as on separate machines
     # two nodes holding blocks of 3 and 2; pFedPara keeps each partition's W2 on its node
     (2, 5, "clients-per-round=3 algorithm='pfedpara' evaluation='clients'"),
-    (1, 4, "clients-per-round=3 engine='cohort'"),  # one node trains each round's cohort
-], ids=["one-partition-each", "blocks-pfedpara", "one-node-cohort"])
+    # one node trains each round's cohort, in a fedpara.worker its ClientApps forward to
+    (1, 4, "clients-per-round=3 engine='cohort'"),
+], ids=["one-partition-each", "blocks-pfedpara", "one-node-cohort-worker"])
 def test_loopback_deployment(fmnist_dir, tmp_path, nodes, partitions, overrides):
     """A SuperLink and SuperNodes holding `partitions` partitions on loopback (~1 min each)."""
     script = REPO / "scripts" / "local_deployment.sh"
+    worker = "engine='cohort'" in overrides
     env = {**os.environ, "NODES": str(nodes), "PARTITIONS": str(partitions),
-           "RESULTS_DIR": str(tmp_path / "results")}
+           "RESULTS_DIR": str(tmp_path / "results"), "WORKER": str(int(worker))}
     done = subprocess.run(
         [str(script), f"rounds=1 client-samples=500 data-dir='{fmnist_dir}' {overrides}"],
         cwd=REPO, capture_output=True, text=True, timeout=500, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "runs: ['finished:completed']" in done.stdout
     assert "loopback deployment: OK" in done.stdout
+    # the worker trained every round (one cohort message each), or no worker ran
+    assert ("worker: served 1 requests, failed 0" in done.stdout) == worker
     [path] = (tmp_path / "results").rglob("*.json")
     history = json.loads(path.read_text())
     config, records = history["config"], history["records"]
