@@ -9,11 +9,13 @@ that do what a ClientApp does first (`import fedpara.client_app`, `task.load_spl
 `task.client_data` for one client of cifar10-noniid on full-size fake CIFAR-10 files): one
 computing the split with flwr-datasets, one reading it from $FEDPARA_SPLITS (`fedpara.partition`),
 interleaved. Reports the medians per phase and writes benchmarks/results/client_start-<device>.json.
+A node with a long-lived `fedpara.worker` (node config `worker=<socket>`) pays these once, in the
+worker: its ClientApp processes import Flower and `fedpara.client_app` only, not torch.
 
     python benchmarks/client_start.py --cohort 16 --device cuda --splits benchmarks/device-splits
 
 `--cohort K` times instead what a fresh process pays for one round of the cohort engine
-(`engine="cohort"`, fedpara/client_app.py's `_train_cohort`) on `--device`, without Flower (the
+(`engine="cohort"`, fedpara/worker.py's `_train_cohort`) on `--device`, without Flower (the
 GPU machine has none): importing torch and fedpara's training path, the device's start (CUDA's
 context), the dataset, K clients' batches, K models built and moved, the round's training
 (`cohort.train_cohort` with its defaults: on CUDA the step's capture happens here), and the

@@ -7,7 +7,10 @@
 One SuperLink and one SuperNode holding every partition (`scripts/local_deployment.sh` with
 NODES=1), fedpara's apps submitted with `flwr run`, on fake CIFAR files written in the real
 on-disk format at the dataset's full size (so every client holds its full share). The run is
-the preset's full profile with `--rounds`, `--engine` and `--set` overrides. What it reports:
+the preset's full profile with `--rounds`, `--engine` and `--set` overrides. By default the
+SuperNode's ClientApps forward their work to one long-lived `fedpara.worker` (WORKER=1), which
+keeps torch, the device, the data and the captured steps between rounds; `--no-worker` trains in
+the process Flower starts for each message, which pays all of that every round. What it reports:
 each round's wall time as the ServerApp measured it (`RoundRecord.wall_seconds`), and, given a
 throughput file measured on the same machine (`benchmarks/throughput.py`), the projection for
 each round with the clients it sampled (the images/s of the engine's path for those clients'
@@ -240,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--poll-seconds", type=float, default=None,
                    help="the ServerApp's wait between pulls for replies ($FEDPARA_POLL_SECONDS; "
                         "default: the ServerApp's own)")
+    p.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
+                   help="the SuperNode's ClientApps forward their work to one long-lived "
+                        "fedpara.worker (default), or train in the process Flower starts for "
+                        "each message (--no-worker)")
     p.add_argument("--prepare", action="store_true",
                    help="only store the run's split in --splits (needs flwr-datasets) and stop")
     p.add_argument("--out", type=Path, default=None,
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             return prepare_split(config, args.splits)
         env = {**os.environ, **env, "NODES": "1", "PARTITIONS": str(config.num_clients),
                "RESULTS_DIR": str(work / "results"), "VENV_BIN": str(bin_dir),
-               "FEDPARA_SPLITS": str(args.splits.resolve())}
+               "FEDPARA_SPLITS": str(args.splits.resolve()), "WORKER": str(int(args.worker))}
         env.pop(POLL_ENV, None)
         if args.poll_seconds is not None:
             env[POLL_ENV] = repr(args.poll_seconds)
@@ -306,7 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
         "hardware": history.get("hardware"),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "runtime": "Flower deployment: 1 SuperLink, 1 SuperNode holding every partition",
+        "runtime": "Flower deployment: 1 SuperLink, 1 SuperNode holding every partition"
+                   + (", its ClientApps forwarding to one fedpara.worker" if args.worker else ""),
+        "worker": args.worker,
         "preset": config.preset, "variant": config.variant, "engine": config.engine,
         "config": config.to_dict(),
         "fake_images": {"train": train, "test": test},

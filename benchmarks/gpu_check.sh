@@ -27,8 +27,9 @@
 #                                                       -> layer_overhead-<device>.json
 #   4. benchmarks/deployment_rounds.py: 2 rounds of cifar10-noniid/fedpara (E = 1) through
 #      Flower's deployment runtime (a SuperLink and one SuperNode holding all 100 partitions,
-#      the cohort engine) on full-size fake CIFAR-10, each round's wall time against the
-#      projection from step 1's file                    -> deployment-<device>.json
+#      the cohort engine, its ClientApps forwarding to one long-lived fedpara.worker) on
+#      full-size fake CIFAR-10, each round's wall time against the projection from step 1's
+#      file                                              -> deployment-<device>.json
 #      Needs flwr: installed, or its wheels in benchmarks/device-wheels with the split in
 #      benchmarks/device-splits, which benchmarks/prepare_device.sh makes on a machine with a
 #      network (carry both folders to the device). Without either, the step fails (is skipped
@@ -74,8 +75,9 @@ else
   DEPLOY=(--rounds 2 --set local_epochs=1)
 fi
 # time limits (s): the environment probe and the four steps, 20 + 150 + 35 + 30 + 125 = 360
-# (sized from the steps' times on an H200, "ok in N s" in benchmarks/results/gpu_check.log;
-# the deployment's rounds each start a fresh ClientApp process there, which sets its limit)
+# (sized from the steps' times on an H200, "ok in N s" in benchmarks/results/gpu_check.log,
+# where the deployment's rounds each paid a fresh ClientApp process's imports, device and data;
+# the worker now pays them once)
 ENV_LIMIT=20 THROUGHPUT_LIMIT=150 SMOKE_LIMIT=35 OVERHEAD_LIMIT=30 DEPLOY_LIMIT=125
 read -r -a PARALLEL <<< "${GPU_CHECK_PARALLEL:-}"
 if ((${#PARALLEL[@]})); then

@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "setting": ("cifar10-noniid/fedpara through Flower's deployment runtime (1 SuperLink, "
-                    "1 SuperNode holding all 100 partitions, cohort engine), 2 clients x 8 "
+                    "1 SuperNode holding all 100 partitions, cohort engine"
+                    + (", its ClientApps forwarding to a fedpara.worker" if record.get("worker")
+                       else "") + "), 2 clients x 8 "
                     "images a round, 16 test images, fake CIFAR-10 of 10,000 training images"),
         "rounds_per_run": args.rounds,
         "repeats": args.repeats,

@@ -115,7 +115,11 @@ def _request(msg: Message, context: Context, kind: str, partition_id: int) -> di
     """The plain-data request for `fedpara.worker.handle` (its layout is described there)."""
     request = {"kind": kind, "experiment": dict(msg.content.config_records[EXPERIMENT]),
                "partition": partition_id, "arrays": _arrays(msg.content.array_records[ARRAYS]),
-               "local": _arrays(context.state.array_records.get(cohort_key(LOCAL, partition_id)))}
+               # the partition's personal arrays (the cohort engine runs FedAvg: none)
+               "local": None if kind == "cohort" else _arrays(
+                   context.state.array_records.get(cohort_key(LOCAL, partition_id)))}
+    if kind == "cohort":
+        request["partitions"] = [int(p) for p in msg.content.config_records[ROUND][COHORT]]
     if kind != "evaluate":
         round_config = msg.content.config_records[ROUND]
         request.update(server_round=int(round_config[SERVER_ROUND]), lr=float(round_config[LR]),
@@ -156,12 +160,10 @@ def train(msg: Message, context: Context) -> Message:
     """Train on this client's partition (or, for engine="cohort", on every partition the
     message names, together); reply with the global keys' arrays."""
     _, partition_id = _setup(msg, context)
-    round_config = msg.content.config_records[ROUND]
-    if COHORT in round_config:
-        request = _request(msg, context, "cohort", partition_id)
-        request.update(partitions=[int(p) for p in round_config[COHORT]], local=None)
+    if COHORT in msg.content.config_records[ROUND]:
         records = {}
-        for p, arrays, metrics in _handle(request, context)["clients"]:
+        reply = _handle(_request(msg, context, "cohort", partition_id), context)
+        for p, arrays, metrics in reply["clients"]:
             records[cohort_key(ARRAYS, p)] = _record(arrays)
             records[cohort_key(METRICS, p)] = MetricRecord(metrics)
         return Message(content=RecordDict(records), reply_to=msg)

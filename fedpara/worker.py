@@ -19,10 +19,10 @@ node config `worker=<socket path>` makes the node's ClientApps forward their req
 ClientApp then never imports torch. The results are the same either way: the same function runs
 on the same data, seeded the same way.
 
-The worker listens on a Unix socket (`multiprocessing.connection`), readable and writable by
-its user only, and serves one request at a time (one device). Requests are pickles, so only a
-process of the same user can reach it, as with any file that user owns. It runs until stopped
-(SIGINT or SIGTERM), then removes its socket.
+The worker listens on a Unix socket (`multiprocessing.connection`) and serves one request at a
+time (one device). Requests travel as pickles, and reading a pickle can run code, so the socket
+is created readable and writable by its user only: no other user's process can send one. It
+runs until stopped (SIGINT or SIGTERM), then removes its socket.
 """
 
 from __future__ import annotations

@@ -621,6 +621,7 @@ def test_worker_errors_name_the_node_config_and_keep_the_worker(fmnist_dir, work
     from fedpara.worker import main, serve
 
     address, proc = worker
+    assert address.stat().st_mode & 0o077 == 0  # its user's only: requests are pickles
     missing = tmp_path / "nobody.sock"
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
                       node_config={"worker": str(missing)})

@@ -1305,3 +1305,55 @@ def test_layer_overheads_json_replaces_a_file_without_writing_into_it(tmp_path):
     write_json(out, {"run": 2})
     assert json.loads(out.read_text()) == {"run": 2}
     assert json.loads(old.read_text()) == {"run": 1}
+
+
+def test_the_worker_comparison_sets_the_worker_flag_itself(monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import deployment_rounds
+    import worker_rounds
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a deployment started before the input was checked")
+
+    monkeypatch.setattr(deployment_rounds, "main", no_run)
+    for flag in ("--worker", "--no-worker", "--out"):
+        with pytest.raises(SystemExit, match="2"):
+            worker_rounds.main(["--", "--rounds", "2", flag])
+    with pytest.raises(SystemExit, match="2"):
+        worker_rounds.main(["--repeats", "0"])
+
+
+def test_the_appendix_reads_the_worker_comparison_and_a_deployment_with_a_worker(
+        tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    shutil.copytree(RESULTS, results)
+    runs = [{"worker": w, "repeat": r, "round_wall_seconds": walls,
+             "median_round_seconds_after_first": statistics.median(walls[1:]),
+             "run_seconds": 100.0}
+            for r, (w, walls) in enumerate([(False, [30.0, 26.0, 27.0, 25.0]),
+                                            (True, [25.0, 20.0, 21.0, 22.0]),
+                                            (True, [24.0, 19.0, 23.0, 20.0]),
+                                            (False, [31.0, 28.0, 24.0, 29.0])])]
+    medians = {"no-worker": statistics.median([26.0, 28.0]),
+               "worker": statistics.median([21.0, 20.0])}
+    (results / "worker_rounds-a-test-cpu.json").write_text(json.dumps({
+        "benchmark": "worker_rounds", "device": "A test CPU", "hardware": {"device": "cpu"},
+        "date": "2026-12-04T00:00:00+00:00", "preset": "cifar10-noniid", "variant": "fedpara",
+        "engine": "client", "clients_per_round": 2, "local_epochs": 1, "runs": runs,
+        "median_round_seconds_after_first": medians,
+        "seconds_saved_per_round": medians["no-worker"] - medians["worker"],
+        "worker_to_no_worker": medians["worker"] / medians["no-worker"]}))
+    for path in results.glob("deployment-*.json"):  # the GPU's record, as if with a worker
+        record = json.loads(path.read_text())
+        if record["hardware"]["device"].startswith("cuda"):
+            record["worker"] = True
+            path.write_text(json.dumps(record))
+    _, shown, _ = run_appendix(results, tmp_path / "repo", monkeypatch)
+    [said] = [text for text in shown if text.startswith("On A test CPU")]
+    assert ("a round took 27.0 s without a worker and 20.5 s with one" in said
+            and "6.5 s less, 0.76 times the time" in said and "2 runs each way" in said)
+    assert ("without a worker, run by run: 30.0, 26.0, 27.0, 25.0; 31.0, 28.0, 24.0, 29.0 s; "
+            "with one: 25.0, 20.0, 21.0, 22.0; 24.0, 19.0, 23.0, 20.0 s.") in said
+    [gpu] = [text for text in shown if "long-lived `fedpara.worker`" in text]
+    assert "initialised CUDA" in gpu and "pays its start every time" not in gpu
+    assert not any(text.startswith("No comparison with and without a worker") for text in shown)
