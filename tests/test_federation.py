@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -349,20 +350,17 @@ def call_client(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
 
     def call(config, message_type, arrays, *, partition_id=0, state=None, server_round=1,
-             proximal_mu=None, cohort=None, node=None):
+             proximal_mu=None):
         told = {"server-round": server_round, "lr": 0.05}
         if proximal_mu is not None:  # what Flower's FedProx adds to the round's config
             told["proximal-mu"] = proximal_mu
-        if cohort is not None:  # engine="cohort": the partitions trained together
-            told["cohort"] = cohort
         records = {EXPERIMENT: ConfigRecord(config.to_run_config()),
                    ARRAYS: ArrayRecord(arrays),
                    ROUND: ConfigRecord(told)}
         message = Message(content=RecordDict(records), dst_node_id=7, message_type=message_type)
         context = Context(run_id=1, node_id=7, state=state if state is not None else RecordDict(),
                           node_config={"partition-id": partition_id,
-                                       "num-partitions": config.num_clients, **(node or {})},
-                          run_config={})
+                                       "num-partitions": config.num_clients}, run_config={})
         reply = client_app.app(message, context)
         assert not reply.has_error(), reply.error.reason
         return reply.content, context
@@ -527,90 +525,87 @@ def worker(tmp_path):
     assert "listening on" in out and not address.exists()  # it removed its socket
 
 
-def _content_arrays(content, name):
-    return {k: content[name][k].numpy() for k in content[name].keys()}
-
-
-def test_a_worker_answers_as_the_clientapp_itself(fmnist_dir, call_client, one_thread, worker):
-    """The same messages, answered in the ClientApp and by a worker process: the same bits.
-    pFedPara with client evaluation (personal arrays kept between rounds), an evaluation
-    message, and a cohort."""
-    from fedpara.messages import ARRAYS, LOCAL, METRICS, cohort_key
-
-    address, _ = worker
-    config = smoke_config(fmnist_dir, algorithm="pfedpara", gamma=0.5, evaluation="clients",
-                          client_samples=200)
-    model = task.init_model(config)
-    global_keys, _ = task.split_keys(model, "pfedpara")
-    sent = task.get_arrays(model, global_keys)
-    replies = {}
-    for how, node in (("here", None), ("worker", {"worker": str(address)})):
-        first, context = call_client(config, "train", sent, partition_id=1, node=node)
-        second, context = call_client(config, "train", sent, partition_id=1, server_round=2,
-                                      state=context.state, node=node)
-        scored, _ = call_client(config, "evaluate", sent, partition_id=1, state=context.state,
-                                node=node)
-        replies[how] = [_content_arrays(first, ARRAYS), dict(first[METRICS]),
-                        _content_arrays(second, ARRAYS), dict(second[METRICS]),
-                        {k: v.numpy() for k, v in context.state[cohort_key(LOCAL, 1)].items()},
-                        dict(scored[METRICS])]
-    here, there = replies["here"], replies["worker"]
-    assert here[1] == there[1] and here[3] == there[3] and here[5] == there[5]
-    for a, b in ((here[0], there[0]), (here[2], there[2]), (here[4], there[4])):
-        assert a.keys() == b.keys()
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert here[1]["train-loss"] > 0 and here[0] != {}  # it trained and sent something
-    # a cohort of two partitions, FedAvg
-    config = smoke_config(fmnist_dir, client_samples=200, engine="cohort")
-    model = task.init_model(config)
-    sent = task.get_arrays(model, model.state_dict())
-    together = [call_client(config, "train", sent, cohort=[0, 3], node=node)[0]
-                for node in (None, {"worker": str(address)})]
-    assert together[0].keys() == together[1].keys() == {
-        cohort_key(name, p) for name in (ARRAYS, METRICS) for p in (0, 3)}
-    for p in (0, 3):
-        assert dict(together[0][cohort_key(METRICS, p)]) == dict(
-            together[1][cohort_key(METRICS, p)])
-        a, b = (_content_arrays(t, cohort_key(ARRAYS, p)) for t in together)
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def test_a_clientapp_with_a_worker_imports_no_torch(fmnist_dir, worker, tmp_path):
-    """The process Flower starts for each message: with a worker it trains a client without
-    importing torch (NumPy arrays in, NumPy arrays out)."""
-    address, _ = worker
-    config = smoke_config(fmnist_dir, client_samples=200)
-    model = task.init_model(config)
-    arrays = tmp_path / "sent.npz"
-    np.savez(arrays, **{k: v.numpy() for k, v in model.state_dict().items()})
-    child = f"""
+# A fresh process that sends a ClientApp the messages a spec (JSON) lists, as a SuperNode
+# would, and stores what came back: the arrays of each reply and of the node's kept state
+# (npz), the metrics, and whether the process imported torch (JSON on stdout).
+CLIENT_CHILD = """
 import json, sys
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from fedpara import client_app
-from fedpara.config import ExperimentConfig
+
 TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = 1, 1, 0
-config = ExperimentConfig.from_dict(json.loads({json.dumps(json.dumps(config.to_dict()))}))
-with np.load({str(arrays)!r}) as z:
-    sent = ArrayRecord({{k: Array(z[k]) for k in z.files}})
-content = RecordDict({{"experiment": ConfigRecord(config.to_run_config()), "arrays": sent,
-                       "round": ConfigRecord({{"server-round": 1, "lr": 0.05}})}})
-message = Message(content=content, dst_node_id=7, message_type="train")
-node = {{"partition-id": 2, "num-partitions": 4, "worker": {str(address)!r}}}
-reply = client_app.app(message, Context(run_id=1, node_id=7, state=RecordDict(),
-                                         node_config=node, run_config={{}}))
-assert not reply.has_error(), reply.error.reason
-print(json.dumps([reply.content["metrics"]["num-examples"], "torch" in sys.modules]))
+spec = json.loads(open(sys.argv[1]).read())
+arrays, metrics, state = {}, {}, RecordDict()
+for n, step in enumerate(spec["steps"]):
+    with np.load(step["sent"]) as z:
+        sent = ArrayRecord({k: Array(z[k]) for k in z.files})
+    content = RecordDict({"experiment": ConfigRecord(step["run_config"]), "arrays": sent,
+                          "round": ConfigRecord(step["round"])})
+    message = Message(content=content, dst_node_id=7, message_type=step["type"])
+    context = Context(run_id=1, node_id=7, state=state, run_config={},
+                      node_config={"partition-id": step["partition"],
+                                   "num-partitions": step["num_partitions"], **spec["node"]})
+    reply = client_app.app(message, context)
+    assert not reply.has_error(), reply.error.reason
+    for name, record in reply.content.array_records.items():
+        arrays.update({f"{n}/{name}/{k}": record[k].numpy() for k in record.keys()})
+    metrics.update({f"{n}/{name}": dict(r) for name, r in reply.content.metric_records.items()})
+for name, record in state.array_records.items():
+    arrays.update({f"state/{name}/{k}": record[k].numpy() for k in record.keys()})
+np.savez(sys.argv[2], **arrays)
+print(json.dumps({"metrics": metrics, "torch": "torch" in sys.modules}))
 """
-    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    num_examples, imported_torch = json.loads(done.stdout.splitlines()[-1])
-    assert num_examples == len(task.client_data(config, 2).train.x)
-    assert imported_torch is False
+
+
+def test_a_worker_answers_as_the_clientapp_itself(fmnist_dir, worker, tmp_path):
+    """The same messages, answered in a fresh ClientApp process and by a worker: the same
+    bits, and with the worker the ClientApp imports no torch. pFedPara with client evaluation
+    (personal arrays kept between rounds), an evaluation message, and a cohort. (Both sides run
+    in fresh one-thread processes: torch's CPU kernels can round differently in a process
+    that has run at another thread count before.)"""
+    address, _ = worker
+    personal = smoke_config(fmnist_dir, algorithm="pfedpara", gamma=0.5, evaluation="clients",
+                            client_samples=200)
+    cohort = smoke_config(fmnist_dir, client_samples=200, engine="cohort")
+    steps = []
+    for config, kind, partition, told in (
+            (personal, "train", 1, {"server-round": 1, "lr": 0.05}),
+            (personal, "train", 1, {"server-round": 2, "lr": 0.05}),  # with the kept part
+            (personal, "evaluate", 1, {}),
+            (cohort, "train", 0, {"server-round": 1, "lr": 0.05, "cohort": [0, 3]})):
+        model = task.init_model(config)
+        sent = tmp_path / f"sent-{len(steps)}.npz"
+        keys = task.split_keys(model, config.algorithm)[0]
+        np.savez(sent, **{k: v.numpy() for k, v in task.get_arrays(model, keys).items()})
+        steps.append({"run_config": config.to_run_config(), "type": kind, "round": told,
+                      "partition": partition, "num_partitions": config.num_clients,
+                      "sent": str(sent)})
+    answers = {}
+    for how, node in (("here", {}), ("worker", {"worker": str(address)})):
+        spec = tmp_path / f"{how}.json"
+        spec.write_text(json.dumps({"steps": steps, "node": node}))
+        done = subprocess.run([sys.executable, "-c", CLIENT_CHILD, str(spec),
+                               str(tmp_path / f"{how}.npz")], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        with np.load(tmp_path / f"{how}.npz") as z:
+            answers[how] = (json.loads(done.stdout.splitlines()[-1]),
+                            {k: z[k] for k in z.files})
+    (here, here_arrays), (there, there_arrays) = answers["here"], answers["worker"]
+    assert here["torch"] is True and there["torch"] is False
+    assert here["metrics"] == there["metrics"]
+    assert here_arrays.keys() == there_arrays.keys()
+    for k in here_arrays:
+        np.testing.assert_array_equal(here_arrays[k], there_arrays[k], err_msg=k)
+    # what was compared: both trainings, the kept part, the evaluation, the cohort's two
+    assert {k.split("/")[0] + "/" + k.split("/")[1] for k in here_arrays} == {
+        "0/arrays", "1/arrays", "state/local.1", "3/arrays.0", "3/arrays.3"}
+    assert set(here["metrics"]) == {"0/metrics", "1/metrics", "2/metrics", "3/metrics.0",
+                                    "3/metrics.3"}
+    assert here["metrics"]["0/metrics"]["train-loss"] != here["metrics"]["1/metrics"][
+        "train-loss"]  # round 2 trained with its own seed
 
 
 def test_worker_errors_name_the_node_config_and_keep_the_worker(fmnist_dir, worker, tmp_path):
