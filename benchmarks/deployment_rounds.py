@@ -359,6 +359,13 @@ def main(argv: list[str] | None = None) -> dict:
     return record
 
 
+def run_summary(record: dict) -> dict:
+    """What a comparison of several runs (benchmarks/server_poll.py, worker_rounds.py) keeps of
+    one run's record: its rounds' wall times, their median after the first, the whole run."""
+    return {key: record[key] for key in ("round_wall_seconds",
+                                         "median_round_seconds_after_first", "run_seconds")}
+
+
 def _cifar_presets() -> list[str]:
     from fedpara.config import PRESETS
 

@@ -94,12 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                     record = deployment_rounds.main([
                         *common, "--poll-seconds", repr(server),
                         "--out", str(Path(tmp) / f"{server!r}-{superexec!r}-{repeat}.json")])
-                    runs[server, superexec].append({
-                        "round_wall_seconds": record["round_wall_seconds"],
-                        "median_round_seconds_after_first": record[
-                            "median_round_seconds_after_first"],
-                        "run_seconds": record["run_seconds"],
-                    })
+                    runs[server, superexec].append(deployment_rounds.run_summary(record))
                     load.append(os.getloadavg()[0])
     finally:
         os.environ.pop(SUPEREXEC_ENV, None)

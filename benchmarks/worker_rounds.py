@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
                 record = deployment_rounds.main(
                     [*passed, f"--{way}", "--out", str(Path(tmp) / f"{way}-{repeat}.json")])
                 runs.append({"worker": record["worker"], "repeat": repeat,
-                             "round_wall_seconds": record["round_wall_seconds"],
-                             "median_round_seconds_after_first":
-                                 record["median_round_seconds_after_first"],
-                             "run_seconds": record["run_seconds"]})
+                             **deployment_rounds.run_summary(record)})
     medians = {way: statistics.median(r["median_round_seconds_after_first"] for r in runs
                                       if r["worker"] == (way == "worker")) for way in WAYS}
     from fedpara.task import resolve_device
