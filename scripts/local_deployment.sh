@@ -29,6 +29,10 @@ if ! [ "$NUM_NODES" -ge 1 ] 2>/dev/null || ! [ "$NUM_PARTITIONS" -ge "$NUM_NODES
     "PARTITIONS=$NUM_PARTITIONS" >&2
   exit 2
 fi
+case "${WORKER:-0}" in
+  0 | 1) ;;
+  *) echo "WORKER must be 0 or 1, got '${WORKER}'" >&2; exit 2 ;;
+esac
 for tool in python flwr flower-superlink flower-supernode; do
   if [ ! -x "$BIN/$tool" ]; then
     echo "no $BIN/$tool: run \`make install\` first, or point VENV_BIN at the bin folder of" \
